@@ -1,0 +1,94 @@
+"""Tiny Stable-Diffusion-shaped pipelines built in code, for tests and benchmarks (no network, no weights)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def word_tokenizer(words: list[str] | tuple[str, ...], model_max_length: int = 16) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose vocabulary holds every lowercase letter, digit and punctuation mark, plus the
+    given words whole; unknown words split into characters, so any prompt tokenizes."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789.,'!?-_"
+    vocab: dict[str, int] = {}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in sorted({w.lower() for w in words}):
+        if not word.isalnum():
+            raise ValueError(f"tokenizer words must be alphanumeric, got {word!r}")
+        # Merge left to right: ((a b) c) ... then the final piece with its end-of-word marker.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            pair = (current, nxt)
+            if pair not in merges:
+                merges.append(pair)
+            current = current + nxt
+            vocab.setdefault(current, len(vocab))
+    for token in SPECIAL_TOKENS:
+        vocab.setdefault(token, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def tiny_pipeline(
+    seed: int = 0,
+    words: tuple[str, ...] = ("a", "photo", "of", "cat", "dog", "style", "van", "gogh", "painting", "in", "image"),
+    sample_size: int = 8,
+) -> StableDiffusionPipeline:
+    """A randomly initialised pipeline with SD's structure (attn1/attn2 transformer blocks, KL VAE, CLIP text
+    encoder) at toy size, deterministic for `seed`."""
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(words)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
