@@ -1,0 +1,40 @@
+"""The method registry: one row per method, name -> config class and erase function."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import esd
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config_cls: type
+    erase: Callable  # erase(ctx: RunContext) -> per-step losses ([] for closed-form methods)
+    summary: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (MethodSpec("esd", esd.ESDConfig, esd.erase, "Erased Stable Diffusion: negative-guidance fine-tuning"),)
+}
+
+
+def available_methods() -> list[str]:
+    return list(METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}") from None
+
+
+def method_of(config) -> MethodSpec:
+    for spec in METHODS.values():
+        if type(config) is spec.config_cls:
+            return spec
+    raise TypeError(f"{type(config).__name__} is not the config of a registered method ({', '.join(METHODS)})")

@@ -1,0 +1,161 @@
+"""Delta: exactly the tensors an erasure changed, plus what is needed to trust and re-apply them.
+
+Tensor names carry their component (`unet.down_blocks...`, `text_encoder....`), so one file serves every method.
+Saved as `delta.safetensors` (the tensors) and `delta.json` (method, config, versions, base fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+COMPONENTS = ("unet", "text_encoder")
+TENSORS_FILE, META_FILE = "delta.safetensors", "delta.json"
+
+
+def fingerprint(pipe, components: tuple[str, ...] = COMPONENTS) -> str:
+    """A cheap identity of a base model: names, shapes and a strided sample of every parameter's values.
+
+    Values are compared in float16, so the same weights loaded in fp32 or fp16 give the same fingerprint
+    (bf16 rounds differently and does not).
+    """
+    digest = hashlib.sha256()
+    for component in components:
+        module = getattr(pipe, component, None)
+        if module is None:
+            continue
+        for name, p in sorted(module.named_parameters()):
+            flat = p.detach().reshape(-1)
+            stride = max(1, flat.numel() // 64)
+            sample = flat[::stride][:64].to(device="cpu", dtype=torch.float16)
+            digest.update(f"{component}.{name}:{tuple(p.shape)}".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _parameter(pipe, full_name: str) -> nn.Parameter:
+    component, _, name = full_name.partition(".")
+    module = getattr(pipe, component, None) if component in COMPONENTS else None
+    params = dict(module.named_parameters()) if module is not None else {}
+    if name not in params:
+        raise ValueError(f"delta tensor {full_name!r} has no matching parameter in this pipeline")
+    return params[name]
+
+
+@dataclass
+class Delta:
+    """New values of the changed tensors, keyed `<component>.<parameter name>`, with metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    _originals: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_changes(
+        cls, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], metadata: dict[str, Any]
+    ) -> Delta:
+        """Keep exactly the tensors whose values differ (bitwise) between `before` and `after`."""
+        changed = {n: after[n].detach().cpu().clone() for n in after if not torch.equal(before[n], after[n])}
+        return cls(changed, metadata)
+
+    @property
+    def nbytes(self) -> int:
+        """Storage of the tensors, the UnlearnCanvas storage figure (the JSON metadata aside)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def save(self, directory: str | Path) -> Path:
+        """Write delta.safetensors and delta.json into `directory`, each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic(directory / TENSORS_FILE, lambda p: save_file({k: v.contiguous() for k, v in self.tensors.items()}, p))
+        _atomic(directory / META_FILE, lambda p: Path(p).write_text(json.dumps(self.metadata, indent=2, default=str)))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Delta:
+        directory = Path(directory)
+        tensors_path, meta_path = directory / TENSORS_FILE, directory / META_FILE
+        for path in (tensors_path, meta_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"no {path.name} in {directory} (a delta folder holds {TENSORS_FILE} and "
+                                        f"{META_FILE})")  # fmt: skip
+        try:
+            tensors = load_file(tensors_path)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{tensors_path} is not a readable safetensors file: {err}") from None
+        try:
+            metadata = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{meta_path} is not valid JSON: {err}") from None
+        return cls(tensors, metadata)
+
+    def check_base(self, pipe) -> None:
+        expected = self.metadata.get("base_fingerprint")
+        actual = fingerprint(pipe)
+        if expected and expected != actual:
+            raise ValueError(
+                f"this delta was made on base model {expected}, but the pipeline is {actual}; "
+                "apply it to the model it was made from, or pass force=True"
+            )
+
+    @torch.no_grad()
+    def apply(self, pipe, force: bool = False) -> None:
+        """Write the delta's values into `pipe` (keeping the replaced ones for `revert`)."""
+        if not force:
+            self.check_base(pipe)
+        targets = {name: _parameter(pipe, name) for name in self.tensors}
+        for name, p in targets.items():
+            if p.shape != self.tensors[name].shape:
+                raise ValueError(f"delta tensor {name!r} has shape {tuple(self.tensors[name].shape)}, "
+                                 f"the pipeline's {tuple(p.shape)}")  # fmt: skip
+        self._originals.setdefault(id(pipe), {n: p.detach().clone() for n, p in targets.items()})
+        for name, p in targets.items():
+            p.copy_(self.tensors[name].to(device=p.device, dtype=p.dtype))
+
+    @torch.no_grad()
+    def revert(self, pipe) -> None:
+        """Restore the values `apply` replaced on this pipeline."""
+        originals = self._originals.pop(id(pipe), None)
+        if originals is None:
+            raise ValueError("this delta was not applied to this pipeline (nothing to revert)")
+        for name, value in originals.items():
+            _parameter(pipe, name).copy_(value)
+
+    def export(self, pipe, directory: str | Path, force: bool = False) -> Path:
+        """Apply onto `pipe` and save the complete diffusers pipeline into `directory` (written beside, then
+        renamed into place, so a crash leaves no half-written pipeline)."""
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()):
+            raise FileExistsError(f"{directory} exists and is not empty; choose a new output folder")
+        self.apply(pipe, force=force)
+        try:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            if directory.exists():
+                directory.rmdir()
+            os.replace(tmp, directory)
+        finally:
+            self.revert(pipe)
+        return directory
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

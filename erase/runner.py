@@ -1,0 +1,114 @@
+"""`erase.run(pipe, config) -> Result`: snapshot the declared parameters, run the method, keep what changed."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .delta import Delta, fingerprint
+from .frozen import FrozenOriginal
+from .meter import Meter
+from .methods import method_of
+from .params import select
+from .text import PromptEncoder
+from .train import train
+
+
+@dataclass
+class RunContext:
+    """What a method's erase function gets: the pipeline, its config, the declared parameters and shared tools."""
+
+    pipe: Any
+    config: Any
+    params: dict[str, nn.Parameter]
+    frozen: FrozenOriginal
+    encode: PromptEncoder
+    checkpoint_dir: Path | None = None
+    accelerator: Any = None
+    progress: bool = True
+
+    def train(self, loss_fn) -> list[float]:
+        """Run the shared training loop over the declared parameters with the method's loss."""
+        outcome = train(
+            self.pipe.unet, self.params, loss_fn, self.config.train_settings(self.progress),
+            accelerator=self.accelerator, checkpoint_dir=self.checkpoint_dir,
+        )  # fmt: skip
+        return outcome.losses
+
+
+@dataclass
+class Result:
+    delta: Delta
+    record: dict[str, Any]
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {
+        "erasekit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+    }  # fmt: skip
+
+
+def run(
+    pipe,
+    config,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    accelerator=None,
+    progress: bool = True,
+) -> Result:
+    """Erase with `config`'s method on `pipe` (modified in place) and return the Delta and the run record.
+
+    With `checkpoint_dir`, training checkpoints there and a rerun with the same arguments resumes.
+    """
+    spec = method_of(config)
+    unet = pipe.unet
+    params = select(unet, config.parameter_set())
+    base_fingerprint = fingerprint(pipe)
+    frozen = FrozenOriginal(unet, list(params))
+    # Optimizers need fp32 master weights: train half-precision models' declared tensors in fp32, cast back after.
+    stored_dtypes = {n: p.dtype for n, p in params.items()}
+    for p in params.values():
+        p.data = p.data.float()
+    ctx = RunContext(
+        pipe, config, params, frozen, PromptEncoder(pipe.tokenizer, pipe.text_encoder),
+        Path(checkpoint_dir) if checkpoint_dir else None, accelerator, progress,
+    )  # fmt: skip
+    try:
+        with Meter(unet.device) as meter:
+            losses = spec.erase(ctx)
+    finally:
+        for n, p in params.items():
+            p.data = p.data.to(stored_dtypes[n])
+    before = {f"unet.{n}": t for n, t in frozen.original.items()}
+    after = {f"unet.{n}": p.detach() for n, p in params.items()}
+    config_dict = dataclasses.asdict(config)
+    metadata = {
+        "method": spec.name, "config": config_dict, "versions": versions(), "base_fingerprint": base_fingerprint,
+        "parameter_set": config.parameter_set(),
+    }  # fmt: skip
+    delta = Delta.from_changes(before, after, metadata)
+    record = {
+        **metadata,
+        "wall_time_s": meter.wall_time_s,
+        "peak_memory_bytes": meter.peak_memory_bytes,
+        "memory_kind": meter.memory_kind,
+        "storage_bytes": delta.nbytes,
+        "losses": losses,
+        "trained_tensors": len(params),
+        "changed_tensors": len(delta.tensors),
+        "device": str(unet.device),
+        "dtype": str(unet.dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(),
+    }
+    return Result(delta, record)

@@ -1,0 +1,49 @@
+"""Prompt encoding with a cache, and where a concept's tokens sit inside a prompt."""
+
+from __future__ import annotations
+
+import torch
+
+
+class PromptEncoder:
+    """Text-encoder outputs per prompt, computed once: erasure loops re-encode the same few prompts every step."""
+
+    def __init__(self, tokenizer, text_encoder, device: torch.device | str | None = None):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.device = device
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def ids(self, prompt: str) -> torch.Tensor:
+        return self.tokenizer(
+            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]  # fmt: skip
+
+    @torch.no_grad()
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        """(len(prompts), tokens, dim) embeddings; a single prompt gives a batch of one."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            device = self.device or next(self.text_encoder.parameters()).device
+            ids = torch.stack([self.ids(p) for p in missing]).to(device)
+            hidden = self.text_encoder(ids)[0]
+            self._cache.update(zip(missing, hidden))
+        return torch.stack([self._cache[p] for p in prompts])
+
+
+def token_positions(tokenizer, prompt: str, concept: str) -> list[int]:
+    """Positions (in the padded token sequence, BOS at 0) of the tokens of `concept` inside `prompt`.
+
+    Raises ValueError naming both when the concept's tokens do not appear in the prompt's tokens.
+    """
+    concept_ids = tokenizer(concept, add_special_tokens=False).input_ids
+    if not concept_ids:
+        raise ValueError(f"concept {concept!r} tokenizes to nothing")
+    prompt_ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    n = len(concept_ids)
+    for start in range(len(prompt_ids) - n + 1):
+        if prompt_ids[start : start + n] == concept_ids:
+            return list(range(start, start + n))
+    raise ValueError(f"concept {concept!r} is not among the tokens of prompt {prompt!r}")

@@ -1,0 +1,235 @@
+"""The one training loop every fine-tuning method shares.
+
+A method supplies the parameters to train and a loss function; this loop owns everything else: accelerate (one
+process or many), mixed precision, gradient accumulation and checkpointing, the optimizer, resumable checkpoints,
+the non-finite-loss guard and the progress bar. Randomness is per sample, seeded by (seed, step, sample index), so
+a resumed run and a run split over several processes draw exactly the same samples as one uninterrupted process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .frozen import _unwrap
+from .sampling import sample_seed
+
+# loss_fn(model, generators) -> mean loss over the samples, one torch.Generator per sample of this micro-batch.
+LossFn = Callable[[nn.Module, list[torch.Generator]], torch.Tensor]
+
+OPTIMIZERS = ("adam", "adamw", "adam8bit")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a NaN/inf loss; the parameters (and checkpoint, if any) hold the last good state."""
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    lr: float
+    seed: int = 0
+    batch_size: int = 1  # samples per optimizer step, over all processes and accumulation micro-steps
+    grad_accum: int = 1
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0  # 0: only on a non-finite loss
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_training_fields(self)
+
+
+def check_training_fields(cfg) -> None:
+    """Validate the training fields every trained method's config shares (raises ValueError naming the value)."""
+    if not isinstance(cfg.steps, int) or cfg.steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {cfg.steps!r}")
+    if not isinstance(cfg.lr, int | float) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise ValueError(f"lr must be a finite positive number, got {cfg.lr!r}")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {cfg.batch_size!r}")
+    if not isinstance(cfg.grad_accum, int) or cfg.grad_accum < 1:
+        raise ValueError(f"grad_accum must be a positive integer, got {cfg.grad_accum!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision {cfg.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
+    if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be positive or None, got {cfg.max_grad_norm!r}")
+    if not isinstance(cfg.checkpoint_every, int) or cfg.checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be a non-negative integer, got {cfg.checkpoint_every!r}")
+
+
+@dataclass
+class TrainOutcome:
+    losses: list[float] = field(default_factory=list)  # one per optimizer step, from step 0 (resumed ones included)
+    resumed_from: int = 0
+
+
+def make_accelerator(settings: TrainSettings, device: torch.device):
+    """An Accelerator for this run; under `accelerate launch` it joins the launched process group."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(
+        mixed_precision=settings.mixed_precision,
+        gradient_accumulation_steps=settings.grad_accum,
+        cpu=device.type == "cpu",
+        # Methods may train tensors a given loss does not reach (e.g. to_v under an attention-map loss).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def _optimizer(settings: TrainSettings, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if settings.optimizer == "adam8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("optimizer 'adam8bit' needs bitsandbytes: pip install 'erasekit[gpu]'") from None
+        return bnb.optim.Adam8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def enable_memory_efficient_attention(model: nn.Module) -> bool:
+    """xformers on CUDA when installed (diffusers already defaults to SDPA); returns whether it was enabled."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return False
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        return False
+    model.enable_xformers_memory_efficient_attention()
+    return True
+
+
+def train(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    loss_fn: LossFn,
+    settings: TrainSettings,
+    *,
+    accelerator=None,
+    checkpoint_dir: str | Path | None = None,
+) -> TrainOutcome:
+    """Train `params` (names as in `model.named_parameters()`) of `model` in place to minimise `loss_fn`."""
+    device = next(model.parameters()).device
+    accelerator = accelerator or make_accelerator(settings, device)
+    share = settings.batch_size // (accelerator.num_processes * settings.grad_accum)
+    if share * accelerator.num_processes * settings.grad_accum != settings.batch_size:
+        raise ValueError(
+            f"batch_size {settings.batch_size} is not divisible by processes x grad_accum "
+            f"({accelerator.num_processes} x {settings.grad_accum})"
+        )
+    model.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    if settings.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    optimizer = _optimizer(settings, list(params.values()))
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+
+    outcome = TrainOutcome()
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt is not None and (ckpt / "state.json").exists():
+        outcome.losses = _load_checkpoint(ckpt, params, optimizer)
+        outcome.resumed_from = len(outcome.losses)
+        if outcome.resumed_from > settings.steps:
+            raise ValueError(f"checkpoint in {ckpt} is at step {outcome.resumed_from}, past steps={settings.steps}")
+
+    bar = tqdm(
+        total=settings.steps, initial=outcome.resumed_from, desc="erase",
+        disable=not (settings.progress and accelerator.is_main_process),
+    )  # fmt: skip
+    rank, world = accelerator.process_index, accelerator.num_processes
+    try:
+        for step in range(outcome.resumed_from, settings.steps):
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(settings.grad_accum):
+                first = (micro * world + rank) * share
+                generators = [
+                    torch.Generator().manual_seed(sample_seed(settings.seed, step, i))
+                    for i in range(first, first + share)
+                ]
+                with accelerator.accumulate(prepared):
+                    with accelerator.autocast():
+                        loss = loss_fn(prepared, generators)
+                    if not _all_finite(accelerator, loss):
+                        if ckpt is not None:
+                            _save_checkpoint(accelerator, ckpt, params, optimizer, outcome.losses)
+                        raise NonFiniteLossError(
+                            f"loss became {loss.item()} at step {step}; parameters hold the state after step "
+                            f"{step - 1}" + (f", saved in {ckpt}" if ckpt else "")
+                        )
+                    accelerator.backward(loss)
+                    if settings.max_grad_norm and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(list(params.values()), settings.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach().float() / settings.grad_accum
+            outcome.losses.append(accelerator.reduce(step_loss, reduction="mean").item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{outcome.losses[-1]:.4g}")
+            if ckpt is not None and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0:
+                _save_checkpoint(accelerator, ckpt, params, optimizer, outcome.losses)
+    finally:
+        bar.close()
+        for p in params.values():
+            p.requires_grad_(False)
+        if settings.gradient_checkpointing:
+            _unwrap(prepared).disable_gradient_checkpointing()
+        model.eval()
+    return outcome
+
+
+def _all_finite(accelerator, loss: torch.Tensor) -> bool:
+    finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+    if accelerator.num_processes > 1:  # every process must stop together or the others hang in all-reduce
+        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+    return bool(finite.item() == 1.0)
+
+
+def _save_checkpoint(accelerator, ckpt: Path, params, optimizer, losses: list[float]) -> None:
+    """Trained tensors (safetensors), optimizer state and losses, swapped in atomically as one folder."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=ckpt.parent, prefix=f".{ckpt.name}."))
+        save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, tmp / "params.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": len(losses), "losses": losses}))
+        old = ckpt.with_name(f".{ckpt.name}.old")
+        if ckpt.exists():
+            os.replace(ckpt, old)
+        os.replace(tmp, ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(ckpt: Path, params, optimizer) -> list[float]:
+    state = json.loads((ckpt / "state.json").read_text())
+    saved = load_file(ckpt / "params.safetensors")
+    if set(saved) != set(params):
+        raise ValueError(f"checkpoint {ckpt} trains other parameters than this run; remove it or change the run")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    return list(state["losses"])
