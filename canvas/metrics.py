@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -585,11 +586,13 @@ def check_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             raise ValueError(f"row {i} ({row.get('method')!r}, {row.get('target')!r}) lacks {missing}")
         if row["kind"] not in KINDS:
             raise ValueError(f"row {i} has kind {row['kind']!r}; accepted: {', '.join(KINDS)}")
+        clean = dict(row)
         for key in ROW_KEYS[3:]:
             value = row[key]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
                 raise ValueError(f"row {i} field {key!r} is {value!r}; accepted: a number or None")
-        out.append(dict(row))
+            clean[key] = None if value is None else float(value)  # numpy / torch scalars become plain floats
+        out.append(clean)
     return out
 
 

@@ -1,0 +1,236 @@
+"""Benchmark report: per-target rows -> the paper's table as JSON, CSV and Markdown, plus a UA-vs-retain plot.
+
+Input rows are `{"method", "target", "kind", "UA", "IRA", "CRA", "FID", "time_s", "memory_gb", "storage_gb"}` with
+UA / IRA / CRA in percent (as `canvas.metrics.target_row` builds them). Every file is written to a temporary name and
+renamed, so a bench killed mid-write never leaves a half report that a resumed run would trust.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from canvas.metrics import KINDS, ROW_KEYS, TABLE_KEYS, aggregate, check_rows
+
+MISSING = "-"
+_Fmt = Callable[[Any], str]
+
+
+def _fixed(digits: int) -> _Fmt:
+    return lambda v: f"{v:.{digits}f}"
+
+
+def _seconds(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}"
+
+
+def _gigabytes(v: float) -> str:
+    return f"{v:.2f}" if v == 0 or abs(v) >= 0.1 else f"{v:.2g}"  # a toy Delta is ~1e-4 GB; keep its digits
+
+
+# (key, header, formatter) of the summary table in the paper's column order
+SUMMARY_COLUMNS: tuple[tuple[str, str, _Fmt], ...] = (
+    ("method", "Method", str),
+    ("style_UA", "Style UA", _fixed(2)),
+    ("style_IRA", "Style IRA", _fixed(2)),
+    ("style_CRA", "Style CRA", _fixed(2)),
+    ("object_UA", "Object UA", _fixed(2)),
+    ("object_IRA", "Object IRA", _fixed(2)),
+    ("object_CRA", "Object CRA", _fixed(2)),
+    ("FID", "FID", _fixed(2)),
+    ("time_s", "Time (s)", _seconds),
+    ("memory_gb", "Memory (GB)", _gigabytes),
+    ("storage_gb", "Storage (GB)", _gigabytes),
+)
+TARGET_COLUMNS: tuple[tuple[str, str, _Fmt], ...] = (
+    ("method", "Method", str),
+    ("target", "Target", str),
+    ("kind", "Kind", str),
+    ("UA", "UA", _fixed(2)),
+    ("IRA", "IRA", _fixed(2)),
+    ("CRA", "CRA", _fixed(2)),
+    ("FID", "FID", _fixed(2)),
+    ("time_s", "Time (s)", _seconds),
+    ("memory_gb", "Memory (GB)", _gigabytes),
+    ("storage_gb", "Storage (GB)", _gigabytes),
+)
+
+
+def markdown_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """The paper's table, one line per method (means over its targets); a kind without targets shows `-`."""
+    return _markdown(aggregate(rows), SUMMARY_COLUMNS)
+
+
+def markdown_targets(rows: Iterable[Mapping[str, Any]]) -> str:
+    """One line per (method, target)."""
+    return _markdown(check_rows(rows), TARGET_COLUMNS)
+
+
+def markdown_report(rows: Iterable[Mapping[str, Any]], metadata: Mapping[str, Any] | None = None) -> str:
+    """The whole `report.md`: metadata, the summary table, the per-target rows and the plot."""
+    rows = check_rows(rows)
+    table = aggregate(rows)
+    lines = ["# UnlearnCanvas benchmark", ""]
+    for key, value in (metadata or {}).items():
+        shown = value if isinstance(value, (str, int, float)) else json.dumps(value, default=str)
+        lines.append(f"- **{key}**: {shown}")
+    counts = ", ".join(f"{t['method']}: {t['n_style']} style / {t['n_object']} object" for t in table)
+    lines += [
+        "",
+        "## Summary",
+        "",
+        "UA / IRA / CRA in percent, means over each method's targets of that kind; FID, time, memory and storage",
+        f"are means over all its targets; GB = 10^9 bytes. Targets per method: {counts or 'none'}.",
+        "",
+        _markdown(table, SUMMARY_COLUMNS),
+        "",
+        "## Per target",
+        "",
+        _markdown(rows, TARGET_COLUMNS),
+        "",
+        "![UA against IRA and CRA](ua_vs_retain.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    rows: Iterable[Mapping[str, Any]],
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    plot: bool = True,
+) -> dict[str, Path]:
+    """Write report.json, report.md, report.csv (the per-method table), rows.csv (per target) and
+    ua_vs_retain.png into `out_dir`; returns their paths by name. `metadata` goes into report.json at top level."""
+    rows = check_rows(rows)
+    metadata = dict(metadata or {})
+    clash = sorted({"rows", "table"} & set(metadata))
+    if clash:
+        raise ValueError(f"metadata keys {clash} are reserved for the report's own rows and table")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = aggregate(rows)
+    document = {"rows": rows, "table": table, **metadata}
+    paths = {
+        "json": _write(out / "report.json", json.dumps(_finite(document), indent=2, default=str) + "\n"),
+        "md": _write(out / "report.md", markdown_report(rows, metadata)),
+        "csv": _write(out / "report.csv", _csv(table, TABLE_KEYS)),
+        "rows_csv": _write(out / "rows.csv", _csv(rows, _row_fields(rows))),
+    }
+    if plot:
+        paths["plot"] = plot_ua_vs_retain(rows, out / "ua_vs_retain.png")
+    return paths
+
+
+def plot_ua_vs_retain(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """UA against IRA (left) and CRA (right): one colour per method, circles for style and triangles for object
+    targets; faint points are single targets, outlined ones the method's mean. Top right is best."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    rows = check_rows(rows)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colours = plt.get_cmap("tab10")
+    markers = {"style": "o", "object": "^"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
+    for ax, retain in zip(axes, ("IRA", "CRA")):
+        for m, method in enumerate(methods):
+            for kind in KINDS:
+                points = [
+                    (r[retain], r["UA"])
+                    for r in rows
+                    if r["method"] == method and r["kind"] == kind and r[retain] is not None and r["UA"] is not None
+                ]
+                if not points:
+                    continue
+                xs, ys = zip(*points)
+                colour = colours(m % 10)
+                ax.scatter(xs, ys, color=colour, marker=markers[kind], alpha=0.35, s=28, linewidths=0)
+                ax.scatter(
+                    [sum(xs) / len(xs)], [sum(ys) / len(ys)], color=colour, marker=markers[kind], s=110,
+                    edgecolors="black", linewidths=1.2, zorder=3,
+                )  # fmt: skip
+        ax.set_xlabel(f"{retain} (%)  - {'in-domain' if retain == 'IRA' else 'cross-domain'} retain accuracy")
+        ax.set_xlim(-3, 103)
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        if not rows:
+            ax.text(50, 50, "no targets", ha="center", va="center", color="grey")
+    axes[0].set_ylabel("UA (%)  - unlearning accuracy")
+    handles = [
+        Line2D([], [], color=colours(m % 10), marker="s", linestyle="", label=name) for m, name in enumerate(methods)
+    ]
+    handles += [Line2D([], [], color="grey", marker=markers[k], linestyle="", label=f"{k} target") for k in KINDS]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
+    fig.suptitle("Unlearning vs retaining (top right is best; outlined = mean over targets)")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return _write(Path(path), buffer.getvalue())
+
+
+def _markdown(entries: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, _Fmt]]) -> str:
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |"]
+    lines.append(
+        "|" + "|".join("---" if key in ("method", "target", "kind") else "---:" for key, _, _ in columns) + "|"
+    )
+    for entry in entries:
+        cells = [_cell(entry.get(key), fmt) for key, _, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any, fmt: _Fmt) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    return fmt(value).replace("|", "\\|")
+
+
+def _row_fields(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    extra = [k for row in rows for k in row if k not in ROW_KEYS]
+    return [*ROW_KEYS, *dict.fromkeys(extra)]
+
+
+def _csv(entries: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for entry in entries:
+        writer.writerow({k: ("" if entry.get(k) is None else entry.get(k)) for k in fields})
+    return buffer.getvalue()
+
+
+def _finite(value: Any) -> Any:
+    """NaN / inf become null, so report.json stays valid JSON for every reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write(path: Path, content: str | bytes) -> Path:
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

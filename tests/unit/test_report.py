@@ -1,0 +1,74 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from canvas import report
+
+
+def _rows():
+    rows = []
+    for method, shift in (("esd", 0.0), ("uce", 10.0)):
+        for target, kind in (("Van_Gogh", "style"), ("Monet", "style"), ("Cats", "object")):
+            rows.append(
+                {"method": method, "target": target, "kind": kind, "UA": 90.0 - shift, "IRA": 80.0 + shift / 2,
+                 "CRA": 70.0 + shift, "FID": 60.0, "time_s": 123.4, "memory_gb": 17.8, "storage_gb": 0.0001}
+            )  # fmt: skip
+    rows.append(
+        {"method": "styleonly", "target": "Monet", "kind": "style", "UA": np.float32(50.0), "IRA": 60.0, "CRA": 70.0,
+         "FID": None, "time_s": 5.0, "memory_gb": None, "storage_gb": 0.0, "preset": "toy"}
+    )  # fmt: skip
+    return rows
+
+
+def test_markdown_table_one_row_per_method_and_dash_for_missing_kind():
+    text = report.markdown_table(_rows())
+    lines = text.splitlines()
+    assert lines[0].startswith(
+        "| Method | Style UA | Style IRA | Style CRA | Object UA | Object IRA | Object CRA | FID"
+    )
+    assert lines[0].endswith("| Time (s) | Memory (GB) | Storage (GB) |")
+    body = lines[2:]
+    assert [line.split("|")[1].strip() for line in body] == ["esd", "uce", "styleonly"]
+    cells = [c.strip() for c in body[2].split("|")[1:-1]]
+    assert cells == ["styleonly", "50.00", "60.00", "70.00", "-", "-", "-", "-", "5.0", "-", "0.00"]
+    esd = [c.strip() for c in body[0].split("|")[1:-1]]
+    assert esd[1:5] == ["90.00", "80.00", "70.00", "90.00"] and esd[8:] == ["123", "17.80", "0.0001"]
+
+
+def test_write_report_files(tmp_path):
+    paths = report.write_report(tmp_path / "out", _rows(), {"model": "toy", "presets": {"esd": "toy"}})
+    assert {p.name for p in paths.values()} == {
+        "report.json",
+        "report.md",
+        "report.csv",
+        "rows.csv",
+        "ua_vs_retain.png",
+    }
+    doc = json.loads(paths["json"].read_text())
+    assert len(doc["rows"]) == 7 and [t["method"] for t in doc["table"]] == ["esd", "uce", "styleonly"]
+    assert doc["model"] == "toy" and doc["presets"] == {"esd": "toy"}
+    assert doc["table"][2]["object_UA"] is None and doc["rows"][6]["UA"] == 50.0
+    md = paths["md"].read_text()
+    assert md.count("| esd |") == 4  # summary row + three per-target rows
+    assert "| styleonly | 50.00 | 60.00 | 70.00 | - | - | - |" in md and "**model**: toy" in md
+    table = list(csv.DictReader(paths["csv"].open()))
+    assert [r["method"] for r in table] == ["esd", "uce", "styleonly"] and table[2]["object_UA"] == ""
+    per_target = list(csv.DictReader(paths["rows_csv"].open()))
+    assert len(per_target) == 7 and per_target[6]["preset"] == "toy"
+    with Image.open(paths["plot"]) as image:
+        assert image.size[0] > 500
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_empty_and_bad_input(tmp_path):
+    paths = report.write_report(tmp_path, [])
+    assert json.loads(paths["json"].read_text())["table"] == []
+    with pytest.raises(ValueError, match="reserved"):
+        report.write_report(tmp_path, _rows(), {"rows": 1})
+    with pytest.raises(ValueError, match="kind 'concept'; accepted: style, object"):
+        report.markdown_table([{**_rows()[0], "kind": "concept"}])
+    with pytest.raises(ValueError, match="field 'UA' is 'high'"):
+        report.markdown_targets([{**_rows()[0], "UA": "high"}])
