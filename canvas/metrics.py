@@ -449,6 +449,21 @@ class FeatureBank:
         return _save_npz(path, arrays)
 
     @classmethod
+    def cached(
+        cls, path: str | os.PathLike[str], meta: Mapping[str, str], compute: Callable[[], FeatureBank]
+    ) -> FeatureBank:
+        """Load `path` if saved with exactly `meta`, else `compute()`, save and return: real features extracted once."""
+        path, meta = Path(path), {str(k): str(v) for k, v in meta.items()}
+        if path.exists():
+            bank = cls.load(path)
+            if bank.meta == meta:
+                return bank
+        bank = compute()
+        bank.meta = meta
+        bank.save(path)
+        return bank
+
+    @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FeatureBank:
         with np.load(Path(path), allow_pickle=False) as z:
             return cls(z["features"], z["themes"], z["objects"], json.loads(str(z["meta"])))
@@ -518,6 +533,7 @@ class Efficiency:
     time_s: float | None
     memory_gb: float | None
     storage_gb: float | None
+    memory_kind: str | None = None  # e.g. "cuda_max_allocated" or "peak_rss": CPU figures are not GPU figures
 
 
 def efficiency(record: Mapping[str, Any] | Any) -> Efficiency:
@@ -532,10 +548,12 @@ def efficiency(record: Mapping[str, Any] | Any) -> Efficiency:
     time_s = _non_negative(get("wall_time_s"), "wall_time_s")
     memory = _non_negative(get("peak_memory_bytes"), "peak_memory_bytes")
     storage = _non_negative(get("storage_bytes"), "storage_bytes")
+    kind = get("memory_kind")
     return Efficiency(
         time_s=time_s,
         memory_gb=None if memory is None else memory / BYTES_PER_GB,
         storage_gb=None if storage is None else storage / BYTES_PER_GB,
+        memory_kind=str(kind) if kind else None,
     )
 
 
@@ -567,10 +585,15 @@ def target_row(
     cost: Efficiency | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """One per-target row of the report: UA / IRA / CRA in percent (the core keeps fractions), FID, cost."""
+    """One per-target row of the report: UA / IRA / CRA in percent (the core keeps fractions), FID, cost.
+
+    `memory_kind` is added when the record says how memory was measured, since CPU peak RSS and GPU peak allocation
+    are not comparable."""
     cost = cost or Efficiency(None, None, None)
     row = {"method": method, "target": scores.target, "kind": scores.kind, **scores.percent()}
     row.update(FID=fid_value, time_s=cost.time_s, memory_gb=cost.memory_gb, storage_gb=cost.storage_gb)
+    if cost.memory_kind:
+        row["memory_kind"] = cost.memory_kind
     clash = sorted(set(extra) & set(row))
     if clash:
         raise ValueError(f"extra row fields {clash} would overwrite metric columns")

@@ -186,6 +186,7 @@ def test_frechet_metric_chunks_filter_and_reference(tmp_path):
 
     bank = metrics.FeatureBank(real, themes, objects, {"extractor": "test"})
     bank = metrics.FeatureBank.load(bank.save(tmp_path / "bank.npz"))
+    assert metrics.FeatureBank.cached(tmp_path / "bank.npz", {"extractor": "test"}, lambda: 1 / 0).meta == bank.meta
     with_ref = metrics.FrechetDistance(8, keep=keep, reference=bank.stats(keep))
     with_ref.update(torch.from_numpy(fake), False, themes, objects)
     assert float(with_ref.compute()) == pytest.approx(float(filtered.compute()), rel=1e-5)  # bank stores float32
@@ -198,6 +199,10 @@ def test_efficiency_from_record():
     record = {"wall_time_s": 12.5, "peak_memory_bytes": 3_000_000_000, "storage_bytes": 500_000_000, "other": 1}
     assert metrics.efficiency(record) == metrics.Efficiency(12.5, 3.0, 0.5)
     assert metrics.efficiency({"wall_time_s": 1, "peak_memory_bytes": None}) == metrics.Efficiency(1.0, None, None)
+    cpu = metrics.efficiency({**record, "memory_kind": "peak_rss"})
+    assert cpu.memory_kind == "peak_rss"
+    scores = metrics.UnlearningScores("Monet", "style", 1.0, 1.0, 1.0, 49, 20)
+    assert metrics.target_row("esd", scores, None, cpu)["memory_kind"] == "peak_rss"
 
     @dataclass
     class Record:
