@@ -1,0 +1,172 @@
+"""`erase`: list methods, run an erasure into a folder, export an erased pipeline. Thin: parse, call, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
+          "bf16": "bfloat16"}  # fmt: skip
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line with exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="erase", description="Erase concepts from text-to-image diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the erasure methods and their presets")
+
+    run = sub.add_parser("run", help="erase with a method; writes delta.safetensors, delta.json, record.json")
+    run.add_argument("method", help="method name (see `erase list`)")
+    run.add_argument("--model", required=True, help="'toy', a diffusers folder, a .safetensors or a .ckpt file")
+    run.add_argument("--model-config", help="diffusers folder giving the architecture of a single-file checkpoint")
+    run.add_argument("--concept", action="append", default=[], help="concept text to erase (repeatable)")
+    run.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    run.add_argument("--config", help="YAML or JSON file of config fields")
+    run.add_argument("--preset", help="named preset of the method (e.g. paper, fast, toy)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    run.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    run.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model weights dtype")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    apply = sub.add_parser("apply", help="apply a delta and save the complete diffusers pipeline")
+    apply.add_argument("--model", required=True, help="the base model the delta was made on")
+    apply.add_argument("--model-config", help="diffusers folder giving the architecture of a single-file checkpoint")
+    apply.add_argument("--delta", required=True, help="folder holding delta.safetensors and delta.json")
+    apply.add_argument("--out", required=True, help="output folder for the erased pipeline")
+    apply.add_argument("--force", action="store_true", help="apply even if the base model's fingerprint differs")
+    apply.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    return parser
+
+
+def _load(source: str, model_config: str | None, dtype: str, device: str = "cpu"):
+    import torch
+
+    from .pipeline import load_pipeline
+
+    return load_pipeline(source, dtype=getattr(torch, DTYPES[dtype]), device=device, config=model_config)
+
+
+def _check_output_dir(out: Path) -> None:
+    """Refuse a non-empty output folder and prove we can write beside it, before any work starts."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out} exists and is not an empty folder; choose a new one")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.probe.")
+        os.rmdir(probe)
+    except OSError as err:
+        raise UsageError(f"--out {out} is not writable: {err.strerror or err}") from None
+
+
+def _read_config_file(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--config {path} does not exist")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"--config {path} is not valid YAML/JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must hold a mapping of config fields, got {type(values).__name__}")
+    return values
+
+
+def cmd_list(_: argparse.Namespace) -> None:
+    from .methods import METHODS
+
+    for spec in METHODS.values():
+        presets = ", ".join(spec.config_cls.PRESETS) or "-"
+        print(f"{spec.name:12s} {spec.summary}  [presets: {presets}]")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    from accelerate import PartialState
+
+    from .config import build_config, parse_assignments
+    from .methods import get_method
+
+    spec = get_method(args.method)
+    values = _read_config_file(args.config) if args.config else {}
+    preset = args.preset or values.pop("preset", None)
+    if args.concept:
+        if "concepts" not in {f.name for f in fields(spec.config_cls)}:
+            raise UsageError(f"method {args.method!r} takes no --concept")
+        values["concepts"] = list(values.get("concepts", [])) + args.concept
+    values.update(parse_assignments(spec.config_cls, args.set))
+    preset = values.pop("preset", preset)
+    config = build_config(spec.config_cls, preset, **values)
+    out = Path(args.out)
+    _check_output_dir(out)
+    pipe = _load(args.model, args.model_config, args.dtype, args.device)
+    pipe.set_progress_bar_config(disable=True)
+
+    from .runner import run
+
+    checkpoints = out.with_name(f".{out.name}.checkpoint")  # kept on a crash, so the same command resumes
+    result = run(pipe, config, checkpoint_dir=checkpoints, progress=not args.no_progress)
+    if PartialState().is_main_process:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        result.delta.save(tmp)
+        record = {**result.record, "model": args.model}
+        (tmp / "record.json").write_text(json.dumps(record, indent=2, default=str))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        r = result.record
+        print(f"{spec.name}: {len(r['losses'])} steps in {r['wall_time_s']:.1f} s, peak memory "
+              f"{r['peak_memory_bytes'] / 2**30:.2f} GiB, {r['changed_tensors']} tensors "
+              f"({r['storage_bytes'] / 2**20:.2f} MiB) -> {out}")  # fmt: skip
+
+
+def cmd_apply(args: argparse.Namespace) -> None:
+    from .delta import Delta
+
+    out = Path(args.out)
+    delta = Delta.load(args.delta)
+    _check_output_dir(out)
+    pipe = _load(args.model, args.model_config, args.dtype)
+    delta.export(pipe, out, force=args.force)
+    print(f"applied {len(delta.tensors)} tensors ({delta.metadata.get('method', '?')}) -> {out}")
+
+
+def _quiet_libraries() -> None:
+    """The CLI prints its own progress and one-line errors; silence the libraries' loading bars and notices."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.disable_progress_bar()
+        lib.utils.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    handler = {"list": cmd_list, "run": cmd_run, "apply": cmd_apply}[args.command]
+    try:
+        handler(args)
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+        print(f"erase {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"erase {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
