@@ -83,9 +83,13 @@ class TrainOutcome:
 
 def make_accelerator(settings: TrainSettings, device: torch.device):
     """An Accelerator for this run; under `accelerate launch` it joins the launched process group."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
+    if PartialState().num_processes == 1:
+        # One process may run many erasures with different precisions; accelerate keeps a process-wide state.
+        AcceleratorState._reset_state()
     return Accelerator(
         mixed_precision=settings.mixed_precision,
         gradient_accumulation_steps=settings.grad_accum,

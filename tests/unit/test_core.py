@@ -198,3 +198,23 @@ def test_presets_and_unknown_fields():
         erase.make_config("esd", concepts=["x"], stepz=3)
     with pytest.raises(ValueError, match="unknown method"):
         erase.make_config("esdd")
+
+
+def test_gradient_checkpointing_gives_the_same_delta():
+    plain = erase.run(fresh_pipe(), small_esd(steps=2), progress=False).delta
+    checkpointed_pipe = fresh_pipe()
+    checkpointed = erase.run(checkpointed_pipe, small_esd(steps=2, gradient_checkpointing=True), progress=False).delta
+    assert not checkpointed_pipe.unet.is_gradient_checkpointing, "the loop must switch it off again"
+    for name, value in plain.tensors.items():
+        torch.testing.assert_close(checkpointed.tensors[name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_mixed_precision_and_half_precision_models():
+    mixed = erase.run(fresh_pipe(), small_esd(steps=2, mixed_precision="bf16"), progress=False)
+    assert mixed.delta.tensors and all(torch.isfinite(torch.tensor(mixed.record["losses"])))
+    pipe = fresh_pipe()
+    pipe.unet.to(torch.bfloat16)
+    pipe.text_encoder.to(torch.bfloat16)
+    half = erase.run(pipe, small_esd(steps=2, mixed_precision="bf16"), progress=False)
+    assert all(t.dtype == torch.bfloat16 for t in half.delta.tensors.values())
+    assert all(p.dtype == torch.bfloat16 for p in pipe.unet.parameters())

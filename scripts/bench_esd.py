@@ -1,0 +1,131 @@
+"""ESD step time against the compute floor, and memory against a two-UNet design, on the same model.
+
+    python scripts/bench_esd.py [--model toy|sd-shaped] [--steps 20] [--threads 1]
+
+Compute floor: the bare UNet passes one ESD step needs (the partial DDIM run, the two frozen target passes, the
+trained forward and backward), timed with the same random draws and no toolkit code around them.
+Memory: parameter + gradient + optimizer + frozen-copy bytes, counted from the live tensors, for our design (one
+UNet, the trained tensors' originals substituted by functional_call) and the public code's (a deep-copied UNet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import erase
+from erase.frozen import FrozenOriginal
+from erase.params import select
+from erase.sampling import ddim_partial, randn, sample_seed
+from erase.testing import tiny_pipeline
+from erase.text import PromptEncoder
+
+
+def sd_shaped_pipeline():
+    """SD v1's UNet layout (4 levels, 2 layers, cross-attention in 3, 768-d text) at a fifth of its width."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = tiny_pipeline()
+    pipe.unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=32,
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )  # fmt: skip
+    return pipe
+
+
+def load(model: str):
+    if model == "sd-shaped":
+        return sd_shaped_pipeline()
+    return erase.load_pipeline(model)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(tensor_bytes(v for v in s.values() if torch.is_tensor(v)) for s in opt.state.values())
+
+
+def floor_step(unet, two_unet, emb, empty, sched_cfg, shape, stop, generator, ddim_steps, optimizer):
+    """The bare UNet work of one ESD step with `stop` DDIM steps, on a plain (deep-copied) frozen UNet."""
+    noise = randn((1, *shape), generator, unet.device, unet.dtype)
+
+    def frozen_noise(x, t, e):
+        return two_unet(x, t, encoder_hidden_states=e).sample
+
+    x_t, t = ddim_partial(frozen_noise, sched_cfg, noise, emb, empty, 3.0, ddim_steps, stop)
+    tt = torch.tensor([t])
+    with torch.no_grad():
+        both = frozen_noise(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([empty, emb]))
+    e_u, e_c = both.chunk(2)
+    target = e_u - 2.0 * (e_c - e_u)
+    loss = F.mse_loss(unet(x_t, tt, encoder_hidden_states=emb).sample, target)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="toy")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--ddim-steps", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = load(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    unet = pipe.unet
+    print(f"model {args.model}: UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, "
+          f"{args.steps} steps, ddim_steps {args.ddim_steps}, torch threads {args.threads}")  # fmt: skip
+
+    # Ours: the toolkit's ESD run.
+    config = erase.make_config("esd", concepts=["a painting"], steps=args.steps, lr=1e-5, ddim_steps=args.ddim_steps,
+                               negative_guidance=2.0)  # fmt: skip
+    result = erase.run(pipe, config, progress=False)
+    ours_step = result.record["wall_time_s"] / args.steps
+
+    # Floor: identical draws (the same stop indices and noise), bare UNet passes on a deep-copied frozen UNet.
+    fresh = load(args.model)
+    two_unet = copy.deepcopy(fresh.unet).requires_grad_(False)
+    params = select(fresh.unet, "xattn")
+    fresh.unet.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params.values(), lr=1e-5)
+    encode = PromptEncoder(fresh.tokenizer, fresh.text_encoder)
+    emb, empty = encode("a painting"), encode("")
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    start = time.perf_counter()
+    for step in range(args.steps):
+        g = torch.Generator().manual_seed(sample_seed(config.seed, step, 0))
+        torch.randint(1, (1,), generator=g)  # the concept draw
+        stop = int(torch.randint(args.ddim_steps, (1,), generator=g))
+        floor_step(fresh.unet, two_unet, emb, empty, pipe.scheduler.config, shape, stop, g, args.ddim_steps, optimizer)
+    floor = (time.perf_counter() - start) / args.steps
+
+    # Memory accounting from live tensors: parameters + frozen copy + gradients + optimizer state.
+    model_bytes = tensor_bytes(unet.parameters())
+    frozen = FrozenOriginal(unet, list(select(unet, "xattn")))
+    trained = select(unet, "xattn")
+    trained_bytes = tensor_bytes(trained.values())
+    shared = trained_bytes + optimizer_bytes(optimizer)  # gradients + Adam state: the same in both designs
+    ours_mem = model_bytes + frozen.nbytes + shared
+    two_mem = 2 * model_bytes + shared
+    print(f"step time: ours {ours_step * 1e3:.1f} ms, floor {floor * 1e3:.1f} ms, ratio {ours_step / floor:.3f} "
+          f"(target <= 1.15)")  # fmt: skip
+    print(f"esd-x parameter+optimizer memory: ours {ours_mem / 2**20:.1f} MiB, two-UNet {two_mem / 2**20:.1f} MiB, "
+          f"ratio {ours_mem / two_mem:.3f} (target <= 0.6)")  # fmt: skip
+    print(f"peak RSS of our run: {result.record['peak_memory_bytes'] / 2**20:.1f} MiB; "
+          f"losses median {statistics.median(result.record['losses']):.4g}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
