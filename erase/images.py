@@ -1,0 +1,130 @@
+"""Images for data-driven methods: read them, encode them to latents, noise them, and generate them (cached).
+
+CA, FMN, SalUn, EraseDiff, Scissorhands and backdoor injection all train on noised latents of some images; this is
+their one implementation of that path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .sampling import randn
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Image paths from a folder (searched recursively, sorted), one file, or a list of files.
+
+    Raises FileNotFoundError naming the source when it does not exist or holds no image.
+    """
+    items = [source] if isinstance(source, str | os.PathLike) else list(source)
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"image source {str(path)!r} does not exist")
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source!r}")
+    return files
+
+
+def to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """(B, 3, size, size) in [-1, 1], the VAE's input range; images are resized with bicubic filtering."""
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def load_images(source, size: int) -> torch.Tensor:
+    return to_tensor([Image.open(p) for p in image_files(source)], size)
+
+
+def image_size(pipe) -> int:
+    """Pixel size the pipeline generates by default: latent size times the VAE's downsampling."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Scaled VAE latents (distribution means, so the cache is deterministic) of images in [-1, 1]."""
+    out = []
+    for chunk in images.split(batch_size):
+        chunk = chunk.to(device=vae.device, dtype=vae.dtype)
+        out.append(vae.encode(chunk).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def noised(
+    scheduler, latents: torch.Tensor, generator: torch.Generator, t_range: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, noise) for a diffusion loss: t uniform over the training timesteps (or `t_range`, end exclusive)."""
+    low, high = t_range or (0, scheduler.config.num_train_timesteps)
+    t = torch.randint(low, high, (latents.shape[0],), generator=generator).to(latents.device)
+    noise = randn(tuple(latents.shape), generator, latents.device, latents.dtype)
+    return scheduler.add_noise(latents, noise, t), t, noise
+
+
+def diffusion_loss(model, scheduler, latents: torch.Tensor, emb: torch.Tensor, generator: torch.Generator):
+    """The denoising loss `‖e(x_t, c) − ε‖²` (or v-prediction's target) on noised `latents`."""
+    x_t, t, noise = noised(scheduler, latents, generator)
+    target = noise
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, t)
+    return F.mse_loss(model(x_t, t, encoder_hidden_states=emb).sample.float(), target.float())
+
+
+def generate_images(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    guidance: float,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 8,
+) -> list[Image.Image]:
+    """Images of `pipe` for (prompt, seed) pairs, one generator per image; with `cache_dir`, each image is stored
+    as PNG under a key of (model fingerprint, prompt, seed, steps, guidance) and reused by later runs."""
+    from .delta import fingerprint
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    model_id = fingerprint(pipe) if cache_dir else ""
+    paths: list[Path | None] = []
+    for prompt, seed in zip(prompts, seeds):
+        key = hashlib.sha256(f"{model_id}|{prompt}|{seed}|{steps}|{guidance}".encode()).hexdigest()[:24]
+        paths.append(Path(cache_dir) / f"{key}.png" if cache_dir else None)
+    images: list[Image.Image | None] = [Image.open(p).convert("RGB") if p and p.is_file() else None for p in paths]
+    todo = [i for i, im in enumerate(images) if im is None]
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        out = pipe(
+            [prompts[i] for i in chunk], num_inference_steps=steps, guidance_scale=guidance,
+            generator=[torch.Generator().manual_seed(int(seeds[i])) for i in chunk], output_type="pil",
+        ).images  # fmt: skip
+        for i, image in zip(chunk, out):
+            images[i] = image
+            if paths[i] is not None:
+                _save_atomic(image, paths[i])
+    return images  # type: ignore[return-value]
+
+
+def _save_atomic(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    image.save(tmp)
+    os.replace(tmp, path)
