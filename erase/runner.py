@@ -33,12 +33,13 @@ class RunContext:
     checkpoint_dir: Path | None = None
     accelerator: Any = None
     progress: bool = True
+    local: bool = False
 
     def train(self, loss_fn) -> list[float]:
         """Run the shared training loop over the declared parameters with the method's loss."""
         outcome = train(
             self.pipe.unet, self.params, loss_fn, self.config.train_settings(self.progress),
-            accelerator=self.accelerator, checkpoint_dir=self.checkpoint_dir,
+            accelerator=self.accelerator, checkpoint_dir=self.checkpoint_dir, local=self.local,
         )  # fmt: skip
         return outcome.losses
 
@@ -66,10 +67,12 @@ def run(
     checkpoint_dir: str | Path | None = None,
     accelerator=None,
     progress: bool = True,
+    local: bool = False,
 ) -> Result:
     """Erase with `config`'s method on `pipe` (modified in place) and return the Delta and the run record.
 
-    With `checkpoint_dir`, training checkpoints there and a rerun with the same arguments resumes.
+    With `checkpoint_dir`, training checkpoints there and a rerun with the same arguments resumes. `local=True`
+    trains in this process alone even under `accelerate launch` (one job per process).
     """
     spec = method_of(config)
     unet = pipe.unet
@@ -82,7 +85,7 @@ def run(
         p.data = p.data.float()
     ctx = RunContext(
         pipe, config, params, frozen, PromptEncoder(pipe.tokenizer, pipe.text_encoder),
-        Path(checkpoint_dir) if checkpoint_dir else None, accelerator, progress,
+        Path(checkpoint_dir) if checkpoint_dir else None, accelerator, progress, local,
     )  # fmt: skip
     try:
         with Meter(unet.device) as meter:

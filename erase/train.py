@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,8 +82,14 @@ class TrainOutcome:
     resumed_from: int = 0
 
 
-def make_accelerator(settings: TrainSettings, device: torch.device):
-    """An Accelerator for this run; under `accelerate launch` it joins the launched process group."""
+def make_accelerator(settings: TrainSettings, device: torch.device, local: bool = False):
+    """An Accelerator for this run; under `accelerate launch` it joins the launched process group.
+
+    `local=True` trains in this process alone even inside a launched group (a benchmark running one job per
+    process), with the same mixed precision and accumulation behaviour.
+    """
+    if local:
+        return LocalAccelerator(settings, device)
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -97,6 +104,43 @@ def make_accelerator(settings: TrainSettings, device: torch.device):
         # Methods may train tensors a given loss does not reach (e.g. to_v under an attention-map loss).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+
+
+class LocalAccelerator:
+    """The part of accelerate's interface the loop uses, for one process that must not join a process group."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def __init__(self, settings: TrainSettings, device: torch.device):
+        self.device = device
+        self.grad_accum = settings.grad_accum
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.mixed_precision)
+        self.sync_gradients = True
+        self._micro = 0
+
+    def prepare(self, *objects):
+        return objects
+
+    @contextmanager
+    def accumulate(self, model):
+        self._micro += 1
+        self.sync_gradients = self._micro % self.grad_accum == 0
+        yield
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def clip_grad_norm_(self, params, max_norm: float):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return tensor
+
+    def wait_for_everyone(self) -> None:
+        pass
 
 
 def _optimizer(settings: TrainSettings, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -131,10 +175,11 @@ def train(
     *,
     accelerator=None,
     checkpoint_dir: str | Path | None = None,
+    local: bool = False,
 ) -> TrainOutcome:
     """Train `params` (names as in `model.named_parameters()`) of `model` in place to minimise `loss_fn`."""
     device = next(model.parameters()).device
-    accelerator = accelerator or make_accelerator(settings, device)
+    accelerator = accelerator or make_accelerator(settings, device, local)
     share = settings.batch_size // (accelerator.num_processes * settings.grad_accum)
     if share * accelerator.num_processes * settings.grad_accum != settings.batch_size:
         raise ValueError(
@@ -185,8 +230,9 @@ def train(
                     accelerator.backward(loss)
                     if settings.max_grad_norm and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(list(params.values()), settings.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    if accelerator.sync_gradients:
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
                 step_loss += loss.detach().float() / settings.grad_accum
             outcome.losses.append(accelerator.reduce(step_loss, reduction="mean").item())
             bar.update(1)

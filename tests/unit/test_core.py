@@ -218,3 +218,19 @@ def test_bf16_mixed_precision_and_half_precision_models():
     half = erase.run(pipe, small_esd(steps=2, mixed_precision="bf16"), progress=False)
     assert all(t.dtype == torch.bfloat16 for t in half.delta.tensors.values())
     assert all(p.dtype == torch.bfloat16 for p in pipe.unet.parameters())
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_local_training_matches_accelerate(accum):
+    via_accelerate = erase.run(fresh_pipe(), small_esd(batch_size=2, grad_accum=accum), progress=False)
+    local = erase.run(fresh_pipe(), small_esd(batch_size=2, grad_accum=accum), progress=False, local=True)
+    assert local.record["losses"] == pytest.approx(via_accelerate.record["losses"], rel=1e-5)
+    for name, value in via_accelerate.delta.tensors.items():
+        torch.testing.assert_close(local.delta.tensors[name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_grad_accumulation_equals_a_larger_batch():
+    accumulated = erase.run(fresh_pipe(), small_esd(batch_size=2, grad_accum=2), progress=False).delta
+    batched = erase.run(fresh_pipe(), small_esd(batch_size=2), progress=False).delta
+    for name, value in batched.tensors.items():
+        torch.testing.assert_close(accumulated.tensors[name], value, rtol=1e-4, atol=1e-6)
