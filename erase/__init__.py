@@ -10,7 +10,9 @@ __version__ = "0.1.0"
 from .config import build_config  # noqa: E402
 from .delta import Delta, fingerprint  # noqa: E402
 from .methods import available_methods, get_method  # noqa: E402
+from .methods.ca import CAConfig  # noqa: E402
 from .methods.esd import ESDConfig  # noqa: E402
+from .methods.salun import SalUnConfig  # noqa: E402
 from .runner import Result, run  # noqa: E402
 
 
@@ -27,5 +29,6 @@ def load_pipeline(source, **kwargs):
 
 
 __all__ = [
-    "Delta", "ESDConfig", "Result", "available_methods", "fingerprint", "load_pipeline", "make_config", "run",
+    "CAConfig", "Delta", "ESDConfig", "Result", "SalUnConfig", "available_methods", "fingerprint", "load_pipeline",
+    "make_config", "run",
 ]  # fmt: skip

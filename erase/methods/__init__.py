@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import esd
+from . import ca, esd, salun
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,11 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
-    for spec in (MethodSpec("esd", esd.ESDConfig, esd.erase, "Erased Stable Diffusion: negative-guidance fine-tuning"),)
+    for spec in (
+        MethodSpec("esd", esd.ESDConfig, esd.erase, "Erased Stable Diffusion: negative-guidance fine-tuning"),
+        MethodSpec("ca", ca.CAConfig, ca.erase, "Concept Ablation: map a target concept onto an anchor concept"),
+        MethodSpec("salun", salun.SalUnConfig, salun.erase, "Saliency Unlearning: relabel the forget set, masked"),
+    )
 }
 
 

@@ -3,6 +3,7 @@ its Delta round-trips. Each registered method must have a small example config h
 
 import pytest
 import torch
+from PIL import Image
 
 import erase
 from erase.delta import Delta
@@ -12,10 +13,40 @@ from tests.unit.helpers import fresh_pipe, generate, unet_state
 # Small configs for the tiny random pipeline (concept words exist in its tokenizer: see erase.testing).
 METHOD_EXAMPLES = {
     "esd": {"concepts": ["van gogh"], "steps": 2, "lr": 1e-3, "ddim_steps": 3},
+    "ca": {
+        "concepts": ["van gogh painting"],
+        "anchors": ["painting"],
+        "anchor_prompts": ["a painting of a cat"],
+        "steps": 2,
+        "lr": 1e-3,
+        "num_anchor_images": 2,
+        "sample_steps": 2,
+        "prior_preservation": True,
+        "cache_dir": "{tmp}/ca-cache",
+    },
+    "salun": {
+        "forget_images": "{tmp}/forget",
+        "retain_images": "{tmp}/retain",
+        "forget_prompts": "a van gogh painting",
+        "pseudo_prompts": "a photo",
+        "retain_prompts": "a photo of a {{object}}",
+        "steps": 2,
+        "lr": 1e-3,
+        "batch_size": 2,
+    },
 }
 
 
+# Image folders (under tmp_path) an example reads: filled with small random images before its config is built.
+EXAMPLE_IMAGES = {"salun": ("forget/cat", "retain/dog")}
+
+
 def example(name: str, tmp_path):
+    for folder in EXAMPLE_IMAGES.get(name, ()):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            pixels = torch.randint(0, 256, (16, 16, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(tmp_path / folder / f"{i}.png")
     values = {k: (v.format(tmp=tmp_path) if isinstance(v, str) else v) for k, v in METHOD_EXAMPLES[name].items()}
     return erase.make_config(name, **values)
 
