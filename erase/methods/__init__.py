@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import ca, esd, salun
+from . import ca, esd, fmn, salun, uce
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("esd", esd.ESDConfig, esd.erase, "Erased Stable Diffusion: negative-guidance fine-tuning"),
         MethodSpec("ca", ca.CAConfig, ca.erase, "Concept Ablation: map a target concept onto an anchor concept"),
         MethodSpec("salun", salun.SalUnConfig, salun.erase, "Saliency Unlearning: relabel the forget set, masked"),
+        MethodSpec("uce", uce.UCEConfig, uce.erase, "Unified Concept Editing: closed-form edit of cross-attention K/V"),
+        MethodSpec("fmn", fmn.FMNConfig, fmn.erase, "Forget-Me-Not: steer cross-attention away from the concept"),
     )
 }
 

@@ -34,11 +34,19 @@ METHOD_EXAMPLES = {
         "lr": 1e-3,
         "batch_size": 2,
     },
+    "uce": {"concepts": ["van gogh"], "guides": ["painting"], "preserve": ["cat"]},
+    "fmn": {
+        "concepts": ["van gogh"],
+        "images": "{tmp}/fmn-images",
+        "prompts": ["a {{concept}} painting"],
+        "steps": 2,
+        "lr": 1e-3,
+    },
 }
 
 
 # Image folders (under tmp_path) an example reads: filled with small random images before its config is built.
-EXAMPLE_IMAGES = {"salun": ("forget/cat", "retain/dog")}
+EXAMPLE_IMAGES = {"salun": ("forget/cat", "retain/dog"), "fmn": ("fmn-images",)}
 
 
 def example(name: str, tmp_path):

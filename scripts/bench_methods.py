@@ -1,0 +1,161 @@
+"""Efficiency of one erasure per method, printed as UnlearnCanvas's columns: Time (s), Memory (GB), Storage (GB).
+
+    python scripts/bench_methods.py [--methods uce,fmn] [--models tiny,sd-shaped,toy] [--threads 1]
+
+Time is the run's wall clock and Memory its peak (CUDA max allocated, or peak RSS on CPU), both from the run
+record (erase.meter.Meter); Storage is the saved Delta's tensor bytes, shown beside the bytes of the tensors the
+method actually changed (the target: equal). Each method has its own `<name>_config(model, workdir)` function below:
+add a method by adding one function and one row in CONFIGS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import erase
+from erase.testing import tiny_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_esd import sd_shaped_pipeline  # noqa: E402
+
+TOY_STYLE, TOY_STYLE_WORDS = "Pop_Art", "Pop Art"
+
+
+def load(model: str):
+    if model == "tiny":
+        return tiny_pipeline()
+    if model == "sd-shaped":
+        return sd_shaped_pipeline()
+    return erase.load_pipeline(model)
+
+
+def random_images(folder: Path, n: int, size: int = 32) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        pixels = torch.randint(0, 256, (size, size, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return folder
+
+
+def toy_style_images(folder: Path) -> Path:
+    """UnlearnCanvas's FMN choice on the toy: image 1 of every object in the target style, rendered."""
+    from canvas.catalog import TOY_OBJECTS
+    from canvas.toy import render
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for obj in TOY_OBJECTS:
+        render(TOY_STYLE, obj, 1).save(folder / f"{obj}.png")
+    return folder
+
+
+def uce_config(model: str, workdir: Path):
+    if model == "toy":
+        return erase.make_config("uce", preset="toy", concepts=[f"An image in {TOY_STYLE_WORDS} style"])
+    return erase.make_config("uce", preset="paper", concepts=["van gogh"], guides=["painting"], preserve=["cat"])
+
+
+def fmn_config(model: str, workdir: Path):
+    if model == "toy":
+        return erase.make_config("fmn", preset="toy", concepts=[TOY_STYLE_WORDS],
+                                 images=str(toy_style_images(workdir / "fmn-toy")))  # fmt: skip
+    return erase.make_config("fmn", preset="paper", concepts=["van gogh"], prompts=["a {concept} painting"],
+                             images=str(random_images(workdir / "fmn-random", 10)))  # fmt: skip
+
+
+def ca_config(model: str, workdir: Path):
+    """Anchor images are generated into a fresh cache, so the time includes generating them (a first run)."""
+    if model == "toy":
+        return erase.make_config("ca", preset="toy", concepts=[TOY_STYLE_WORDS], cache_dir=str(workdir / "ca-cache"))
+    return erase.make_config("ca", preset="paper", concepts=["van gogh painting"], anchors=["painting"],
+                             anchor_prompts=["a painting of a cat"], cache_dir=str(workdir / "ca-cache"))  # fmt: skip
+
+
+def toy_split_images(folder: Path, styles: list[str], indices=(1, 2, 3)) -> Path:
+    """UnlearnCanvas's forget/retain sets on the toy: images 1-3 of every object, as <Style>/<Object>/<idx>.png."""
+    from canvas.catalog import TOY_OBJECTS
+    from canvas.toy import render
+
+    for style in styles:
+        for obj in TOY_OBJECTS:
+            (folder / style / obj).mkdir(parents=True, exist_ok=True)
+            for idx in indices:
+                render(style, obj, idx).save(folder / style / obj / f"{idx}.png")
+    return folder
+
+
+def salun_config(model: str, workdir: Path):
+    if model == "toy":
+        from canvas.catalog import TOY_STYLES
+
+        others = [s for s in TOY_STYLES if s != TOY_STYLE][:2]
+        forget = toy_split_images(workdir / "forget", [TOY_STYLE])
+        retain = toy_split_images(workdir / "retain", others)
+    else:
+        forget = random_images(workdir / "forget" / "Van_Gogh" / "cat", 8)
+        retain = random_images(workdir / "retain" / "Monet" / "dog", 8)
+    return erase.make_config("salun", preset="toy" if model == "toy" else "paper", forget_images=str(forget),
+                             retain_images=str(retain))  # fmt: skip
+
+
+CONFIGS: dict[str, Callable] = {"uce": uce_config, "fmn": fmn_config, "ca": ca_config, "salun": salun_config}
+
+
+def bench_one(method: str, model: str, workdir: Path) -> dict:
+    pipe = load(model)
+    pipe.set_progress_bar_config(disable=True)
+    config = CONFIGS[method](model, workdir)
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    result = erase.run(pipe, config, progress=False)
+    changed = [p for n, p in pipe.unet.named_parameters() if not torch.equal(before[n], p)]
+    touched = sum(p.numel() * p.element_size() for p in changed)
+    path = workdir / f"{method}-{model}"
+    result.delta.save(path)
+    record = result.record
+    return {
+        "method": method, "model": model, "time_s": record["wall_time_s"],
+        "memory_gb": record["peak_memory_bytes"] / 1e9, "memory_kind": record["memory_kind"],
+        "storage_gb": record["storage_bytes"] / 1e9, "touched_bytes": touched,
+        "storage_bytes": record["storage_bytes"], "file_bytes": sum(f.stat().st_size for f in path.iterdir()),
+        "steps": len(record["losses"]), "last_loss": record["losses"][-1] if record["losses"] else None,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--models", default="tiny,sd-shaped,toy", help="tiny, sd-shaped, toy or a model path")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in CONFIGS]
+    if unknown:
+        parser.error(f"no benchmark config for {unknown}; have {', '.join(CONFIGS)}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    print(f"torch threads {torch.get_num_threads()}, device cpu")
+    header = (f"{'method':8s} {'model':10s} {'Time (s)':>9s} {'Memory (GB)':>12s} {'Storage (GB)':>13s} "
+              f"{'storage B':>11s} {'touched B':>11s} {'file B':>10s} {'steps':>5s}  memory kind")  # fmt: skip
+    print(header)
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            try:
+                load(model)
+            except Exception as err:  # the toy is absent until its build finishes: say so, go on
+                print(f"{'-':8s} {model:10s} skipped: {type(err).__name__}: {err}")
+                continue
+            for method in methods:
+                r = bench_one(method, model, Path(tmp))
+                print(f"{r['method']:8s} {r['model']:10s} {r['time_s']:9.3f} {r['memory_gb']:12.3f} "
+                      f"{r['storage_gb']:13.6f} {r['storage_bytes']:11d} {r['touched_bytes']:11d} "
+                      f"{r['file_bytes']:10d} {r['steps']:5d}  {r['memory_kind']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
