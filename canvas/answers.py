@@ -1,0 +1,203 @@
+"""Answer sets: every theme x object x seed of a (possibly erased) model, generated one way for every method.
+
+Images are named `{theme}_{object}_seed{seed}.jpg` as in UnlearnCanvas. Each image has its own generator seed, and
+batches are fixed slices of the global item order, so any sharding or resumption reproduces identical pixels:
+shards take whole batches, and a batch with any missing or unreadable image is regenerated as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from canvas.catalog import Catalog
+
+SEEDS = (188, 288, 588, 688, 888)
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class SamplerPreset:
+    """The generation protocol: DDIM with eta 0, `steps` steps, classifier-free guidance `guidance`."""
+
+    name: str
+    steps: int
+    guidance: float
+    size: int | None = None  # pixels; None: the model's default
+
+
+PRESETS = {
+    "unlearncanvas": SamplerPreset("unlearncanvas", steps=100, guidance=9.0, size=512),
+}
+
+
+def toy_preset() -> SamplerPreset:
+    """The toy model's sampler, as its build measured it (assets/toy/card.json)."""
+    from erase.pipeline import toy_path
+
+    card = toy_path() / "card.json"
+    sampler = json.loads(card.read_text())["sampler"] if card.is_file() else {"steps": 25, "guidance": 3.0}
+    return SamplerPreset("toy", steps=int(sampler["steps"]), guidance=float(sampler["guidance"]))
+
+
+def preset(name: str) -> SamplerPreset:
+    if name == "toy":
+        return toy_preset()
+    if name not in PRESETS:
+        raise ValueError(f"unknown sampler preset {name!r}; accepted: toy, {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass(frozen=True)
+class AnswerItem:
+    theme: str
+    object: str
+    seed: int
+
+    @property
+    def filename(self) -> str:
+        return f"{self.theme}_{self.object}_seed{self.seed}.jpg"
+
+
+def answer_items(
+    catalog: Catalog, seeds: Sequence[int] = SEEDS, themes: Sequence[str] | None = None,
+    objects: Sequence[str] | None = None,
+) -> list[AnswerItem]:  # fmt: skip
+    """Items in the global order (theme, object, seed) that fixes batching."""
+    themes = list(themes) if themes is not None else list(catalog.themes)
+    objects = list(objects) if objects is not None else list(catalog.objects)
+    for theme in themes:
+        catalog.style_label(theme)
+    for obj in objects:
+        catalog.object_label(obj)
+    return [AnswerItem(t, o, int(s)) for t in themes for o in objects for s in seeds]
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """`"i/n"` (0-based i) -> (i, n)."""
+    if not text:
+        return 0, 1
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"--shard {text!r}: need 0 <= i < n")
+    return index, count
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except (OSError, SyntaxError):
+        return False
+
+
+def _save_jpeg(array: np.ndarray, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".jpg")
+    os.close(fd)
+    Image.fromarray(array).save(tmp, format="JPEG", quality=95)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    items: Sequence[AnswerItem],
+    catalog: Catalog,
+    out_dir: str | os.PathLike,
+    sampler: SamplerPreset,
+    *,
+    batch_size: int = 32,
+    shard: tuple[int, int] | None = None,
+    apply: Callable[[Any], Any] | None = None,
+    progress: bool = True,
+    manifest_extra: dict[str, Any] | None = None,
+) -> Path:
+    """Generate the answer set `items` of `pipe` into `out_dir` (resumable, shardable).
+
+    `apply` is a context-manager factory run around generation (e.g. applying a Delta or an inference-time hook).
+    Under `accelerate launch` with no explicit `shard`, each process takes its own shard.
+    """
+    from diffusers import DDIMScheduler
+
+    from erase.text import PromptEncoder
+
+    if shard is None:
+        from accelerate import PartialState
+
+        state = PartialState()
+        shard = (state.process_index, state.num_processes)
+    index, count = shard
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+    mine = [b for n, b in enumerate(batches) if n % count == index]
+    todo = [b for b in mine if not all(_readable(out / it.filename) for it in b)]
+    encode = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+    original_scheduler = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(original_scheduler.config)
+    size = sampler.size
+    bar = tqdm(total=sum(map(len, mine)), initial=sum(map(len, mine)) - sum(map(len, todo)), desc="answer set",
+               disable=not progress)  # fmt: skip
+    try:
+        with apply(pipe) if apply else nullcontext():
+            for batch in todo:
+                prompts = [catalog.prompt(it.theme, it.object) for it in batch]
+                images = pipe(
+                    prompt_embeds=encode(prompts), negative_prompt_embeds=encode([""] * len(batch)),
+                    num_inference_steps=sampler.steps, guidance_scale=sampler.guidance, eta=0.0,
+                    height=size, width=size, output_type="np",
+                    generator=[torch.Generator().manual_seed(it.seed) for it in batch],
+                ).images  # fmt: skip
+                for it, image in zip(batch, images):
+                    path = out / it.filename
+                    if not _readable(path):
+                        _save_jpeg((np.clip(image, 0, 1) * 255).round().astype(np.uint8), path)
+                bar.update(len(batch))
+    finally:
+        pipe.scheduler = original_scheduler
+        bar.close()
+    manifest = {
+        "catalog": catalog.name, "sampler": asdict(sampler), "scheduler": "DDIM", "eta": 0.0,
+        "batch_size": batch_size, "prompt_template": catalog.template, "count": len(items),
+        "seeds": sorted({it.seed for it in items}), "items": [asdict(it) for it in items], **(manifest_extra or {}),
+    }  # fmt: skip
+    _write_json(out / MANIFEST, manifest)
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    Path(tmp).write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def load_answer_set(directory: str | os.PathLike) -> tuple[list[AnswerItem], list[Path], dict]:
+    """Items, image paths and manifest of a generated answer set; every listed image must exist."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {directory}: generate the answer set first")
+    manifest = json.loads(manifest_path.read_text())
+    items = [AnswerItem(**it) for it in manifest["items"]]
+    paths = [directory / it.filename for it in items]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"answer set {directory} lacks {len(missing)} images, e.g. {missing[:3]}; rerun "
+                                "generation to complete it")  # fmt: skip
+    return items, paths, manifest

@@ -1,0 +1,321 @@
+"""`canvas bench`: jobs = methods x targets; each job erases, saves its Delta, generates its answer set and scores it.
+
+Every stage leaves its result on disk (atomically), so a killed bench resumes at the first unfinished stage of each
+job; a failing job records its error and the others go on. Under `accelerate launch`, job i runs on process
+i mod n (each job alone on its process), and the main process writes the report once all are done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import traceback
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from canvas import answers, classifiers, metrics, report
+from canvas import catalog as catalogs
+from canvas.catalog import Catalog, style_words
+
+
+@dataclass
+class BenchConfig:
+    """What to run; every field can come from the command line or a YAML file."""
+
+    methods: list[str]
+    targets: list[str]
+    out: str
+    model: str = "toy"
+    catalog: str | None = None  # default: "toy" for the toy model, else "unlearncanvas-50"
+    sampler: str | None = None  # default: "toy" for the toy model, else "unlearncanvas"
+    seeds: list[int] = field(default_factory=lambda: list(answers.SEEDS))
+    data: str | None = None  # dataset root for data-driven methods; the toy renders its own
+    presets: dict[str, str] = field(default_factory=dict)  # method -> preset name (default: see job_preset)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> config fields
+    fid_excludes_target: bool = False
+    batch_size: int = 32
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        from erase import available_methods
+
+        self.catalog = self.catalog or ("toy" if self.model == "toy" else "unlearncanvas-50")
+        self.sampler = self.sampler or ("toy" if self.model == "toy" else "unlearncanvas")
+        cat = catalogs.get(self.catalog)
+        if not self.methods:
+            raise ValueError("no methods given; accepted: " + ", ".join(available_methods()))
+        for method in self.methods:
+            if method not in available_methods():
+                raise ValueError(f"unknown method {method!r}; accepted: {', '.join(available_methods())}")
+        if not self.targets:
+            raise ValueError("no targets given: name styles and/or objects of catalog " + cat.name)
+        for target in self.targets:
+            metrics.target_kind(cat, target)  # clear error for unknown targets or the photo class
+        answers.preset(self.sampler)
+
+
+def concept_text(cat: Catalog, target: str) -> str:
+    """How a target is named to an erasure method: `Pop Art style` for a style, the object's name for an object."""
+    return f"{style_words(target, cat.photo)} style" if cat.is_style(target) else target
+
+
+def job_preset(config: BenchConfig, method: str, kind: str) -> str | None:
+    """The preset a job uses: the bench's choice, else `toy` on the toy, else the method's UnlearnCanvas preset."""
+    from erase import get_method
+
+    presets = get_method(method).config_cls.PRESETS
+    if method in config.presets:
+        return config.presets[method]
+    for name in ("toy",) if config.model == "toy" else (f"unlearncanvas-{kind}", "unlearncanvas", "paper"):
+        if name in presets:
+            return name
+    return None
+
+
+def job_config(config: BenchConfig, method: str, target: str):
+    """The erasure config of one job: the target as the method's concept(s), on top of the job's preset."""
+    import erase
+
+    cat = catalogs.get(config.catalog)
+    kind = metrics.target_kind(cat, target)
+    values: dict[str, Any] = {"concepts": [concept_text(cat, target)], **config.overrides.get(method, {})}
+    return erase.make_config(method, job_preset(config, method, kind), **values)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    Path(tmp).write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def load_images(paths: list[Path]) -> torch.Tensor:
+    """(B, 3, H, W) floats in [0, 1], the classifiers' input."""
+    arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0 for p in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+class Judge:
+    """The catalog's style and object classifiers, plus features (the input of the style classifier's head) for
+    FID where no Inception weights are given: on the toy, FID is measured in the toy classifier's feature space."""
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+        root = None
+        if catalog.name == "toy":  # the classifiers shipped beside the toy model in use ($ERASEKIT_TOY moves both)
+            from erase.pipeline import toy_path
+
+            root = toy_path().parent / "toy_classifiers"
+        self.style = classifiers.load(catalog.name, "style", root)
+        self.object = classifiers.load(catalog.name, "object", root)
+        self.feature_space = f"{catalog.name}-style-classifier-head-input"
+        self._features: list[torch.Tensor] = []
+        self.style.head.register_forward_hook(lambda m, inputs, out: self._features.append(inputs[0].detach()))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Style logits, object logits and features of a batch."""
+        self._features.clear()
+        style, obj = self.style(images), self.object(images)
+        return style, obj, self._features[-1]
+
+    def real_bank(self, cache: Path, indices: tuple[int, ...], data_root: Path) -> metrics.FeatureBank:
+        """Features of the real FID reference set (every theme x object x `indices`), computed once and cached."""
+        meta = {"features": self.feature_space, "catalog": self.catalog.name, "indices": str(list(indices))}
+
+        def compute() -> metrics.FeatureBank:
+            keys = [(t, o, i) for t in self.catalog.themes for o in self.catalog.objects for i in indices]
+            feats = []
+            for start in range(0, len(keys), 128):
+                chunk = keys[start : start + 128]
+                feats.append(self(load_images([data_root / t / o / f"{i}.jpg" for t, o, i in chunk]))[2])
+            return metrics.FeatureBank(torch.cat(feats).numpy(), [k[0] for k in keys], [k[1] for k in keys])
+
+        return metrics.FeatureBank.cached(cache, meta, compute)
+
+
+def score(judge: Judge, answer_dir: Path, target: str, real: metrics.FeatureStats, keep=None) -> dict[str, Any]:
+    """UA / IRA / CRA of one target on an answer set, and FID against the real statistics."""
+    items, paths, _ = answers.load_answer_set(answer_dir)
+    accuracy = metrics.UnlearningAccuracy(judge.catalog, target)
+    frechet = metrics.FrechetDistance(real.dim, keep=keep, reference=real)
+    for start in range(0, len(items), 128):
+        chunk_items, chunk_paths = items[start : start + 128], paths[start : start + 128]
+        style, obj, feats = judge(load_images(chunk_paths))
+        themes, objects = [it.theme for it in chunk_items], [it.object for it in chunk_items]
+        accuracy.update(style, obj, *metrics.true_labels(judge.catalog, themes, objects))
+        frechet.update(feats, real=False, themes=themes, objects=objects)
+    return {"scores": accuracy.scores(), "FID": float(frechet.compute())}
+
+
+class Bench:
+    """One bench run over `config`; `run()` executes this process's jobs and, on the main process, the report."""
+
+    def __init__(self, config: BenchConfig, progress: bool = True):
+        from accelerate import PartialState
+
+        self.config, self.progress = config, progress
+        self.out = Path(config.out)
+        self.catalog = catalogs.get(config.catalog)
+        self.sampler = answers.preset(config.sampler)
+        self.state = PartialState()
+        self.jobs = [(m, t) for m in config.methods for t in config.targets]
+
+    def job_dir(self, method: str, target: str) -> Path:
+        return self.out / "jobs" / f"{method}__{target}"
+
+    def data_root(self) -> Path:
+        """The dataset folder data-driven methods and FID read; the toy's renders are written on first use."""
+        if self.config.data:
+            return Path(self.config.data)
+        if self.catalog.name != "toy":
+            raise ValueError("--data is required for a non-toy catalog (the UnlearnCanvas dataset folder)")
+        from canvas import splits, toy
+
+        roles = splits.load()
+        indices = sorted(set(roles.fid_reference) | set(roles.forget_retain) | set(roles.fmn_reference))
+        root = self.out / "data" / "toy"
+        if not (root / "done").is_file():
+            toy.export(root, self.catalog, indices=indices)
+            (root / "done").write_text(json.dumps(indices))
+        return root
+
+    def load_base(self):
+        import erase
+
+        pipe = erase.load_pipeline(self.config.model, device=self.config.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def run(self) -> dict[str, Any] | None:
+        (self.out / "jobs").mkdir(parents=True, exist_ok=True)
+        _write_json(self.out / "bench.json", asdict(self.config))
+        mine = [job for n, job in enumerate(self.jobs) if n % self.state.num_processes == self.state.process_index]
+        for method, target in mine:
+            self.run_job(method, target)
+        self.state.wait_for_everyone()
+        if not self.state.is_main_process:
+            return None
+        return self.write_report()
+
+    def run_job(self, method: str, target: str) -> None:
+        """Erase -> Delta -> answer set -> metrics, skipping stages already on disk; errors go to error.json."""
+        import erase
+        from erase.delta import Delta
+
+        job = self.job_dir(method, target)
+        if (job / "metrics.json").is_file():
+            return
+        (job / "error.json").unlink(missing_ok=True)
+        try:
+            config = job_config(self.config, method, target)
+            if not (job / "delta" / "record.json").is_file():
+                result = erase.run(self.load_base(), config, checkpoint_dir=job / "checkpoint",
+                                   progress=self.progress, local=self.state.num_processes > 1)  # fmt: skip
+                result.delta.save(job / "delta")
+                _write_json(job / "delta" / "record.json", result.record)
+            delta = Delta.load(job / "delta")
+            if not (job / "answers" / answers.MANIFEST).is_file():
+                items = answers.answer_items(self.catalog, self.config.seeds)
+                answers.generate(
+                    self.load_base(), items, self.catalog, job / "answers", self.sampler,
+                    batch_size=self.config.batch_size, shard=(0, 1), apply=_applied(delta), progress=self.progress,
+                    manifest_extra={"model": self.config.model, "delta": str(job / "delta"), "method": method},
+                )  # fmt: skip
+            self.score_job(method, target, job)
+        except Exception as err:  # one failing job must not stop the others
+            _write_json(job / "error.json", {"method": method, "target": target, "error": f"{type(err).__name__}: "
+                                             f"{err}", "traceback": traceback.format_exc()[-4000:]})  # fmt: skip
+            print(f"job {method} / {target} failed: {type(err).__name__}: {err}")
+
+    def score_job(self, method: str, target: str, job: Path) -> None:
+        judge = Judge(self.catalog)
+        from canvas import splits
+
+        fid_indices = splits.load().fid_reference
+        bank = judge.real_bank(self.out / "cache" / "real_features.npz", fid_indices, self.data_root())
+        keep = metrics.exclude_target(self.catalog, target) if self.config.fid_excludes_target else None
+        result = score(judge, job / "answers", target, bank.stats(keep), keep)
+        record = json.loads((job / "delta" / "record.json").read_text())
+        config = record.get("config", {})
+        row = metrics.target_row(
+            method, result["scores"], result["FID"], metrics.efficiency(record), preset=config.get("preset"),
+            steps=config.get("steps"),
+        )  # fmt: skip
+        _write_json(job / "metrics.json", row)
+
+    def base_images(self, items: list[answers.AnswerItem]) -> Path:
+        """The unedited model's images of `items` (for before/after grids), generated once."""
+        directory = self.out / "baseline"
+        missing = [it for it in items if not (directory / it.filename).is_file()]
+        if missing:
+            answers.generate(self.load_base(), missing, self.catalog, directory, self.sampler,
+                             batch_size=self.config.batch_size, shard=(0, 1), progress=False)  # fmt: skip
+        return directory
+
+    def grid(self, method: str, target: str) -> Path:
+        """Before (top) / after (bottom) images of the target's prompts, seed = the first answer-set seed."""
+        seed = self.config.seeds[0]
+        if self.catalog.is_style(target):
+            items = [answers.AnswerItem(target, o, seed) for o in self.catalog.objects]
+        else:
+            items = [answers.AnswerItem(t, target, seed) for t in self.catalog.themes]
+        before = self.base_images(items)
+        after = self.job_dir(method, target) / "answers"
+        rows = [[Image.open(d / it.filename).convert("RGB") for it in items] for d in (before, after)]
+        w, h = rows[0][0].size
+        scale = max(1, 96 // w)
+        canvas_image = Image.new("RGB", (len(items) * w * scale, 2 * h * scale), "white")
+        for r, row in enumerate(rows):
+            for c, image in enumerate(row):
+                canvas_image.paste(image.resize((w * scale, h * scale), Image.NEAREST), (c * w * scale, r * h * scale))
+        path = self.out / "grids" / f"{method}__{target}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        canvas_image.save(path)
+        return path
+
+    def write_report(self) -> dict[str, Any]:
+        rows, failed = [], []
+        for method, target in tqdm(self.jobs, desc="report", disable=not self.progress):
+            job = self.job_dir(method, target)
+            if (job / "metrics.json").is_file():
+                rows.append(json.loads((job / "metrics.json").read_text()))
+                self.grid(method, target)
+            else:
+                error = job / "error.json"
+                failed.append(json.loads(error.read_text()) if error.is_file() else {"method": method,
+                              "target": target, "error": "not finished"})  # fmt: skip
+        metadata = {
+            "model": self.config.model, "catalog": self.catalog.name, "sampler": asdict(self.sampler),
+            "seeds": self.config.seeds, "fid_features": f"{self.catalog.name} style classifier (input of its head)",
+            "fid_excludes_target": self.config.fid_excludes_target,
+            "failed": [{k: f[k] for k in ("method", "target", "error")} for f in failed],
+        }  # fmt: skip
+        if rows:
+            report.write_report(self.out, rows, metadata)
+        else:
+            _write_json(self.out / "report.json", {"rows": [], "table": [], **metadata})
+        return {"rows": rows, **metadata}
+
+
+def _applied(delta):
+    """A context-manager factory: inside `with _applied(delta)(pipe):` the pipeline carries the delta."""
+
+    @contextmanager
+    def apply(pipe):
+        delta.apply(pipe)
+        try:
+            yield pipe
+        finally:
+            delta.revert(pipe)
+
+    return apply

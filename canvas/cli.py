@@ -1,0 +1,131 @@
+"""`canvas`: the UnlearnCanvas benchmark from the command line. Thin: parse, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _csv(text: str | None) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else []
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="canvas", description="The UnlearnCanvas benchmark for concept erasure.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="erase -> answer set -> metrics for methods x targets, resumable")
+    bench.add_argument("--model", help="'toy' (default), a diffusers folder, or a checkpoint")
+    bench.add_argument("--methods", help="comma-separated method names")
+    bench.add_argument("--targets", help="comma-separated styles and/or objects of the catalog")
+    bench.add_argument("--out", help="output folder (rerun the same command to resume)")
+    bench.add_argument("--config", help="YAML file with any of the bench fields (command-line values win)")
+    bench.add_argument("--catalog", help="catalog name (default: toy for the toy model, else unlearncanvas-50)")
+    bench.add_argument("--sampler", help="sampler preset (toy or unlearncanvas)")
+    bench.add_argument("--data", help="dataset folder for data-driven methods and FID (not needed for the toy)")
+    bench.add_argument("--fid-excludes-target", action="store_true", help="leave the target out of both FID sets")
+    bench.add_argument("--batch-size", type=int, help="images per generation batch (default 32)")
+    bench.add_argument("--device", help="torch device (default cpu)")
+    bench.add_argument("--no-progress", action="store_true")
+
+    answer = sub.add_parser("answers", help="generate an answer set (resumable, shardable)")
+    answer.add_argument("--model", default="toy")
+    answer.add_argument("--delta", help="folder of a Delta to apply first")
+    answer.add_argument("--catalog", help="catalog name (default: toy for the toy model, else unlearncanvas-50)")
+    answer.add_argument("--sampler", help="sampler preset (toy or unlearncanvas)")
+    answer.add_argument("--out", required=True)
+    answer.add_argument("--shard", help="i/n: this process's share (default: all, or one per accelerate process)")
+    answer.add_argument("--batch-size", type=int, default=32)
+    answer.add_argument("--device", default="cpu")
+
+    splits = sub.add_parser("splits", help="write the versioned split manifest")
+    splits.add_argument("--out", required=True, help="path of the JSON manifest to write")
+    return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from canvas.bench import Bench, BenchConfig
+    from canvas.report import markdown_table
+
+    values = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ValueError(f"--config {args.config} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"--config {args.config} must hold a mapping of bench fields")
+    cli = {
+        "model": args.model, "methods": _csv(args.methods) or None, "targets": _csv(args.targets) or None,
+        "out": args.out, "catalog": args.catalog, "sampler": args.sampler, "data": args.data,
+        "batch_size": args.batch_size, "device": args.device,
+        "fid_excludes_target": True if args.fid_excludes_target else None,
+    }  # fmt: skip
+    values.update({k: v for k, v in cli.items() if v is not None})
+    for key in ("methods", "targets", "out"):
+        if not values.get(key):
+            raise ValueError(f"--{key} is required (or set it in --config)")
+    for key in ("methods", "targets"):
+        if isinstance(values[key], str):
+            values[key] = _csv(values[key])
+    try:
+        config = BenchConfig(**values)
+    except TypeError as err:
+        raise ValueError(f"bad bench config: {err}") from None
+    result = Bench(config, progress=not args.no_progress).run()
+    if result is not None:
+        if result["rows"]:
+            print(markdown_table(result["rows"]))
+        for failure in result["failed"]:
+            print(f"FAILED {failure['method']} / {failure['target']}: {failure['error']}")
+        print(f"report: {Path(config.out) / 'report.md'}")
+
+
+def cmd_answers(args: argparse.Namespace) -> None:
+    import erase
+    from canvas import answers, catalog
+    from erase.delta import Delta
+
+    from .bench import _applied
+
+    cat = catalog.get(args.catalog or ("toy" if args.model == "toy" else "unlearncanvas-50"))
+    sampler = answers.preset(args.sampler or ("toy" if args.model == "toy" else "unlearncanvas"))
+    shard = answers.parse_shard(args.shard) if args.shard else None
+    delta = Delta.load(args.delta) if args.delta else None
+    pipe = erase.load_pipeline(args.model, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    out = answers.generate(
+        pipe, answers.answer_items(cat), cat, args.out, sampler, batch_size=args.batch_size, shard=shard,
+        apply=_applied(delta) if delta else None, manifest_extra={"model": args.model, "delta": args.delta},
+    )  # fmt: skip
+    print(f"answer set -> {out}")
+
+
+def cmd_splits(args: argparse.Namespace) -> None:
+    from canvas.splits import write_manifest
+
+    print(f"wrote {write_manifest(args.out)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from erase.cli import _quiet_libraries
+
+    _quiet_libraries()
+    handler = {"bench": cmd_bench, "answers": cmd_answers, "splits": cmd_splits}[args.command]
+    try:
+        handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"canvas {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"canvas {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
