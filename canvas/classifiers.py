@@ -84,7 +84,25 @@ def _load_toy(kind: str, root: str | os.PathLike | None = None) -> nn.Module:
     return model.eval()
 
 
-_LOADERS: dict[str, Callable[..., nn.Module]] = {"toy": _load_toy}
+def _load_unlearncanvas(catalog_name: str) -> Callable[..., nn.Module]:
+    """The authors' ViT-L/16 checkpoints: `root` is the `.pth` file, or a folder holding `<kind>.pth`."""
+
+    def load_vit(kind: str, root: str | os.PathLike | None = None) -> nn.Module:
+        from canvas.vit import load_checkpoint
+
+        if root is None:
+            raise ValueError(f"the {catalog_name} {kind} classifier needs its checkpoint: pass root=<file or folder>")
+        path = Path(root) / f"{kind}.pth" if Path(root).is_dir() else Path(root)
+        return load_checkpoint(path, len(_labels(catalog_name, kind)))
+
+    return load_vit
+
+
+_LOADERS: dict[str, Callable[..., nn.Module]] = {
+    "toy": _load_toy,
+    "unlearncanvas-50": _load_unlearncanvas("unlearncanvas-50"),
+    "unlearncanvas-60": _load_unlearncanvas("unlearncanvas-60"),
+}
 
 
 def load(name: str, kind: str, root: str | os.PathLike | None = None) -> nn.Module:
