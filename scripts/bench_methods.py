@@ -107,6 +107,43 @@ def salun_config(model: str, workdir: Path):
 CONFIGS: dict[str, Callable] = {"uce": uce_config, "fmn": fmn_config, "ca": ca_config, "salun": salun_config}
 
 
+SD_KV_CHANNELS = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320)  # 16 attn2
+
+
+def uce_sd_scale(n_concepts: int, text_layers: int) -> dict:
+    """UCE with SD v1's K/V shapes (32 matrices, 768-d text, 77 tokens) and a random CLIP-L-width text encoder of
+    `text_layers` layers (CLIP-L has 12): the closed form's cost at SD scale without building an 860 M UNet."""
+    import time
+    from types import SimpleNamespace
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from erase.methods.uce import uce_statistics, uce_update
+    from erase.testing import word_tokenizer
+
+    words = ("a", "photo", "of", "cat", "dog", "style", "van", "gogh", "painting", "in", "image", "art")
+    tokenizer = word_tokenizer(words, model_max_length=77)
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=text_layers,
+        num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )).eval()  # fmt: skip
+    weights = [torch.randn(c, 768) * 0.02 for c in SD_KV_CHANNELS for _ in range(2)]
+    concepts = [f"{a} {b} {c}" for a in words for b in words for c in words][:n_concepts]
+    config = erase.make_config("uce", preset="original-code", concepts=concepts, guides=["art"], preserve=["a photo"])
+    start = time.perf_counter()
+    stats = uce_statistics(SimpleNamespace(tokenizer=tokenizer, text_encoder=encoder), config)
+    encoded = time.perf_counter()
+    update = uce_update(stats, config.lam, config.erase_scale, config.effective_preserve_scale())
+    with torch.no_grad():
+        edited = [w + w @ update.float() for w in weights]  # as erase() does
+    end = time.perf_counter()
+    assert all(torch.isfinite(e).all() for e in edited)
+    return {"concepts": n_concepts, "text_layers": text_layers, "tokens": stats.erase_tokens,
+            "encode_s": encoded - start, "solve_edit_s": end - encoded, "total_s": end - start}  # fmt: skip
+
+
 def bench_one(method: str, model: str, workdir: Path) -> dict:
     pipe = load(model)
     pipe.set_progress_bar_config(disable=True)
@@ -132,6 +169,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     parser.add_argument("--models", default="tiny,sd-shaped,toy", help="tiny, sd-shaped, toy or a model path")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--uce-sd-scale", action="store_true", help="also time UCE at SD v1 K/V scale (see below)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -155,6 +193,14 @@ def main() -> None:
                 print(f"{r['method']:8s} {r['model']:10s} {r['time_s']:9.3f} {r['memory_gb']:12.3f} "
                       f"{r['storage_gb']:13.6f} {r['storage_bytes']:11d} {r['touched_bytes']:11d} "
                       f"{r['file_bytes']:10d} {r['steps']:5d}  {r['memory_kind']}")  # fmt: skip
+    if args.uce_sd_scale:
+        print("UCE at SD v1 scale (32 K/V matrices, 768-d, 77 tokens, through_eos), random text encoder:")
+        for n_concepts, layers in ((1, 12), (10, 12), (300, 2)):
+            r = uce_sd_scale(n_concepts, layers)
+            print(
+                f"  {r['concepts']:4d} concepts, {r['text_layers']:2d} text layers, {r['tokens']:6d} erased tokens: "
+                f"encode {r['encode_s']:.2f} s, solve+edit {r['solve_edit_s']:.3f} s, total {r['total_s']:.2f} s"
+            )
 
 
 if __name__ == "__main__":

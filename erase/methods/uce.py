@@ -11,9 +11,9 @@ matrix shared by all layers. We therefore compute the statistics once (d×d sums
 one text-encoder call per batch of prompts, outer products as matrix products over all tokens at once) and write
     W* = W + η_e · W · Σ_i (c_i^guide − c_i) c_iᵀ · B⁻¹,   B = λI + η_e Σ c_i c_iᵀ + η_p Σ c_j c_jᵀ,
 which is the same formula rearranged (M = B + η_e Σ (g_i − c_i) c_iᵀ): one `torch.linalg.solve` of size d per run
-(never an explicit inverse), then one matmul per layer. Statistics, solve and edit run in float64 (fp32 on MPS),
-whatever the model's dtype, with one rounding to the weight's dtype at the end. With no erased tokens W* = W
-exactly. Hundreds of concepts cost a few encoder batches.
+(never an explicit inverse), then one matmul per layer. Statistics and solve run in float64 (fp32 on MPS), the
+per-layer product W·K (K = η_e S B⁻¹) in fp32, whatever the model's dtype, with one rounding to the weight's dtype
+at the end. With no erased tokens W* = W exactly. Hundreds of concepts cost a few encoder batches.
 
 Which token vectors count (`token_choice`), the two versions of the public code:
 - "last_word" (the current official code, default): the last word token of each prompt, for erased, guide and
@@ -212,12 +212,14 @@ def _collect(pipe, config: UCEConfig, on_erase, on_preserve) -> None:
     for start in range(0, len(pairs), step):
         chunk = pairs[start : start + step]
         concepts, guides = [c for c, _ in chunk], [g for _, g in chunk]
-        ids, last, lengths = _tokenize(tokenizer, concepts + guides)  # one encoder call for both
-        _check_tokens(tokenizer, concepts, last[: len(chunk)], lengths[: len(chunk)], "concept", need_word=True)
-        _check_tokens(tokenizer, guides, last[len(chunk) :], lengths[len(chunk) :], "guide", need_word=False)
-        emb = _encode(encoder, ids)
-        n = len(chunk)
-        on_erase(*_aligned_spans(emb[:n], last[:n], emb[n:], last[n:], through_eos))
+        unique = list(dict.fromkeys(concepts + guides))  # a guide shared by all concepts is encoded once
+        where = {prompt: i for i, prompt in enumerate(unique)}
+        ids, last, lengths = _tokenize(tokenizer, unique)
+        rows_c, rows_g = [where[c] for c in concepts], [where[g] for g in guides]
+        _check_tokens(tokenizer, concepts, last[rows_c], [lengths[i] for i in rows_c], "concept", need_word=True)
+        _check_tokens(tokenizer, guides, last[rows_g], [lengths[i] for i in rows_g], "guide", need_word=False)
+        emb = _encode(encoder, ids)  # one encoder call for the batch's concepts and guides
+        on_erase(*_aligned_spans(emb[rows_c], last[rows_c], emb[rows_g], last[rows_g], through_eos))
     for start in range(0, len(config.preserve), step):
         prompts = config.preserve[start : start + step]
         ids, last, lengths = _tokenize(tokenizer, prompts)
@@ -276,7 +278,7 @@ def _check_params(params: dict[str, torch.nn.Parameter], dim: int) -> None:
 
 
 def erase(ctx) -> list[float]:
-    """Edit every declared K/V weight in place (float64 arithmetic, cast back to its dtype); returns no losses."""
+    """Edit every declared K/V weight in place (at least fp32 arithmetic, cast back to its dtype); no losses."""
     cfg: UCEConfig = ctx.config
     dim = ctx.pipe.text_encoder.config.hidden_size
     _check_params(ctx.params, dim)
@@ -284,6 +286,8 @@ def erase(ctx) -> list[float]:
     update = uce_update(stats, float(cfg.lam), float(cfg.erase_scale), cfg.effective_preserve_scale())
     with torch.no_grad():
         for p in ctx.params.values():
-            weight = p.to(statistics_dtype(p.device))  # (out, d)
-            p.copy_((weight + weight @ update.to(device=p.device, dtype=weight.dtype)).to(p.dtype))
+            # The change W·K in fp32 (its rounding is ~1e-7 of the change), added to W in the statistics dtype.
+            weight = p.float()  # (out, d)
+            change = weight @ update.to(device=p.device, dtype=torch.float32)
+            p.copy_((weight.to(update.dtype) + change.to(update.dtype)).to(p.dtype))
     return []
