@@ -139,9 +139,12 @@ def _safety_off_kwargs(cls: type[DiffusionPipeline]) -> dict:
 
 
 def _finish(pipe: DiffusionPipeline, dtype: torch.dtype, device: torch.device) -> DiffusionPipeline:
-    pipe = pipe.to(device=device, dtype=dtype, silence_dtype_warnings=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
+            first = next(module.parameters(), None)
+            # Cast only what differs: diffusers warns on every cast, even of modules already in place.
+            if first is not None and (first.dtype != dtype or first.device != device):
+                module.to(device=device, dtype=dtype)
             module.eval()
     return pipe
 
