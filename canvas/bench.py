@@ -272,12 +272,8 @@ class Bench:
         before = self.base_images(items)
         after = self.job_dir(method, target) / "answers"
         rows = [[Image.open(d / it.filename).convert("RGB") for it in items] for d in (before, after)]
-        w, h = rows[0][0].size
-        scale = max(1, 96 // w)
-        canvas_image = Image.new("RGB", (len(items) * w * scale, 2 * h * scale), "white")
-        for r, row in enumerate(rows):
-            for c, image in enumerate(row):
-                canvas_image.paste(image.resize((w * scale, h * scale), Image.NEAREST), (c * w * scale, r * h * scale))
+        labels = [it.object if self.catalog.is_style(target) else it.theme for it in items]
+        canvas_image = image_grid(rows, ["before", "after"], labels, f"{method}: {target}")
         path = self.out / "grids" / f"{method}__{target}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         canvas_image.save(path)
@@ -305,6 +301,24 @@ class Bench:
         else:
             _write_json(self.out / "report.json", {"rows": [], "table": [], **metadata})
         return {"rows": rows, **metadata}
+
+
+def image_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str,
+               cell: int = 96) -> Image.Image:  # fmt: skip
+    """Images in a labelled grid (nearest-neighbour upscaling keeps small toy images crisp)."""
+    from PIL import ImageDraw
+
+    left, top = 56, 34
+    grid = Image.new("RGB", (left + cell * len(column_labels), top + cell * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 2), title, fill="black")
+    for c, label in enumerate(column_labels):
+        draw.text((left + c * cell + 2, 18), label[:15], fill="black")
+    for r, (label, row) in enumerate(zip(row_labels, rows)):
+        draw.text((4, top + r * cell + cell // 2 - 6), label, fill="black")
+        for c, image in enumerate(row):
+            grid.paste(image.resize((cell, cell), Image.NEAREST), (left + c * cell, top + r * cell))
+    return grid
 
 
 def _applied(delta):
