@@ -155,9 +155,12 @@ def _optimizer(settings: TrainSettings, params: list[nn.Parameter]) -> torch.opt
 
 
 def enable_memory_efficient_attention(model: nn.Module) -> bool:
-    """xformers on CUDA when installed (diffusers already defaults to SDPA); returns whether it was enabled."""
+    """xformers on CUDA when installed (diffusers already defaults to SDPA); returns whether it was enabled.
+
+    Methods that need attention probabilities install their own processors on the layers they read
+    (erase.attention), which take precedence inside their block."""
     device = next(model.parameters()).device
-    if device.type != "cuda":
+    if device.type != "cuda" or not hasattr(model, "enable_xformers_memory_efficient_attention"):
         return False
     try:
         import xformers  # noqa: F401
@@ -192,6 +195,8 @@ def train(
     if settings.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
+    processors = dict(model.attn_processors) if hasattr(model, "attn_processors") else None
+    enable_memory_efficient_attention(model)
     optimizer = _optimizer(settings, list(params.values()))
     prepared, optimizer = accelerator.prepare(model, optimizer)
 
@@ -245,6 +250,8 @@ def train(
             p.requires_grad_(False)
         if settings.gradient_checkpointing:
             _unwrap(prepared).disable_gradient_checkpointing()
+        if processors is not None:
+            model.set_attn_processor(processors)
         model.eval()
     return outcome
 
