@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from canvas import catalog as _catalog  # noqa: E402
 from canvas import toy  # noqa: E402
 from canvas.classifiers import ToyClassifier  # noqa: E402
+from canvas.classifiers import load as load_classifier  # noqa: E402
 from erase.testing import word_tokenizer  # noqa: E402
 
 ANSWER_SEEDS = (188, 288, 588, 688, 888)
@@ -319,6 +321,62 @@ def grid_image(images: torch.Tensor, rows: int, cols: int, scale: int = 3) -> Im
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
+def measure(pipe, cat, classifiers, steps: int, guidance_choices, folder: Path) -> dict:
+    """Choose the preset's guidance on seeds outside the answer set, then measure the answer set with it (style and
+    object match, images/s); writes grid.png (themes x objects, first answer seed) and renders.png into `folder`."""
+    best, tried = None, {}
+    for guidance in guidance_choices:
+        imgs, k = generate(pipe, cat, PRESET_SEEDS, steps, guidance)
+        s, o = match_rates(imgs, k, cat, classifiers["style"], classifiers["object"])
+        tried[str(guidance)] = {"style": round(s, 4), "object": round(o, 4)}
+        log(f"guidance {guidance}: style {s:.3f} object {o:.3f} (preset seeds {PRESET_SEEDS})")
+        if best is None or min(s, o) > min(tried[str(best)].values()):
+            best = guidance
+    t0 = time.time()
+    answers, answer_keys = generate(pipe, cat, ANSWER_SEEDS, steps, best)
+    seconds = time.time() - t0
+    style_match, object_match = match_rates(answers, answer_keys, cat, classifiers["style"], classifiers["object"])
+    log(f"answer set ({len(answers)} images, {seconds:.1f} s): style {style_match:.3f} object {object_match:.3f}")
+
+    first_seed = answers.reshape(len(cat.themes), len(cat.objects), len(ANSWER_SEEDS), *answers.shape[1:])[:, :, 0]
+    grid_image(first_seed.flatten(0, 1), len(cat.themes), len(cat.objects)).save(folder / "grid.png")
+    renders_grid = to_tensor(toy.render_array(cat.themes, cat.objects, [1])[0])
+    grid_image(renders_grid, len(cat.themes), len(cat.objects)).save(folder / "renders.png")
+    return {
+        "sampler": {"scheduler": "DDIMScheduler", "steps": steps, "guidance": best, "eta": 0.0},
+        "guidance_search": {"seeds": list(PRESET_SEEDS), "results": tried},
+        "answer_set": {
+            "seeds": list(ANSWER_SEEDS),
+            "images": len(answers),
+            "seconds": round(seconds, 2),
+            "images_per_second": round(len(answers) / seconds, 2),
+            "threads": torch.get_num_threads(),
+            "style_match": round(style_match, 4),
+            "object_match": round(object_match, 4),
+        },
+    }
+
+
+def remeasure(out: Path, steps: int, guidance_choices) -> dict:
+    """Re-run the preset search and the answer-set measurement on an existing build; rewrites card.json and the
+    grids atomically. For trying another sampler preset without retraining (the weights do not change)."""
+    cat = _catalog.get("toy")
+    pipe = StableDiffusionPipeline.from_pretrained(out / "toy")
+    pipe.set_progress_bar_config(disable=True)
+    judges = {kind: load_classifier("toy", kind, root=out / "toy_classifiers") for kind in ("style", "object")}
+    card_path = out / "toy" / "card.json"
+    card = json.loads(card_path.read_text())
+    with tempfile.TemporaryDirectory(dir=out / "toy") as tmp:
+        card.update(measure(pipe, cat, judges, steps, guidance_choices, Path(tmp)))
+        card["build"]["sampler_steps"], card["build"]["guidance_choices"] = steps, list(guidance_choices)
+        for name in ("grid.png", "renders.png"):
+            os.replace(Path(tmp) / name, out / "toy" / name)
+    tmp_card = card_path.with_suffix(".json.tmp")
+    tmp_card.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp_card, card_path)
+    return card
+
+
 # ------------------------------------------------------------------------------------------------------------ main
 def build(cfg: Config, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
@@ -398,28 +456,7 @@ def build(cfg: Config, out: Path) -> dict:
     )
     pipe.set_progress_bar_config(disable=True)
 
-    # Choose the preset's guidance on seeds outside the answer set, then measure the answer set with it.
-    best, tried = None, {}
-    for guidance in cfg.guidance_choices:
-        imgs, k = generate(pipe, cat, PRESET_SEEDS, cfg.sampler_steps, guidance)
-        s, o = match_rates(imgs, k, cat, classifiers["style"], classifiers["object"])
-        tried[str(guidance)] = {"style": round(s, 4), "object": round(o, 4)}
-        log(f"guidance {guidance}: style {s:.3f} object {o:.3f} (preset seeds {PRESET_SEEDS})")
-        if best is None or min(s, o) > min(tried[str(best)].values()):
-            best = guidance
-    t0 = time.time()
-    answers, answer_keys = generate(pipe, cat, ANSWER_SEEDS, cfg.sampler_steps, best)
-    answer_seconds = time.time() - t0
-    style_match, object_match = match_rates(answers, answer_keys, cat, classifiers["style"], classifiers["object"])
-    log(
-        f"answer set ({len(answers)} images, {answer_seconds:.1f} s): style {style_match:.3f} object {object_match:.3f}"
-    )
-
-    first_seed = answers.reshape(len(cat.themes), len(cat.objects), len(ANSWER_SEEDS), *answers.shape[1:])[:, :, 0]
-    grid_image(first_seed.flatten(0, 1), len(cat.themes), len(cat.objects)).save(tmp / "toy" / "grid.png")
-    renders_grid = to_tensor(toy.render_array(cat.themes, cat.objects, [1])[0])
-    grid_image(renders_grid, len(cat.themes), len(cat.objects)).save(tmp / "toy" / "renders.png")
-
+    measured = measure(pipe, cat, classifiers, cfg.sampler_steps, cfg.guidance_choices, tmp / "toy")
     pipe.save_pretrained(tmp / "toy", safe_serialization=True)
     card = {
         "name": "toy",
@@ -435,16 +472,7 @@ def build(cfg: Config, out: Path) -> dict:
             "classifiers": round(classifier_minutes, 2),
             "unet": round(unet_minutes, 2),
         },
-        "sampler": {"scheduler": "DDIMScheduler", "steps": cfg.sampler_steps, "guidance": best, "eta": 0.0},
-        "guidance_search": {"seeds": list(PRESET_SEEDS), "results": tried},
-        "answer_set": {
-            "seeds": list(ANSWER_SEEDS),
-            "images": len(answers),
-            "seconds": round(answer_seconds, 2),
-            "images_per_second": round(len(answers) / answer_seconds, 2),
-            "style_match": round(style_match, 4),
-            "object_match": round(object_match, 4),
-        },
+        **measured,
         "classifiers": {
             "heldout_accuracy": {k: round(v, 4) for k, v in held_acc.items()},
             "path": "assets/toy_classifiers",
@@ -483,11 +511,21 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(value, (int, float)) and name != "seed":
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=str, default=None, help="comma-separated guidance scales to choose from")
+    parser.add_argument(
+        "--remeasure", action="store_true", help="only redo the preset search and answer-set measurement in --out"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.guidance:
+        args.guidance_choices = tuple(float(g) for g in args.guidance.split(","))
     overrides = dict(QUICK) if args.quick else {}
     overrides.update({k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None})
     cfg = Config(**overrides)
+    if args.remeasure:
+        log(f"remeasuring {args.out} with {cfg.sampler_steps} steps, guidance from {cfg.guidance_choices}")
+        remeasure(args.out, cfg.sampler_steps, cfg.guidance_choices)
+        return
     log(f"config {asdict(cfg)} -> {args.out}")
     build(cfg, args.out)
 
