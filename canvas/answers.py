@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from canvas.catalog import Catalog
+from erase.atomic import save_image, write_json
 
 SEEDS = (188, 288, 588, 688, 888)
 MANIFEST = "manifest.json"
@@ -106,13 +106,6 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def _save_jpeg(array: np.ndarray, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".jpg")
-    os.close(fd)
-    Image.fromarray(array).save(tmp, format="JPEG", quality=95)
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def generate(
     pipe,
@@ -166,7 +159,9 @@ def generate(
                 for it, image in zip(batch, images):
                     path = out / it.filename
                     if not _readable(path):
-                        _save_jpeg((np.clip(image, 0, 1) * 255).round().astype(np.uint8), path)
+                        save_image(
+                            Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)), path, quality=95
+                        )
                 bar.update(len(batch))
     finally:
         pipe.scheduler = original_scheduler
@@ -176,15 +171,8 @@ def generate(
         "batch_size": batch_size, "prompt_template": catalog.template, "count": len(items),
         "seeds": sorted({it.seed for it in items}), "items": [asdict(it) for it in items], **(manifest_extra or {}),
     }  # fmt: skip
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     return out
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    Path(tmp).write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def load_answer_set(directory: str | os.PathLike) -> tuple[list[AnswerItem], list[Path], dict]:

@@ -8,8 +8,6 @@ i mod n (each job alone on its process), and the main process writes the report 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -24,6 +22,7 @@ from tqdm.auto import tqdm
 from canvas import answers, classifiers, metrics, report
 from canvas import catalog as catalogs
 from canvas.catalog import Catalog, style_words
+from erase.atomic import write_json
 
 
 @dataclass
@@ -88,14 +87,6 @@ def job_config(config: BenchConfig, method: str, target: str):
     kind = metrics.target_kind(cat, target)
     values: dict[str, Any] = {"concepts": [concept_text(cat, target)], **config.overrides.get(method, {})}
     return erase.make_config(method, job_preset(config, method, kind), **values)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    Path(tmp).write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def load_images(paths: list[Path]) -> torch.Tensor:
@@ -198,7 +189,7 @@ class Bench:
 
     def run(self) -> dict[str, Any] | None:
         (self.out / "jobs").mkdir(parents=True, exist_ok=True)
-        _write_json(self.out / "bench.json", asdict(self.config))
+        write_json(self.out / "bench.json", asdict(self.config))
         mine = [job for n, job in enumerate(self.jobs) if n % self.state.num_processes == self.state.process_index]
         for method, target in mine:
             self.run_job(method, target)
@@ -222,7 +213,7 @@ class Bench:
                 result = erase.run(self.load_base(), config, checkpoint_dir=job / "checkpoint",
                                    progress=self.progress, local=self.state.num_processes > 1)  # fmt: skip
                 result.delta.save(job / "delta")
-                _write_json(job / "delta" / "record.json", result.record)
+                write_json(job / "delta" / "record.json", result.record)
             delta = Delta.load(job / "delta")
             if not (job / "answers" / answers.MANIFEST).is_file():
                 items = answers.answer_items(self.catalog, self.config.seeds)
@@ -233,7 +224,7 @@ class Bench:
                 )  # fmt: skip
             self.score_job(method, target, job)
         except Exception as err:  # one failing job must not stop the others
-            _write_json(job / "error.json", {"method": method, "target": target, "error": f"{type(err).__name__}: "
+            write_json(job / "error.json", {"method": method, "target": target, "error": f"{type(err).__name__}: "
                                              f"{err}", "traceback": traceback.format_exc()[-4000:]})  # fmt: skip
             print(f"job {method} / {target} failed: {type(err).__name__}: {err}")
 
@@ -251,7 +242,7 @@ class Bench:
             method, result["scores"], result["FID"], metrics.efficiency(record), preset=config.get("preset"),
             steps=config.get("steps"),
         )  # fmt: skip
-        _write_json(job / "metrics.json", row)
+        write_json(job / "metrics.json", row)
 
     def base_images(self, items: list[answers.AnswerItem]) -> Path:
         """The unedited model's images of `items` (for before/after grids), generated once."""
@@ -299,7 +290,7 @@ class Bench:
         if rows:
             report.write_report(self.out, rows, metadata)
         else:
-            _write_json(self.out / "report.json", {"rows": [], "table": [], **metadata})
+            write_json(self.out / "report.json", {"rows": [], "table": [], **metadata})
         return {"rows": rows, **metadata}
 
 

@@ -12,7 +12,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from canvas.catalog import Catalog
+from erase.atomic import atomic_write
 
 Kind = Literal["style", "object"]
 KINDS: tuple[Kind, ...] = ("style", "object")
@@ -646,14 +646,8 @@ def _mean(values: Iterable[float | None]) -> float | None:
 
 
 def _save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)

@@ -12,12 +12,12 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from canvas.metrics import KINDS, ROW_KEYS, TABLE_KEYS, aggregate, check_rows
+from erase.atomic import write_text
 
 MISSING = "-"
 _Fmt = Callable[[Any], str]
@@ -120,10 +120,10 @@ def write_report(
     table = aggregate(rows)
     document = {"rows": rows, "table": table, **metadata}
     paths = {
-        "json": _write(out / "report.json", json.dumps(_finite(document), indent=2, default=str) + "\n"),
-        "md": _write(out / "report.md", markdown_report(rows, metadata)),
-        "csv": _write(out / "report.csv", _csv(table, TABLE_KEYS)),
-        "rows_csv": _write(out / "rows.csv", _csv(rows, _row_fields(rows))),
+        "json": write_text(out / "report.json", json.dumps(_finite(document), indent=2, default=str) + "\n"),
+        "md": write_text(out / "report.md", markdown_report(rows, metadata)),
+        "csv": write_text(out / "report.csv", _csv(table, TABLE_KEYS)),
+        "rows_csv": write_text(out / "rows.csv", _csv(rows, _row_fields(rows))),
     }
     if plot:
         paths["plot"] = plot_ua_vs_retain(rows, out / "ua_vs_retain.png")
@@ -178,7 +178,7 @@ def plot_ua_vs_retain(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    return _write(Path(path), buffer.getvalue())
+    return write_text(Path(path), buffer.getvalue())
 
 
 def _markdown(entries: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, _Fmt]]) -> str:
@@ -221,16 +221,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-def _write(path: Path, content: str | bytes) -> Path:
-    data = content.encode("utf-8") if isinstance(content, str) else content
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from erase.atomic import write_text
 
 SCHEMA = "erasekit.splits"
 VERSION = 1
@@ -109,18 +110,7 @@ def unlearncanvas_v1() -> Splits:
 def write_manifest(path: str | os.PathLike[str], splits: Splits | None = None) -> Path:
     """Write `splits` (default: UnlearnCanvas v1) as JSON, atomically, so a crash never leaves half a manifest."""
     splits = splits or unlearncanvas_v1()
-    path = Path(path)
-    text = _dumps(splits.to_dict())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, _dumps(splits.to_dict()))
 
 
 def read_manifest(path: str | os.PathLike[str]) -> Splits:

@@ -19,6 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_write, write_json
+
 COMPONENTS = ("unet", "text_encoder")
 TENSORS_FILE, META_FILE = "delta.safetensors", "delta.json"
 
@@ -77,8 +79,10 @@ class Delta:
         """Write delta.safetensors and delta.json into `directory`, each atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic(directory / TENSORS_FILE, lambda p: save_file({k: v.contiguous() for k, v in self.tensors.items()}, p))
-        _atomic(directory / META_FILE, lambda p: Path(p).write_text(json.dumps(self.metadata, indent=2, default=str)))
+        atomic_write(
+            directory / TENSORS_FILE, lambda p: save_file({k: v.contiguous() for k, v in self.tensors.items()}, p)
+        )
+        write_json(directory / META_FILE, self.metadata)
         return directory
 
     @classmethod
@@ -148,14 +152,3 @@ class Delta:
         finally:
             self.revert(pipe)
         return directory
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .atomic import save_image
 from .sampling import randn
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -118,13 +118,5 @@ def generate_images(
         for i, image in zip(chunk, out):
             images[i] = image
             if paths[i] is not None:
-                _save_atomic(image, paths[i])
+                save_image(image, paths[i])
     return images  # type: ignore[return-value]
-
-
-def _save_atomic(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    image.save(tmp)
-    os.replace(tmp, path)
