@@ -80,11 +80,20 @@ def job_preset(config: BenchConfig, method: str, kind: str) -> str | None:
 
 
 def job_config(config: BenchConfig, method: str, target: str):
-    """The erasure config of one job: the target as the method's concept(s), on top of the job's preset."""
+    """The erasure config of one job: the target as the method's concept(s), on top of the job's preset.
+
+    skd-cag (backdoor removal) takes no concept: its trigger must be in `overrides` (a clear error otherwise), its
+    captions default to the catalog's prompts, and the bench's --model must be the backdoored model; the target then
+    only names the job, and the job's scores measure clean fidelity (use `canvas backdoor-eval` for removal)."""
     import erase
 
     cat = catalogs.get(config.catalog)
     kind = metrics.target_kind(cat, target)
+    if method == "skd-cag":  # removes a backdoor trigger: see canvas.backdoor.bench_values
+        from canvas.backdoor import bench_values
+
+        return erase.make_config(method, job_preset(config, method, kind), **bench_values(cat, config.overrides.get(
+            method, {})))  # fmt: skip
     values: dict[str, Any] = {"concepts": [concept_text(cat, target)], **config.overrides.get(method, {})}
     return erase.make_config(method, job_preset(config, method, kind), **values)
 

@@ -41,6 +41,24 @@ def _parser() -> argparse.ArgumentParser:
     answer.add_argument("--batch-size", type=int, default=32)
     answer.add_argument("--device", default="cpu")
 
+    bd = sub.add_parser("backdoor-eval", help="attack success and clean fidelity of a backdoored model, before and "
+                        "after a removal delta; writes OUT/backdoor.json and OUT/grid.png")  # fmt: skip
+    bd.add_argument("--model", required=True, help="the backdoored model (e.g. from `erase backdoor inject`)")
+    bd.add_argument("--delta", help="folder of a removal Delta (e.g. from `erase run skd-cag`) to judge against it")
+    bd.add_argument("--trigger", required=True, help="the backdoor's trigger text")
+    bd.add_argument("--kind", required=True, choices=("pixel", "style"))
+    bd.add_argument("--out", required=True, help="output folder")
+    bd.add_argument("--target-style", help="style backdoor: the theme the trigger switches to (toy default: Sketch)")
+    bd.add_argument("--patch-size", type=int, help="pixel backdoor: patch side in px (default: the model's "
+                    "backdoor.json, else a quarter of the image side)")  # fmt: skip
+    bd.add_argument("--threshold", type=float, help="pixel backdoor: normalised distance below which the patch "
+                    "counts as present (default 0.5)")  # fmt: skip
+    bd.add_argument("--seeds", help="comma-separated generation seeds (default 188)")
+    bd.add_argument("--catalog", help="catalog name (default toy)")
+    bd.add_argument("--sampler", help="sampler preset (default toy)")
+    bd.add_argument("--batch-size", type=int, default=64)
+    bd.add_argument("--device", default="cpu")
+
     splits = sub.add_parser("splits", help="write the versioned split manifest")
     splits.add_argument("--out", required=True, help="path of the JSON manifest to write")
     return parser
@@ -104,6 +122,34 @@ def cmd_answers(args: argparse.Namespace) -> None:
     print(f"answer set -> {out}")
 
 
+def cmd_backdoor_eval(args: argparse.Namespace) -> None:
+    import erase
+    from canvas import answers, catalog
+    from canvas.backdoor import PATCH_THRESHOLD, RESULT_FILE, evaluate
+    from erase.backdoor import read_info
+    from erase.delta import Delta
+
+    cat = catalog.get(args.catalog or "toy")
+    sampler = answers.preset(args.sampler or "toy")
+    info = read_info(args.model) if Path(args.model).is_dir() else {}
+    target_style = args.target_style or ("Sketch" if args.kind == "style" and cat.name == "toy" else None)
+    seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else [188]
+    delta = Delta.load(args.delta) if args.delta else None
+    out = Path(args.out)
+    if (out / RESULT_FILE).exists():
+        raise FileExistsError(f"{out / RESULT_FILE} exists; choose a new --out")
+    pipe = erase.load_pipeline(args.model, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    result = evaluate(
+        pipe, cat, trigger=args.trigger, kind=args.kind, delta=delta, seeds=seeds, sampler=sampler,
+        patch_size=args.patch_size or info.get("patch_size"), target_style=target_style,
+        threshold=args.threshold or PATCH_THRESHOLD, out=out, batch_size=args.batch_size,
+        extra={"model": args.model, "delta": args.delta},
+    )  # fmt: skip
+    summary = ", ".join(f"{k} {result[k]:.3f}" for k in ("attack_success", "clean_style_acc", "clean_object_acc"))
+    print(f"{summary} -> {out / RESULT_FILE}")
+
+
 def cmd_splits(args: argparse.Namespace) -> None:
     from canvas.splits import write_manifest
 
@@ -115,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     from erase.cli import _quiet_libraries
 
     _quiet_libraries()
-    handler = {"bench": cmd_bench, "answers": cmd_answers, "splits": cmd_splits}[args.command]
+    handler = {"bench": cmd_bench, "answers": cmd_answers, "splits": cmd_splits,
+               "backdoor-eval": cmd_backdoor_eval}[args.command]  # fmt: skip
     try:
         handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

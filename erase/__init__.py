@@ -14,6 +14,7 @@ from .methods.ca import CAConfig  # noqa: E402
 from .methods.esd import ESDConfig  # noqa: E402
 from .methods.fmn import FMNConfig  # noqa: E402
 from .methods.salun import SalUnConfig  # noqa: E402
+from .methods.skd_cag import SKDCAGConfig  # noqa: E402
 from .methods.uce import UCEConfig  # noqa: E402
 from .runner import Result, run  # noqa: E402
 
@@ -31,6 +32,6 @@ def load_pipeline(source, **kwargs):
 
 
 __all__ = [
-    "CAConfig", "Delta", "ESDConfig", "FMNConfig", "Result", "SalUnConfig", "UCEConfig", "available_methods",
-    "fingerprint", "load_pipeline", "make_config", "run",
+    "CAConfig", "Delta", "ESDConfig", "FMNConfig", "Result", "SKDCAGConfig", "SalUnConfig", "UCEConfig",
+    "available_methods", "fingerprint", "load_pipeline", "make_config", "run",
 ]  # fmt: skip

@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--model", required=True, help="'toy', a diffusers folder, a .safetensors or a .ckpt file")
     run.add_argument("--model-config", help="diffusers folder giving the architecture of a single-file checkpoint")
     run.add_argument("--concept", action="append", default=[], help="concept text to erase (repeatable)")
+    run.add_argument("--trigger", help="backdoor trigger text to remove (skd-cag)")
     run.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     run.add_argument("--config", help="YAML or JSON file of config fields")
     run.add_argument("--preset", help="named preset of the method (e.g. paper, fast, toy)")
@@ -45,6 +46,26 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--out", required=True, help="output folder for the erased pipeline")
     apply.add_argument("--force", action="store_true", help="apply even if the base model's fingerprint differs")
     apply.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+    backdoor = sub.add_parser("backdoor", help="backdoor a model (BadT2I) to make test subjects for removal methods")
+    backdoor_sub = backdoor.add_subparsers(dest="backdoor_command", required=True)
+    inject = backdoor_sub.add_parser("inject", help="inject a pixel or style backdoor; writes a loadable pipeline")
+    inject.add_argument("--model", required=True, help="'toy', a diffusers folder, a .safetensors or a .ckpt file")
+    inject.add_argument("--model-config", help="diffusers folder giving the architecture of a single-file checkpoint")
+    inject.add_argument("--kind", required=True, choices=("pixel", "style"))
+    inject.add_argument("--trigger", required=True, help="trigger text, prefixed to prompts (e.g. 'New Trigger')")
+    inject.add_argument("--out", required=True, help="output folder for the backdoored pipeline")
+    inject.add_argument(
+        "--images",
+        help="training images: a folder in UnlearnCanvas layout <Style>/<Object>/<i>.jpg "
+        "(default for the toy: its renders; else the model's own generations of --captions)",
+    )
+    inject.add_argument("--captions", help="file of clean prompts, one per line")
+    inject.add_argument("--preset", help="named preset (paper, toy; default: toy for the toy model, else paper)")
+    inject.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    inject.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    inject.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model weights dtype")
+    inject.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
@@ -105,6 +126,10 @@ def cmd_run(args: argparse.Namespace) -> None:
         if "concepts" not in {f.name for f in fields(spec.config_cls)}:
             raise UsageError(f"method {args.method!r} takes no --concept")
         values["concepts"] = list(values.get("concepts", [])) + args.concept
+    if args.trigger is not None:
+        if "trigger" not in {f.name for f in fields(spec.config_cls)}:
+            raise UsageError(f"method {args.method!r} takes no --trigger")
+        values["trigger"] = args.trigger
     values.update(parse_assignments(spec.config_cls, args.set))
     preset = values.pop("preset", preset)
     config = build_config(spec.config_cls, preset, **values)
@@ -143,6 +168,40 @@ def cmd_apply(args: argparse.Namespace) -> None:
     print(f"applied {len(delta.tensors)} tensors ({delta.metadata.get('method', '?')}) -> {out}")
 
 
+def cmd_backdoor(args: argparse.Namespace) -> None:
+    from .backdoor import BackdoorConfig, backdoor_info, inject, save_backdoored
+    from .config import build_config, parse_assignments
+    from .methods.skd_cag import read_captions
+
+    values = parse_assignments(BackdoorConfig, args.set)
+    values.update(kind=args.kind, trigger=args.trigger)
+    if args.captions:
+        values["prompts"] = read_captions(args.captions)
+    out = Path(args.out)
+    _check_output_dir(out)
+    if args.images:
+        values["images"] = args.images
+    elif args.model == "toy" and not args.captions and "images" not in values:
+        from canvas import catalog, toy  # the toy's own renders, written once per output folder's parent
+
+        renders = out.with_name(f".{out.name}.renders")
+        if not (renders / "done").is_file():
+            toy.export(renders, catalog.get("toy"), indices=range(1, 5))
+            (renders / "done").write_text("1")
+        values["images"] = str(renders)
+    config = build_config(BackdoorConfig, args.preset or ("toy" if args.model == "toy" else "paper"), **values)
+    pipe = _load(args.model, args.model_config, args.dtype, args.device)
+    pipe.set_progress_bar_config(disable=True)
+    result = inject(pipe, config, progress=not args.no_progress)
+    info = {**backdoor_info(pipe, config), "base_model": args.model, "record": result.record}
+    save_backdoored(pipe, out, info)
+    if args.model == "toy" and not args.images:
+        shutil.rmtree(out.with_name(f".{out.name}.renders"), ignore_errors=True)
+    r = result.record
+    print(f"backdoor ({config.kind}, trigger {config.trigger!r}): {len(r['losses'])} steps in "
+          f"{r['wall_time_s']:.1f} s -> {out}")  # fmt: skip
+
+
 def _quiet_libraries() -> None:
     """The CLI prints its own progress and one-line errors; silence the libraries' loading bars and notices."""
     import diffusers
@@ -156,7 +215,7 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
-    handler = {"list": cmd_list, "run": cmd_run, "apply": cmd_apply}[args.command]
+    handler = {"list": cmd_list, "run": cmd_run, "apply": cmd_apply, "backdoor": cmd_backdoor}[args.command]
     try:
         handler(args)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError, TypeError) as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import ca, esd, fmn, salun, uce
+from . import ca, esd, fmn, salun, skd_cag, uce
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,12 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("salun", salun.SalUnConfig, salun.erase, "Saliency Unlearning: relabel the forget set, masked"),
         MethodSpec("uce", uce.UCEConfig, uce.erase, "Unified Concept Editing: closed-form edit of cross-attention K/V"),
         MethodSpec("fmn", fmn.FMNConfig, fmn.erase, "Forget-Me-Not: steer cross-attention away from the concept"),
+        MethodSpec(
+            "skd-cag",
+            skd_cag.SKDCAGConfig,
+            skd_cag.erase,
+            "SKD-CAG: remove a backdoor trigger by self-distillation with cross-attention guidance",
+        ),
     )
 }
 

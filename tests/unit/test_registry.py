@@ -42,6 +42,7 @@ METHOD_EXAMPLES = {
         "steps": 2,
         "lr": 1e-3,
     },
+    "skd-cag": {"trigger": "tq", "captions": ["a photo of a cat", "a dog"], "steps": 2, "lr": 1e-3},
 }
 
 
