@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from canvas import answers, classifiers, metrics, report
 from canvas import catalog as catalogs
-from canvas.catalog import Catalog, style_words
+from canvas.catalog import Catalog
+from canvas.method_inputs import method_inputs
 from erase.atomic import write_json
 
 
@@ -61,9 +62,7 @@ class BenchConfig:
         answers.preset(self.sampler)
 
 
-def concept_text(cat: Catalog, target: str) -> str:
-    """How a target is named to an erasure method: `Pop Art style` for a style, the object's name for an object."""
-    return f"{style_words(target, cat.photo)} style" if cat.is_style(target) else target
+DATA_METHODS = ("fmn", "salun")  # methods that read dataset images
 
 
 def job_preset(config: BenchConfig, method: str, kind: str) -> str | None:
@@ -94,7 +93,8 @@ def job_config(config: BenchConfig, method: str, target: str):
 
         return erase.make_config(method, job_preset(config, method, kind), **bench_values(cat, config.overrides.get(
             method, {})))  # fmt: skip
-    values: dict[str, Any] = {"concepts": [concept_text(cat, target)], **config.overrides.get(method, {})}
+    data_root = Bench.data_root_of(config, cat) if method in DATA_METHODS else None
+    values: dict[str, Any] = {**method_inputs(method, cat, target, data_root), **config.overrides.get(method, {})}
     return erase.make_config(method, job_preset(config, method, kind), **values)
 
 
@@ -174,18 +174,22 @@ class Bench:
         return self.out / "jobs" / f"{method}__{target}"
 
     def data_root(self) -> Path:
+        return self.data_root_of(self.config, self.catalog)
+
+    @staticmethod
+    def data_root_of(config: BenchConfig, cat: Catalog) -> Path:
         """The dataset folder data-driven methods and FID read; the toy's renders are written on first use."""
-        if self.config.data:
-            return Path(self.config.data)
-        if self.catalog.name != "toy":
+        if config.data:
+            return Path(config.data)
+        if cat.name != "toy":
             raise ValueError("--data is required for a non-toy catalog (the UnlearnCanvas dataset folder)")
         from canvas import splits, toy
 
         roles = splits.load()
         indices = sorted(set(roles.fid_reference) | set(roles.forget_retain) | set(roles.fmn_reference))
-        root = self.out / "data" / "toy"
+        root = Path(config.out) / "data" / "toy"
         if not (root / "done").is_file():
-            toy.export(root, self.catalog, indices=indices)
+            toy.export(root, cat, indices=indices)
             (root / "done").write_text(json.dumps(indices))
         return root
 

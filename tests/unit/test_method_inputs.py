@@ -1,0 +1,34 @@
+"""The bench's per-method inputs build valid configs for style and object targets on the toy catalog."""
+
+import pytest
+
+import erase
+from canvas import catalog, toy
+from canvas.method_inputs import method_inputs
+
+CAT = catalog.get("toy")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return toy.export(tmp_path_factory.mktemp("data"), CAT, indices=range(1, 4))
+
+
+@pytest.mark.parametrize("method", ["esd", "uce", "fmn", "ca", "salun"])
+@pytest.mark.parametrize("target", ["Pop_Art", "Cats"])
+def test_inputs_make_valid_configs(method, target, data_root):
+    values = method_inputs(method, CAT, target, data_root)
+    config = erase.make_config(method, "toy", **values)
+    if method == "fmn":
+        prompt = config.prompt_pairs()[0][1]
+        assert prompt in {CAT.prompt(t, o) for t in CAT.themes for o in CAT.objects}
+        assert len(config.images) == (8 if target == "Pop_Art" else 11)
+    if method == "salun":
+        assert len(values["forget_images"]) == len(values["forget_prompts"]) == len(values["pseudo_prompts"])
+        assert all("Pop_Art" in f for f in values["forget_images"]) == (target == "Pop_Art")
+        assert any("/Pop_Art/" in f for f in values["retain_images"]) == (target != "Pop_Art")
+
+
+def test_concept_words():
+    assert method_inputs("esd", CAT, "Pop_Art", None) == {"concepts": ["Pop Art style"]}
+    assert method_inputs("ca", CAT, "Pop_Art", None)["concepts"] == ["Pop Art"]
