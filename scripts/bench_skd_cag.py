@@ -1,0 +1,129 @@
+"""SKD-CAG against plain SKD (λ = 0) on the same model: time and peak memory per step, and the Delta's storage.
+
+    python scripts/bench_skd_cag.py [--model toy|sd-shaped|tiny] [--steps 30] [--threads 1] [--reference noise]
+
+The cost of the attention term: SKD-CAG captures every attn2 layer's probabilities (an explicit-softmax processor
+instead of the fused kernel) for the teacher and the student, aggregates and normalises them, and backpropagates
+through them; plain SKD runs the teacher and student passes with the default attention. Both train the same
+parameter set ("xattn" unless --params), so the Delta's storage is the same by construction; it is measured anyway.
+Time per step: the median over steps after the first (warm-up). Peak memory: the run record's (peak RSS on CPU,
+max allocated on CUDA), each run in a fresh process state (peak RSS reset, see erase.meter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import erase
+from erase.testing import tiny_pipeline
+
+
+def sd_shaped_pipeline():
+    """SD v1's UNet layout (4 levels, 2 layers, cross-attention in 3) at a fifth of its width."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = tiny_pipeline()
+    pipe.unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=32,
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )  # fmt: skip
+    return pipe
+
+
+def load(model: str):
+    if model == "toy":
+        pipe = erase.load_pipeline("toy")
+    elif model == "sd-shaped":
+        pipe = sd_shaped_pipeline()
+    else:
+        pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def captions(model: str) -> list[str]:
+    if model == "toy":
+        from erase.backdoor import toy_prompts
+
+        return toy_prompts()
+    return ["a photo of a cat", "a dog", "a painting of a cat"]
+
+
+class StepTimer:
+    """Wall time of each optimizer step, from the loss function's calls (one per step at grad_accum 1)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def wrap(self, make_loss):
+        def factory(ctx):
+            loss_fn = make_loss(ctx)
+
+            def timed(model, generators):
+                self.stamps.append(time.perf_counter())
+                return loss_fn(model, generators)
+
+            return timed
+
+        return factory
+
+
+def run_one(model: str, attention_weight: float, args) -> dict:
+    from erase.methods import skd_cag
+
+    pipe = load(model)
+    config = erase.make_config(
+        "skd-cag", trigger=args.trigger, captions=captions(model), steps=args.steps, lr=1e-4,
+        attention_weight=attention_weight, reference=args.reference, params=args.params, batch_size=args.batch_size,
+    )  # fmt: skip
+    timer = StepTimer()
+    original = skd_cag.make_loss
+    skd_cag.make_loss = timer.wrap(original)
+    try:
+        record = erase.run(pipe, config, progress=False).record
+    finally:
+        skd_cag.make_loss = original
+    gaps = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
+    return {
+        "method": "SKD-CAG" if attention_weight > 0 else "SKD (λ=0)",
+        "step_s_median": statistics.median(gaps[1:] or gaps),
+        "wall_time_s": record["wall_time_s"],
+        "peak_memory_MiB": record["peak_memory_bytes"] / 2**20,
+        "memory_kind": record["memory_kind"],
+        "delta_MiB": record["storage_bytes"] / 2**20,
+        "changed_tensors": record["changed_tensors"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="toy", choices=("toy", "sd-shaped", "tiny"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--params", default="xattn")
+    parser.add_argument("--reference", default="noise")
+    parser.add_argument("--trigger", help="default: 'New Trigger' on the toy, 'tq' on the 16-token test tokenizers")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.trigger = args.trigger or ("New Trigger" if args.model == "toy" else "tq")
+    rows = [run_one(args.model, 0.0, args), run_one(args.model, 0.5, args)]
+    print(f"model {args.model}, {args.steps} steps, batch {args.batch_size}, params {args.params}, "
+          f"{args.threads} thread(s)")  # fmt: skip
+    print("| method | time/step (s) | peak memory (MiB) | Delta (MiB) | tensors |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['step_s_median']:.4f} | {r['peak_memory_MiB']:.0f} ({r['memory_kind']}) | "
+              f"{r['delta_MiB']:.3f} | {r['changed_tensors']} |")  # fmt: skip
+    print(f"attention term: x{rows[1]['step_s_median'] / rows[0]['step_s_median']:.2f} time per step")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
