@@ -1,0 +1,106 @@
+"""The bench on a tiny pipeline with the toy catalog: report layout, resume after a kill, failing jobs recorded."""
+
+import json
+
+import pytest
+
+import erase
+from canvas import bench
+from canvas.cli import main
+from tests.unit.helpers import save_tiny
+
+FAST = {"steps": 2, "ddim_steps": 2, "lr": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _config(model_dir, out, targets=("Pop_Art", "Cats")):
+    return bench.BenchConfig(
+        methods=["esd"], targets=list(targets), out=str(out), model=str(model_dir), catalog="toy", sampler="toy",
+        seeds=[188], overrides={"esd": FAST}, presets={"esd": "paper"}, batch_size=64,
+    )  # fmt: skip
+
+
+def test_bench_writes_the_report_and_resumes_after_a_kill(tmp_path, model_dir, monkeypatch):
+    calls = []
+    real_run, real_generate = erase.run, bench.answers.generate
+
+    def counting_run(pipe, config, **kw):
+        calls.append(config.concepts[0])
+        return real_run(pipe, config, **kw)
+
+    def killed_on_cats(pipe, items, *args, **kwargs):
+        if any(it.object == "Cats" for it in items) and "jobs" in str(args[1]) and "Cats" in str(args[1]):
+            raise KeyboardInterrupt
+        return real_generate(pipe, items, *args, **kwargs)
+
+    monkeypatch.setattr(erase, "run", counting_run)
+    monkeypatch.setattr(bench.answers, "generate", killed_on_cats)
+    with pytest.raises(KeyboardInterrupt):
+        bench.Bench(_config(model_dir, tmp_path), progress=False).run()
+    assert calls == ["Pop Art style", "Cats"]
+    monkeypatch.setattr(bench.answers, "generate", real_generate)
+    result = bench.Bench(_config(model_dir, tmp_path), progress=False).run()
+    assert calls == ["Pop Art style", "Cats"], "resumed jobs must not erase again"
+    rows = {r["target"]: r for r in result["rows"]}
+    assert set(rows) == {"Pop_Art", "Cats"} and rows["Pop_Art"]["kind"] == "style"
+    for row in rows.values():
+        assert 0 <= row["UA"] <= 100 and row["FID"] is not None and row["time_s"] > 0 and row["storage_gb"] > 0
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert {r["target"] for r in written["rows"]} == {"Pop_Art", "Cats"} and written["table"][0]["method"] == "esd"
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "ua_vs_retain.png").is_file()
+    assert {p.name for p in (tmp_path / "grids").iterdir()} == {"esd__Pop_Art.png", "esd__Cats.png"}
+
+
+def test_a_failing_job_is_recorded_and_the_others_finish(tmp_path, model_dir, monkeypatch):
+    real_run = erase.run
+
+    def fails_on_cats(pipe, config, **kw):
+        if config.concepts == ["Cats"]:
+            raise RuntimeError("simulated failure")
+        return real_run(pipe, config, **kw)
+
+    monkeypatch.setattr(erase, "run", fails_on_cats)
+    result = bench.Bench(_config(model_dir, tmp_path), progress=False).run()
+    assert [r["target"] for r in result["rows"]] == ["Pop_Art"]
+    assert result["failed"] == [{"method": "esd", "target": "Cats", "error": "RuntimeError: simulated failure"}]
+    assert "simulated failure" in (tmp_path / "report.md").read_text()
+
+
+def test_bad_bench_inputs_are_one_line_errors(tmp_path, capsys):
+    for argv, fragment in [
+        (["--methods", "nope", "--targets", "Pop_Art"], "unknown method 'nope'"),
+        (["--methods", "esd", "--targets", "Nope"], "Nope"),
+        (["--methods", "esd", "--targets", "Seed_Images"], "Seed_Images"),
+        (["--methods", "esd"], "--targets is required"),
+    ]:
+        assert main(["bench", "--model", "toy", "--out", str(tmp_path / "b"), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_accelerate_launch_runs_one_job_per_process(tmp_path, model_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.unit.test_distributed import _free_port
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(root / "tests" / "unit" / "ddp_bench.py"), str(model_dir), str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {r["target"] for r in report["rows"]} == {"Pop_Art", "Cats"} and not report["failed"]
+    records = [json.loads((tmp_path / "jobs" / f"esd__{t}" / "delta" / "record.json").read_text())
+               for t in ("Pop_Art", "Cats")]  # fmt: skip
+    assert all(len(r["losses"]) == 2 for r in records)
