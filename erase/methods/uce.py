@@ -64,8 +64,8 @@ class UCEConfig:
                                 "token_choice": "through_eos"},
         # UnlearnCanvas, object targets: the reference gives only η_e and λ; the guide is the paper's '' for objects.
         "unlearncanvas-object": {"lam": 10.0, "erase_scale": 0.01, "guides": [""], "token_choice": "through_eos"},
-        # First guess for the toy (not yet measured): as UnlearnCanvas styles (concept "An image in <Style> style",
-        # guided to the photo class) with the paper's strengths, since the toy's text vectors are small.
+        # The toy: as UnlearnCanvas styles (guided to the photo class) with the paper's strengths; measured on the
+        # toy (scripts/tune_toy.py, concept "Pop Art style"): UA 100 / IRA 88.
         "toy": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "guides": ["An image in Photo style"],
                 "token_choice": "through_eos"},
     }  # fmt: skip

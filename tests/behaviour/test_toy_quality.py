@@ -5,9 +5,7 @@ of images by those classifiers."""
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +13,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from canvas import catalog, classifiers, toy
+from erase.pipeline import toy_path
 
-# ERASEKIT_TOY_ASSETS points the checks at another build (e.g. `scripts/build_toy.py --quick --out /tmp/toy`).
-ASSETS = Path(os.environ.get("ERASEKIT_TOY_ASSETS", Path(__file__).resolve().parents[2] / "assets"))
+# ERASEKIT_TOY=<build>/toy points the checks at another build (e.g. `scripts/build_toy.py --quick --out /tmp/t`).
+ASSETS = toy_path().parent
 ANSWER_SEEDS = (188, 288, 588, 688, 888)
 CAT = catalog.get("toy")
 
