@@ -53,9 +53,12 @@ class SKDCAGConfig(TrainingConfig):
         # Plain self-knowledge distillation, the baseline without attention guidance.
         "skd": {"attention_weight": 0.0},
         # Measured on the toy (tests/behaviour/test_backdoor_toy.py): paper learning rates barely move a 1.5 M UNet.
-        "toy": {"steps": 200, "lr": 1e-3, "optimizer": "adamw", "batch_size": 4, "params": "xattn",
+        # Measured on the style-backdoored toy (tests/behaviour/test_backdoor_toy.py): removal 0.99 with clean
+        # object accuracy kept (0.96), clean style accuracy at 0.85 of its value; lr 1e-3 on all attn2 removed as well
+        # but cost half the clean accuracy.
+        "toy": {"steps": 200, "lr": 1e-4, "optimizer": "adamw", "batch_size": 4, "params": "kv",
                 "attention_weight": 0.5, "timestep_weight": "none", "captions": toy_prompts()},
-        "toy-skd": {"steps": 200, "lr": 1e-3, "optimizer": "adamw", "batch_size": 4, "params": "xattn",
+        "toy-skd": {"steps": 200, "lr": 1e-4, "optimizer": "adamw", "batch_size": 4, "params": "kv",
                     "attention_weight": 0.0, "captions": toy_prompts()},
     }  # fmt: skip
 
