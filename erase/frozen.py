@@ -17,24 +17,32 @@ class FrozenOriginal:
     """The original values of a model's trainable tensors, and calls of the model with them in place."""
 
     def __init__(self, model: nn.Module, names: list[str] | tuple[str, ...]):
-        params = dict(model.named_parameters())
+        params = dict(_unwrap(model).named_parameters())
         unknown = [n for n in names if n not in params]
         if unknown:
             raise ValueError(f"not parameters of {type(model).__name__}: {unknown[:3]}")
+        self._live = {n: params[n] for n in names}  # the Parameter objects, whose dtype/device may change later
         self.original = {n: params[n].detach().clone() for n in names}
+        self._cast: dict[str, torch.Tensor] = {}
+        self._cast_key: tuple = ()
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.original.values())
 
+    def _values(self) -> dict[str, torch.Tensor]:
+        """The originals in the live parameters' dtype and device (re-cast only when those change)."""
+        key = tuple((p.dtype, p.device) for p in self._live.values())
+        if key != self._cast_key:
+            self._cast = {n: t.to(device=p.device, dtype=p.dtype) for (n, t), p in zip(self.original.items(),
+                          self._live.values())}  # fmt: skip
+            self._cast_key = key
+        return self._cast
+
     @torch.no_grad()
     def __call__(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """`model(*args, **kwargs)` as the original model would answer, without gradients."""
-        model = _unwrap(model)
-        # Cast to the live dtype/device so a model moved after the snapshot still works.
-        live = dict(model.named_parameters())
-        values = {n: t.to(device=live[n].device, dtype=live[n].dtype) for n, t in self.original.items()}
-        return torch.func.functional_call(model, values, args, kwargs, strict=False)
+        return torch.func.functional_call(_unwrap(model), self._values(), args, kwargs, strict=False)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

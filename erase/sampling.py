@@ -34,25 +34,31 @@ def guided_noise(
     return e_uncond + guidance * (e_cond - e_uncond)
 
 
+def ddim_scheduler(scheduler_config: dict, num_steps: int) -> DDIMScheduler:
+    """A DDIM scheduler with `num_steps` timesteps set; build once per run, it holds no per-trajectory state."""
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
 @torch.no_grad()
 def ddim_partial(
     noise_fn: NoiseFn,
-    scheduler_config: dict,
+    scheduler: DDIMScheduler,
     latents: torch.Tensor,
     cond: torch.Tensor,
     uncond: torch.Tensor,
     guidance: float,
-    num_steps: int,
     stop_index: int,
 ) -> tuple[torch.Tensor, int]:
-    """Run DDIM (eta 0, classifier-free guidance) from noise `latents` for `stop_index` of `num_steps` steps.
+    """Run DDIM (eta 0, classifier-free guidance) from noise `latents` for `stop_index` steps of `scheduler`'s
+    schedule (see `ddim_scheduler`).
 
     Returns the latents and the DDPM timestep they sit at (`timesteps[stop_index]` of the DDIM schedule).
     """
+    num_steps = len(scheduler.timesteps)
     if not 0 <= stop_index < num_steps:
         raise ValueError(f"stop_index {stop_index} outside [0, {num_steps})")
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(num_steps)
     x = latents * scheduler.init_noise_sigma
     batch = x.shape[0]
     for t in scheduler.timesteps[:stop_index]:

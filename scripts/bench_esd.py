@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import erase
 from erase.frozen import FrozenOriginal
 from erase.params import select
-from erase.sampling import ddim_partial, randn, sample_seed
+from erase.sampling import ddim_partial, ddim_scheduler, randn, sample_seed
 from erase.testing import tiny_pipeline
 from erase.text import PromptEncoder
 
@@ -53,14 +53,14 @@ def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(tensor_bytes(v for v in s.values() if torch.is_tensor(v)) for s in opt.state.values())
 
 
-def floor_step(unet, two_unet, emb, empty, sched_cfg, shape, stop, generator, ddim_steps, optimizer):
+def floor_step(unet, two_unet, emb, empty, scheduler, shape, stop, generator, optimizer):
     """The bare UNet work of one ESD step with `stop` DDIM steps, on a plain (deep-copied) frozen UNet."""
     noise = randn((1, *shape), generator, unet.device, unet.dtype)
 
     def frozen_noise(x, t, e):
         return two_unet(x, t, encoder_hidden_states=e).sample
 
-    x_t, t = ddim_partial(frozen_noise, sched_cfg, noise, emb, empty, 3.0, ddim_steps, stop)
+    x_t, t = ddim_partial(frozen_noise, scheduler, noise, emb, empty, 3.0, stop)
     tt = torch.tensor([t])
     with torch.no_grad():
         both = frozen_noise(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([empty, emb]))
@@ -103,12 +103,13 @@ def main() -> None:
     encode = PromptEncoder(fresh.tokenizer, fresh.text_encoder)
     emb, empty = encode("a painting"), encode("")
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    scheduler = ddim_scheduler(pipe.scheduler.config, args.ddim_steps)
     start = time.perf_counter()
     for step in range(args.steps):
         g = torch.Generator().manual_seed(sample_seed(config.seed, step, 0))
         torch.randint(1, (1,), generator=g)  # the concept draw
         stop = int(torch.randint(args.ddim_steps, (1,), generator=g))
-        floor_step(fresh.unet, two_unet, emb, empty, pipe.scheduler.config, shape, stop, g, args.ddim_steps, optimizer)
+        floor_step(fresh.unet, two_unet, emb, empty, scheduler, shape, stop, g, optimizer)
     floor = (time.perf_counter() - start) / args.steps
 
     # Memory accounting from live tensors: parameters + frozen copy + gradients + optimizer state.

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..config import TrainingConfig
 from ..frozen import _unwrap
-from ..sampling import ddim_partial, randn
+from ..sampling import ddim_partial, ddim_scheduler, randn
 
 VARIANT_PARAMS = {"esd-x": "xattn", "esd-u": "noxattn", "esd-x-strict": "kv", "esd-all": "all"}
 SAMPLERS = ("frozen", "trained")
@@ -76,8 +76,8 @@ def erase(ctx) -> list[float]:
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     empty = ctx.encode("")
     anchor = ctx.encode(cfg.erase_from) if cfg.erase_from is not None else empty
-    scheduler_config = ctx.pipe.scheduler.config
-    train_steps = scheduler_config.num_train_timesteps
+    scheduler = ddim_scheduler(ctx.pipe.scheduler.config, cfg.ddim_steps)
+    train_steps = scheduler.config.num_train_timesteps
 
     def frozen_noise(x, t, emb):
         return ctx.frozen(unet, x, t, encoder_hidden_states=emb).sample
@@ -93,8 +93,7 @@ def erase(ctx) -> list[float]:
             concept = ctx.encode(cfg.concepts[int(torch.randint(len(cfg.concepts), (1,), generator=g))])
             stop = int(torch.randint(cfg.ddim_steps, (1,), generator=g))
             noise = randn((1, *shape), g, device, dtype)
-            x_t, t = ddim_partial(sampler, scheduler_config, noise, concept, empty, cfg.start_guidance,
-                                  cfg.ddim_steps, stop)  # fmt: skip
+            x_t, t = ddim_partial(sampler, scheduler, noise, concept, empty, cfg.start_guidance, stop)
             if cfg.legacy_timestep_mapping:
                 low, high = round(stop / cfg.ddim_steps * train_steps), round((stop + 1) / cfg.ddim_steps * train_steps)
                 t = int(torch.randint(low, max(high, low + 1), (1,), generator=g))
