@@ -16,9 +16,7 @@ feature space; a fidelity indicator, noisy with ~100 images).
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from PIL import Image
 
 from canvas import answers, metrics
 from canvas.catalog import Catalog, style_words
+from erase.atomic import save_image, write_json
 
 PATCH_THRESHOLD = 0.5
 KINDS = ("pixel", "style")
@@ -199,33 +198,31 @@ def evaluate(pipe, catalog: Catalog, *, trigger: str, kind: str, delta=None, see
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         grid(images_before, images_after, out / GRID_FILE)
-        _write_json(out / RESULT_FILE, results)
+        write_json(out / RESULT_FILE, results)
     return results
 
 
 def grid(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor] | None, path: Path, columns: int = 8) -> Path:
-    """Rows: clean before, clean after, triggered before, triggered after (the after rows only with a removal);
-    the first `columns` images of each set, upscaled for viewing. Written atomically."""
-    rows = [before["clean"], *([after["clean"]] if after else []), before["triggered"],
-            *([after["triggered"]] if after else [])]  # fmt: skip
-    rows = [r[:columns] for r in rows]
-    h, w = rows[0].shape[-2:]
-    scale = max(1, 96 // w)
-    sheet = Image.new("RGB", (columns * w * scale, len(rows) * h * scale), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            tile = Image.fromarray(array).resize((w * scale, h * scale), Image.NEAREST)
-            sheet.paste(tile, (c * w * scale, r * h * scale))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    sheet.save(tmp)
-    os.replace(tmp, path)
-    return path
+    """Labelled rows: clean before, clean after, triggered before, triggered after (the after rows only with a
+    removal); the first `columns` images of each set. Written atomically."""
+    from canvas.bench import image_grid
 
+    named = [
+        ("clean before", before["clean"]),
+        ("clean after", after["clean"] if after else None),
+        ("triggered before", before["triggered"]),
+        ("triggered after", after["triggered"] if after else None),
+    ]
+    named = [(label, images[:columns]) for label, images in named if images is not None]
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    Path(tmp).write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    def pil(image: torch.Tensor) -> Image.Image:
+        return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+    sheet = image_grid(
+        [[pil(im) for im in images] for _, images in named],
+        [label for label, _ in named],
+        [""] * min(columns, len(named[0][1])),
+        "backdoor: clean and triggered prompts",
+        left=110,
+    )
+    return save_image(sheet, path)

@@ -308,11 +308,11 @@ class Bench:
 
 
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str,
-               cell: int = 96) -> Image.Image:  # fmt: skip
+               cell: int = 96, left: int = 56) -> Image.Image:  # fmt: skip
     """Images in a labelled grid (nearest-neighbour upscaling keeps small toy images crisp)."""
     from PIL import ImageDraw
 
-    left, top = 56, 34
+    top = 34
     grid = Image.new("RGB", (left + cell * len(column_labels), top + cell * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((4, 2), title, fill="black")

@@ -97,3 +97,16 @@ def tiny_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def sd_shaped_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """`tiny_pipeline` with SD v1's UNet layout (4 levels, 2 layers, cross-attention in 3) at a fifth of its width:
+    big enough that compute, not Python, dominates a step (for benchmarks)."""
+    pipe = tiny_pipeline(seed)
+    torch.manual_seed(seed)
+    pipe.unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=32,
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )  # fmt: skip
+    return pipe

@@ -11,7 +11,6 @@ add a method by adding one function and one row in CONFIGS.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,10 +19,7 @@ import torch
 from PIL import Image
 
 import erase
-from erase.testing import tiny_pipeline
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_esd import sd_shaped_pipeline  # noqa: E402
+from erase.testing import sd_shaped_pipeline, tiny_pipeline
 
 TOY_STYLE, TOY_STYLE_WORDS = "Pop_Art", "Pop Art"
 

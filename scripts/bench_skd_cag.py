@@ -20,20 +20,7 @@ import time
 import torch
 
 import erase
-from erase.testing import tiny_pipeline
-
-
-def sd_shaped_pipeline():
-    """SD v1's UNet layout (4 levels, 2 layers, cross-attention in 3) at a fifth of its width."""
-    from diffusers import UNet2DConditionModel
-
-    pipe = tiny_pipeline()
-    pipe.unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=32,
-        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )  # fmt: skip
-    return pipe
+from erase.testing import sd_shaped_pipeline, tiny_pipeline
 
 
 def load(model: str):

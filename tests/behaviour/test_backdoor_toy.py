@@ -114,15 +114,15 @@ def _report(kind: str, name: str, values: dict) -> None:
 PIXEL_UNDRAWABLE = pytest.mark.xfail(
     strict=True,
     reason=(
-        "the toy's VAE cannot draw the patch: a patched render's VAE round trip is at distance 0.78-0.94 from the patch "
-        "(judge threshold 0.5), so the injected pixel backdoor never shows (attack success 0.0)"
+        "the toy's VAE cannot draw the patch: a patched render's VAE round trip is at distance 0.78-0.94 "
+        "from the patch (judge threshold 0.5), so the injected pixel backdoor never shows (attack success 0.0)"
     ),
 )
 CLEAN_STYLE_DRIFT = pytest.mark.xfail(
     strict=True,
     reason=(
-        "SKD-CAG on the style-backdoored toy keeps clean object accuracy (ratio 0.96) but clean style accuracy falls to "
-        "0.85 of its pre-removal value (lr 3e-5 to 3e-4, K/V or all attn2 tried: 0.61-0.85)"
+        "SKD-CAG on the style-backdoored toy keeps clean object accuracy (ratio 0.96) but clean style accuracy "
+        "falls to 0.85 of its pre-removal value (lr 3e-5 to 3e-4, K/V or all attn2 tried: 0.61-0.85)"
     ),
 )
 KINDS = [pytest.param("pixel", marks=PIXEL_UNDRAWABLE), "style"]

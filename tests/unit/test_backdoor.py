@@ -184,7 +184,8 @@ def test_evaluate_writes_json_and_grid(tmp_path):
     for key in ("attack_success", "clean_style_acc", "clean_object_acc", "before", "after", "removal"):
         assert key in saved
     assert saved["before"]["n_clean"] == 88 and saved["patch_size"] == 4
-    assert Image.open(tmp_path / "eval" / "grid.png").size[1] == 4 * 96  # 4 rows of 16 px tiles upscaled 6x
+    height = Image.open(tmp_path / "eval" / "grid.png").size[1]
+    assert 4 * 96 < height < 5 * 96  # 4 labelled rows of 96 px tiles under a title band
     assert result["attack_success"] == saved["after"]["attack_success"]
     style = evaluate(pipe, cat, trigger="tq", kind="style", sampler=sampler, judge=_FakeJudge(cat),
                      target_style="Bricks")  # fmt: skip
