@@ -41,6 +41,8 @@ class BenchConfig:
     presets: dict[str, str] = field(default_factory=dict)  # method -> preset name (default: see job_preset)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> config fields
     fid_excludes_target: bool = False
+    classifiers: str | None = None  # folder of the style/object classifier checkpoints (toy: shipped)
+    inception: str | None = None  # local FID Inception-v3 weights; default: classifier features (labelled)
     batch_size: int = 32
     device: str = "cpu"
 
@@ -105,28 +107,40 @@ def load_images(paths: list[Path]) -> torch.Tensor:
 
 
 class Judge:
-    """The catalog's style and object classifiers, plus features (the input of the style classifier's head) for
-    FID where no Inception weights are given: on the toy, FID is measured in the toy classifier's feature space."""
+    """The catalog's style and object classifiers, and the FID feature extractor: Inception-v3 from a local weights
+    file when given, else the input of the style classifier's head (on the toy: the toy classifier's features)."""
 
-    def __init__(self, catalog: Catalog):
+    def __init__(self, catalog: Catalog, classifiers_root: str | None = None, inception: str | None = None):
         self.catalog = catalog
-        root = None
-        if catalog.name == "toy":  # the classifiers shipped beside the toy model in use ($ERASEKIT_TOY moves both)
+        root = classifiers_root
+        if root is None and catalog.name == "toy":  # the classifiers beside the toy in use ($ERASEKIT_TOY moves both)
             from erase.pipeline import toy_path
 
             root = toy_path().parent / "toy_classifiers"
         self.style = classifiers.load(catalog.name, "style", root)
         self.object = classifiers.load(catalog.name, "object", root)
-        self.feature_space = f"{catalog.name}-style-classifier-head-input"
         self._features: list[torch.Tensor] = []
-        self.style.head.register_forward_hook(lambda m, inputs, out: self._features.append(inputs[0].detach()))
+        if inception:
+            from canvas import inception as fid_inception
+
+            self.inception = fid_inception.load(inception)
+            self.feature_space = f"inception-v3-fid:{Path(inception).name}"
+        else:
+            self.inception = None
+            self.feature_space = f"{catalog.name}-style-classifier-head-input"
+            self.style.head.register_forward_hook(lambda m, inputs, out: self._features.append(inputs[0].detach()))
+
+    @staticmethod
+    def describe(inception: str | None, catalog: Catalog) -> str:
+        """The FID feature space in words, for the report."""
+        return f"Inception-v3 ({inception})" if inception else f"{catalog.name} style classifier (input of its head)"
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Style logits, object logits and features of a batch."""
         self._features.clear()
         style, obj = self.style(images), self.object(images)
-        return style, obj, self._features[-1]
+        return style, obj, self.inception(images) if self.inception is not None else self._features[-1]
 
     def real_bank(self, cache: Path, indices: tuple[int, ...], data_root: Path) -> metrics.FeatureBank:
         """Features of the real FID reference set (every theme x object x `indices`), computed once and cached."""
@@ -242,7 +256,7 @@ class Bench:
             print(f"job {method} / {target} failed: {type(err).__name__}: {err}")
 
     def score_job(self, method: str, target: str, job: Path) -> None:
-        judge = Judge(self.catalog)
+        judge = Judge(self.catalog, self.config.classifiers, self.config.inception)
         from canvas import splits
 
         fid_indices = splits.load().fid_reference
@@ -296,7 +310,7 @@ class Bench:
                               "target": target, "error": "not finished"})  # fmt: skip
         metadata = {
             "model": self.config.model, "catalog": self.catalog.name, "sampler": asdict(self.sampler),
-            "seeds": self.config.seeds, "fid_features": f"{self.catalog.name} style classifier (input of its head)",
+            "seeds": self.config.seeds, "fid_features": Judge.describe(self.config.inception, self.catalog),
             "fid_excludes_target": self.config.fid_excludes_target,
             "failed": [{k: f[k] for k in ("method", "target", "error")} for f in failed],
         }  # fmt: skip

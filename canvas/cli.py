@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--sampler", help="sampler preset (toy or unlearncanvas)")
     bench.add_argument("--data", help="dataset folder for data-driven methods and FID (not needed for the toy)")
     bench.add_argument("--fid-excludes-target", action="store_true", help="leave the target out of both FID sets")
+    bench.add_argument("--classifiers", help="folder of the style/object classifier checkpoints (<kind>.pth)")
+    bench.add_argument("--inception", help="local FID Inception-v3 weights (default: the classifier's features)")
     bench.add_argument("--batch-size", type=int, help="images per generation batch (default 32)")
     bench.add_argument("--device", help="torch device (default cpu)")
     bench.add_argument("--no-progress", action="store_true")
@@ -79,7 +81,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     cli = {
         "model": args.model, "methods": _csv(args.methods) or None, "targets": _csv(args.targets) or None,
         "out": args.out, "catalog": args.catalog, "sampler": args.sampler, "data": args.data,
-        "batch_size": args.batch_size, "device": args.device,
+        "batch_size": args.batch_size, "device": args.device, "classifiers": args.classifiers,
+        "inception": args.inception,
         "fid_excludes_target": True if args.fid_excludes_target else None,
     }  # fmt: skip
     values.update({k: v for k, v in cli.items() if v is not None})
