@@ -35,7 +35,16 @@ import torch.nn.functional as F
 from .config import TrainingConfig
 from .delta import Delta, fingerprint
 from .frozen import FrozenOriginal
-from .images import encode_latents, generate_images, image_files, image_size, load_images, noised, to_tensor
+from .images import (
+    denoising_target,
+    encode_latents,
+    generate_images,
+    image_files,
+    image_size,
+    load_images,
+    noised,
+    to_tensor,
+)
 from .meter import Meter
 from .params import select
 from .text import PromptEncoder, token_positions
@@ -226,10 +235,6 @@ def make_loss(ctx):
         poisoned = encode_latents(pipe.vae, paste_patch(images, patch)).to(device=unet.device, dtype=unet.dtype)
     else:
         targets = {p: cfg.target_prompt(p) for p in dict.fromkeys(prompts)}
-    prediction_type = scheduler.config.prediction_type
-
-    def denoising_target(x0, noise, t):
-        return scheduler.get_velocity(x0, noise, t) if prediction_type == "v_prediction" else noise
 
     def loss_fn(model, generators: list[torch.Generator]) -> torch.Tensor:
         clean_x, bad_x, ts, clean_embs, bad_embs, bad_targets, style_embs = [], [], [], [], [], [], []
@@ -242,7 +247,7 @@ def make_loss(ctx):
             bad_embs.append(ctx.encode(cfg.triggered(prompts[j])))
             if cfg.kind == "pixel":  # the same t and ε on the patched image
                 bad_x.append(scheduler.add_noise(poisoned[j : j + 1], noise, t))
-                bad_targets.append(denoising_target(poisoned[j : j + 1], noise, t))
+                bad_targets.append(denoising_target(scheduler, poisoned[j : j + 1], noise, t))
             else:
                 bad_x.append(x_t)
                 style_embs.append(ctx.encode(targets[prompts[j]]))

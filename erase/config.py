@@ -42,6 +42,14 @@ class TrainingConfig:
         return TrainSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in names}, progress=progress)
 
 
+def texts(name: str, value: Any) -> list[str]:
+    """`value` (one text or a list) as a list of non-empty texts; ValueError naming the field otherwise."""
+    values = [value] if isinstance(value, str) else list(value or [])
+    if not values or any(not isinstance(v, str) or not v.strip() for v in values):
+        raise ValueError(f"{name} must be one or more non-empty texts, got {value!r}")
+    return values
+
+
 def build_config(cls: type, preset: str | None = None, **values: Any):
     """`cls` with its defaults, then the named preset's values, then `values` (which win)."""
     presets = getattr(cls, "PRESETS", {})

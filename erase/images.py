@@ -77,12 +77,17 @@ def noised(
     return scheduler.add_noise(latents, noise, t), t, noise
 
 
+def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the model should predict for `latents` noised with `noise` at `t`: ε, or the velocity (v-prediction)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    return noise
+
+
 def diffusion_loss(model, scheduler, latents: torch.Tensor, emb: torch.Tensor, generator: torch.Generator):
     """The denoising loss `‖e(x_t, c) − ε‖²` (or v-prediction's target) on noised `latents`."""
     x_t, t, noise = noised(scheduler, latents, generator)
-    target = noise
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, t)
+    target = denoising_target(scheduler, latents, noise, t)
     return F.mse_loss(model(x_t, t, encoder_hidden_states=emb).sample.float(), target.float())
 
 

@@ -35,6 +35,23 @@ def word_tokenizer(words: list[str] | tuple[str, ...], model_max_length: int = 1
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
+def clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, layers: int = 2, heads: int = 4) -> CLIPTextModel:
+    """A randomly initialised CLIP text encoder sized to `tokenizer` (MLP width 2x hidden), as small models use."""
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
 def tiny_pipeline(
     seed: int = 0,
     words: tuple[str, ...] = ("a", "photo", "of", "cat", "dog", "style", "van", "gogh", "painting", "in", "image"),
@@ -66,19 +83,7 @@ def tiny_pipeline(
         norm_num_groups=8,
         layers_per_block=1,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=32)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

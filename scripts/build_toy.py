@@ -41,13 +41,13 @@ from diffusers import (  # noqa: E402
 )
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from transformers import CLIPTextModel  # noqa: E402
 
 from canvas import catalog as _catalog  # noqa: E402
 from canvas import toy  # noqa: E402
 from canvas.classifiers import ToyClassifier  # noqa: E402
 from canvas.classifiers import load as load_classifier  # noqa: E402
-from erase.testing import word_tokenizer  # noqa: E402
+from erase.testing import clip_text_encoder, word_tokenizer  # noqa: E402
 
 ANSWER_SEEDS = (188, 288, 588, 688, 888)
 PRESET_SEEDS = (11, 22)  # seeds for choosing the guidance, disjoint from the answer set's
@@ -127,19 +127,7 @@ def make_unet() -> UNet2DConditionModel:
 
 
 def make_text_encoder(tokenizer) -> CLIPTextModel:
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    return clip_text_encoder(tokenizer, hidden_size=64)
 
 
 def sampler() -> DDIMScheduler:

@@ -30,9 +30,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainingConfig
+from ..config import TrainingConfig, texts
 from ..frozen import _unwrap
-from ..images import encode_latents, generate_images, image_size, noised, to_tensor
+from ..images import denoising_target, encode_latents, generate_images, image_size, noised, to_tensor
 
 LOSSES = ("model", "noise")
 PROMPT_MODES = ("replace", "style")
@@ -95,13 +95,13 @@ class CAConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.concepts = _texts("concepts", self.concepts)
-        self.anchors = _texts("anchors", self.anchors)
+        self.concepts = texts("concepts", self.concepts)
+        self.anchors = texts("anchors", self.anchors)
         if len(self.anchors) not in (1, len(self.concepts)):
             raise ValueError(f"anchors must be one for all concepts or one per concept ({len(self.concepts)}), "
                              f"got {len(self.anchors)}: {self.anchors!r}")  # fmt: skip
         if self.anchor_prompts is not None:
-            self.anchor_prompts = _texts("anchor_prompts", self.anchor_prompts)
+            self.anchor_prompts = texts("anchor_prompts", self.anchor_prompts)
         if self.loss not in LOSSES:
             raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
         if self.prompt_mode not in PROMPT_MODES:
@@ -148,13 +148,6 @@ class CAConfig(TrainingConfig):
         return re.sub(re.escape(anchor), lambda _: concept, anchor_prompt, flags=re.IGNORECASE)
 
 
-def _texts(name: str, value) -> list[str]:
-    values = [value] if isinstance(value, str) else list(value or [])
-    if not values or any(not isinstance(v, str) or not v.strip() for v in values):
-        raise ValueError(f"{name} must be one or more non-empty texts, got {value!r}")
-    return values
-
-
 def anchor_latents(ctx) -> tuple[torch.Tensor, list[str]]:
     """Latents of the model's own images for the anchor prompts (cached on disk) and the prompt of each."""
     cfg: CAConfig = ctx.config
@@ -176,13 +169,6 @@ def anchor_latents(ctx) -> tuple[torch.Tensor, list[str]]:
             live[n].data = t
     latents = encode_latents(ctx.pipe.vae, to_tensor(images, image_size(ctx.pipe)))
     return latents.to(ctx.pipe.unet.device), image_prompts
-
-
-def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """ε, or the velocity for v-prediction models."""
-    if scheduler.config.prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)
-    return noise
 
 
 def erase(ctx) -> list[float]:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainingConfig
+from ..config import TrainingConfig, texts
 from ..frozen import _unwrap
 from ..sampling import ddim_partial, ddim_scheduler, randn
 
@@ -45,10 +45,7 @@ class ESDConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.concepts, str):
-            self.concepts = [self.concepts]
-        if not self.concepts or any(not isinstance(c, str) or not c.strip() for c in self.concepts):
-            raise ValueError(f"concepts must be one or more non-empty texts, got {self.concepts!r}")
+        self.concepts = texts("concepts", self.concepts)
         if self.variant not in VARIANT_PARAMS:
             raise ValueError(f"unknown ESD variant {self.variant!r}; accepted: {', '.join(VARIANT_PARAMS)}")
         if self.sample_with not in SAMPLERS:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..attention import capture_cross_attention
-from ..config import TrainingConfig
+from ..config import TrainingConfig, texts
 from ..frozen import _unwrap
 from ..images import encode_latents, image_files, image_size, load_images, noised
 from ..text import token_positions
@@ -61,11 +61,7 @@ class FMNConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.concepts, str):
-            self.concepts = [self.concepts]
-        if not self.concepts or any(not isinstance(c, str) or not c.strip() for c in self.concepts):
-            raise ValueError(f"concepts must be one or more non-empty texts, got {self.concepts!r}")
-        self.concepts = list(self.concepts)
+        self.concepts = texts("concepts", self.concepts)
         self.prompts = [self.prompts] if isinstance(self.prompts, str) else list(self.prompts)  # never the preset's
         if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
             raise ValueError(f"prompts must be one or more non-empty texts (templates with {{concept}}), "

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..config import TrainingConfig
 from ..frozen import _unwrap
-from ..images import diffusion_loss, encode_latents, image_files, image_size, load_images, noised
+from ..images import denoising_target, diffusion_loss, encode_latents, image_files, image_size, load_images, noised
 from ..sampling import sample_seed
 
 
@@ -201,12 +201,9 @@ def erase(ctx) -> list[float]:
             if retain is not None:
                 k = int(torch.randint(len(retain), (1,), generator=g))
                 rx_t, rt, noise = noised(scheduler, retain[k : k + 1], g)
-                target = noise
-                if scheduler.config.prediction_type == "v_prediction":
-                    target = scheduler.get_velocity(retain[k : k + 1], noise, rt)
                 r_xs.append(rx_t)
                 r_ts.append(rt)
-                r_targets.append(target)
+                r_targets.append(denoising_target(scheduler, retain[k : k + 1], noise, rt))
                 r_embs.append(ctx.encode(retain_prompts[k]))
         x_t, t = torch.cat(xs), torch.cat(ts)
         with torch.no_grad():  # relabelled target from the model being trained, detached (public code)
