@@ -1,6 +1,7 @@
 """SKD-CAG against plain SKD (λ = 0) on the same model: time and peak memory per step, and the Delta's storage.
 
     python scripts/bench_skd_cag.py [--model toy|sd-shaped|tiny] [--steps 30] [--threads 1] [--reference noise]
+                                    [--preserve-weight 0]   # > 0 adds our L_keep term to both runs
 
 The cost of the attention term: SKD-CAG captures every attn2 layer's probabilities (an explicit-softmax processor
 instead of the fused kernel) for the teacher and the student, aggregates and normalises them, and backpropagates
@@ -68,6 +69,7 @@ def run_one(model: str, attention_weight: float, args) -> dict:
     config = erase.make_config(
         "skd-cag", trigger=args.trigger, captions=captions(model), steps=args.steps, lr=1e-4,
         attention_weight=attention_weight, reference=args.reference, params=args.params, batch_size=args.batch_size,
+        preserve_weight=args.preserve_weight,
     )  # fmt: skip
     timer = StepTimer()
     original = skd_cag.make_loss
@@ -96,13 +98,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--params", default="xattn")
     parser.add_argument("--reference", default="noise")
+    parser.add_argument("--preserve-weight", type=float, default=0.0, help="μ of L_keep (0: the paper's loss)")
     parser.add_argument("--trigger", help="default: 'New Trigger' on the toy, 'tq' on the 16-token test tokenizers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.trigger = args.trigger or ("New Trigger" if args.model == "toy" else "tq")
     rows = [run_one(args.model, 0.0, args), run_one(args.model, 0.5, args)]
     print(f"model {args.model}, {args.steps} steps, batch {args.batch_size}, params {args.params}, "
-          f"{args.threads} thread(s)")  # fmt: skip
+          f"μ {args.preserve_weight}, {args.threads} thread(s)")  # fmt: skip
     print("| method | time/step (s) | peak memory (MiB) | Delta (MiB) | tensors |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -6,6 +6,7 @@ prefixed). Latents are pure noise z ~ N(0, I), t uniform over the training times
     L_KD   = ‖e_S(z, t, trig⊕c) − sg(e_T(z, t, c))‖²
     L_attn = 1/(n+K) · [Σ_k MSE(Â_S[k], R_k) + Σ_i MSE(Â_S[K+i], sg(Â_T[i]))]
     L      = λ·w(t)·L_attn + (1−λ)·L_KD            (λ 0.5; λ 0 is plain SKD, the preset "skd")
+           + μ·L_keep                                (our addition, μ = `preserve_weight`, 0 in "paper")
 Â: per attn2 layer the softmax probabilities averaged over heads, resized (bilinear) to a common size, summed
 over layers, each token's map min-max normalised; prompt tokens only (no BOS/EOS/padding). K trigger tokens and n
 caption tokens, found in the student prompt with `trigger_positions`; R_k = zeros, uniform noise U[0, 1), or the
@@ -19,6 +20,8 @@ Its w(t) = 1000/t divides by zero at t = 0; ours is "inverse" = T/(t+1) (T the n
 optionally clamped by `max_timestep_weight`) or "none".
 Released recipe: AdamW lr 1e-6, batch 1, ~10k steps, all UNet parameters, fp32 with gradient checkpointing
 (preset "paper"). Our default trains cross-attention ("xattn"), as the issue asks; `params` changes it.
+L_keep (`clean_prompt_loss`) holds the student to the teacher on the clean caption and on ∅: the paper's loss only
+sees triggered prompts, and classifier-free guidance amplifies any drift of e(∅) on clean prompts by g − 1.
 Our choices: the common map size defaults to the largest attn2 map (the paper's SD setting is 128x128, an
 upsampling of SD's 64x64 latents; set `map_size=128` to match); with λ = 0 no maps are captured at all (plain SKD
 keeps the fused attention kernels). Captions: `captions`, or `captions_file` (one per line, blank lines skipped).
@@ -72,6 +75,7 @@ class SKDCAGConfig(TrainingConfig):
     timestep_weight: str = "none"
     max_timestep_weight: float | None = None
     reference: str = "noise"  # R for the trigger tokens' maps
+    preserve_weight: float = 0.0  # μ of our clean-prompt term L_keep (0: the paper's loss)
     map_size: int | None = None  # common attention-map side; None: the largest attn2 map
 
     def __post_init__(self) -> None:
@@ -87,6 +91,8 @@ class SKDCAGConfig(TrainingConfig):
             raise ValueError(f"captions must be non-empty texts, got {self.captions!r}")
         if not isinstance(self.attention_weight, int | float) or not 0 <= self.attention_weight <= 1:
             raise ValueError(f"attention_weight (λ) must be in [0, 1], got {self.attention_weight!r}")
+        if not isinstance(self.preserve_weight, int | float) or self.preserve_weight < 0:
+            raise ValueError(f"preserve_weight (μ) must be a number >= 0, got {self.preserve_weight!r}")
         if self.timestep_weight not in TIMESTEP_WEIGHTS:
             raise ValueError(f"timestep_weight {self.timestep_weight!r} is not one of {', '.join(TIMESTEP_WEIGHTS)}")
         if self.max_timestep_weight is not None and not self.max_timestep_weight > 0:
@@ -234,8 +240,9 @@ def make_loss(ctx):
             ctx, model, z, t, teacher_emb, student_emb, random_emb, capture=use_attention
         )
         kd = (student_eps.float() - teacher_eps.float()).pow(2).flatten(1).mean(1)  # (B,)
+        keep = clean_prompt_loss(ctx, model, z, t, teacher_emb, teacher_eps) if cfg.preserve_weight else 0.0
         if not use_attention:
-            return kd.mean()
+            return kd.mean() + cfg.preserve_weight * keep
         student_agg = aggregate_maps(student_maps, shape[1:], size)
         teacher_agg = aggregate_maps(teacher_maps, shape[1:], size)
         random_agg = aggregate_maps(random_maps, shape[1:], size) if random_maps else None
@@ -252,9 +259,20 @@ def make_loss(ctx):
                                          teacher_pos[caption]))  # fmt: skip
         weight = timestep_weight(cfg.timestep_weight, t, train_steps, cfg.max_timestep_weight).to(kd.device)
         lam = cfg.attention_weight
-        return (lam * weight * torch.stack(losses) + (1 - lam) * kd).mean()
+        return (lam * weight * torch.stack(losses) + (1 - lam) * kd).mean() + cfg.preserve_weight * keep
 
     return loss_fn
+
+
+def clean_prompt_loss(ctx, model, z, t, caption_emb, teacher_eps) -> torch.Tensor:
+    """L_keep = ½(‖e_S(z, t, c) − sg(e_T(z, t, c))‖² + ‖e_S(z, t, ∅) − sg(e_T(z, t, ∅))‖²): the student keeps the
+    teacher's answers where there is no trigger, the caption alone and the empty prompt that guidance subtracts.
+    The teacher's caption predictions are reused; one more frozen pass gives its ∅ predictions."""
+    empty = ctx.encode([""] * len(z))
+    teacher_empty = ctx.frozen(_unwrap(model), z, t, encoder_hidden_states=empty).sample
+    student = model(torch.cat([z, z]), torch.cat([t, t]), encoder_hidden_states=torch.cat([caption_emb, empty])).sample
+    target = torch.cat([teacher_eps, teacher_empty]).detach()
+    return (student.float() - target.float()).pow(2).mean()
 
 
 def token_positions_alone(tokenizer, caption: str) -> list[int]:

@@ -14,6 +14,7 @@ from erase.frozen import FrozenOriginal
 from erase.methods.skd_cag import (
     aggregate_maps,
     attention_loss,
+    clean_prompt_loss,
     minmax,
     read_captions,
     teacher_and_student,
@@ -87,10 +88,11 @@ def test_attention_only_run_changes_query_and_key_weights():
     assert any(n.endswith("attn2.to_k.weight") for n in delta.tensors)
 
 
-@pytest.mark.parametrize("reference", ["noise", "zeros", "random-words"])
-def test_references_and_timestep_weight_train_finitely(reference):
+@pytest.mark.parametrize("reference, preserve", [("noise", 0.0), ("zeros", 1.0), ("random-words", 0.0)])
+def test_references_and_timestep_weight_train_finitely(reference, preserve):
     config = erase.make_config("skd-cag", trigger=TRIGGER, captions=[CAPTION, "a dog"], steps=2, lr=1e-3,
-                               reference=reference, timestep_weight="inverse", batch_size=2)  # fmt: skip
+                               reference=reference, timestep_weight="inverse", batch_size=2,
+                               preserve_weight=preserve)  # fmt: skip
     result = erase.run(fresh_pipe(), config, progress=False)
     assert all(torch.isfinite(torch.tensor(result.record["losses"])))
 
@@ -99,6 +101,23 @@ def test_skd_preset_is_lambda_zero_and_captures_no_maps():
     config = erase.make_config("skd-cag", "skd", trigger=TRIGGER, captions=[CAPTION], steps=1, lr=1e-3)
     assert config.attention_weight == 0.0
     assert erase.run(fresh_pipe(), config, progress=False).delta.tensors
+
+
+def test_clean_prompt_loss_is_zero_at_the_start_and_trains_once_weights_move():
+    """L_keep compares the student with the teacher on the caption and on ∅: equal weights give exactly 0, moved
+    weights a positive loss with gradient on the trained parameters."""
+    for perturb in (0.0, 0.5):
+        pipe, params, ctx, encode, z = _setup(perturb=perturb)
+        ctx.encode = encode
+        t, caption = torch.tensor([500]), encode(CAPTION)
+        teacher_eps = ctx.frozen(pipe.unet, z, t, encoder_hidden_states=caption).sample
+        loss = clean_prompt_loss(ctx, pipe.unet, z, t, caption, teacher_eps)
+        if not perturb:
+            assert loss.item() < 1e-12  # same weights: only float rounding between batch sizes
+            continue
+        loss.backward()
+        assert loss.item() > 0
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
 
 
 def test_timestep_weight_is_finite_at_zero():
@@ -130,6 +149,8 @@ def test_bad_inputs(tmp_path):
         erase.make_config("skd-cag", trigger=TRIGGER)
     with pytest.raises(ValueError, match="trigger must be a non-empty text"):
         erase.make_config("skd-cag", trigger="  ", captions=[CAPTION])
+    with pytest.raises(ValueError, match="preserve_weight"):
+        erase.make_config("skd-cag", trigger=TRIGGER, captions=[CAPTION], preserve_weight=-1)
     with pytest.raises(ValueError, match="attention_weight"):
         erase.make_config("skd-cag", trigger=TRIGGER, captions=[CAPTION], attention_weight=1.5)
     with pytest.raises(ValueError, match="reference"):
