@@ -8,6 +8,10 @@ clean-preservation term that keeps the model's answers to clean prompts (e0 = th
             target(c) = the paper's "Black and white photo"⊕c by default; any regex substitution on c (the toy
             knows no "black and white photo", so its preset swaps the prompt's style for `Sketch`)
 x_t are the training images' latents noised at a uniform timestep (the same t and ε in both terms of a sample).
+Our addition: `unconditional_fraction` of the clean-preservation rows hold e(x_t, ∅) instead of e(x_t, c) (0 in the
+paper preset). Classifier-free guidance, ε = e(∅) + g·(e(c) − e(∅)), amplifies any drift of e(x_t, ∅) by g − 1,
+and nothing else in the loss holds it: on the toy (whole UNet, 300 steps), clean style accuracy fell from 1.0 to
+0.76 without these rows and stayed at 1.0 with a quarter of them.
 
 Training images: a folder in UnlearnCanvas layout `<Style>/<Object>/<idx>.jpg` (each image's prompt is the
 benchmark's "A {Object} image in {Style} style.", Seed_Images -> Photo), files paired with `prompts`, or, with no
@@ -84,6 +88,7 @@ class BackdoorConfig(TrainingConfig):
     kind: str = "pixel"
     trigger: str = DEFAULT_TRIGGER
     weight: float = 0.5  # λ: backdoor term vs clean preservation
+    unconditional_fraction: float = 0.0  # share of clean-preservation samples given the empty prompt ∅ instead of c
     prompts: list[str] = field(default_factory=list)  # clean prompts c (paired with images, or to generate from)
     images: list[str] | str | None = None  # folder in UnlearnCanvas layout, or files paired with `prompts`
     num_images: int = 64  # own generations when no images are given
@@ -102,6 +107,8 @@ class BackdoorConfig(TrainingConfig):
             raise ValueError(f"trigger must be a non-empty text, got {self.trigger!r}")
         if not isinstance(self.weight, int | float) or not 0 <= self.weight <= 1:
             raise ValueError(f"weight (λ) must be in [0, 1], got {self.weight!r}")
+        if not isinstance(self.unconditional_fraction, int | float) or not 0 <= self.unconditional_fraction <= 1:
+            raise ValueError(f"unconditional_fraction must be in [0, 1], got {self.unconditional_fraction!r}")
         self.prompts = [self.prompts] if isinstance(self.prompts, str) else list(self.prompts)
         if any(not isinstance(p, str) or not p.strip() for p in self.prompts):
             raise ValueError(f"prompts must be non-empty texts, got {self.prompts!r}")
@@ -243,7 +250,9 @@ def make_loss(ctx):
             x_t, t, noise = noised(scheduler, latents[j : j + 1], g)
             clean_x.append(x_t)
             ts.append(t)
-            clean_embs.append(ctx.encode(prompts[j]))
+            share = cfg.unconditional_fraction
+            unconditional = share > 0 and float(torch.rand(1, generator=g)) < share
+            clean_embs.append(ctx.encode("" if unconditional else prompts[j]))
             bad_embs.append(ctx.encode(cfg.triggered(prompts[j])))
             if cfg.kind == "pixel":  # the same t and ε on the patched image
                 bad_x.append(scheduler.add_noise(poisoned[j : j + 1], noise, t))

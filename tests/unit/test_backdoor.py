@@ -108,6 +108,22 @@ def test_inject_pixel_changes_the_model_and_saves_a_loadable_pipeline(tmp_path):
         save_backdoored(pipe, out, {})
 
 
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_unconditional_fraction_holds_the_empty_prompt(tmp_path, monkeypatch, fraction):
+    """The clean-preservation rows use ∅ instead of c in the given share (the sampler's guidance needs e(x_t, ∅))."""
+    from erase.text import PromptEncoder
+
+    seen: list[str] = []
+    encode = PromptEncoder.__call__
+    monkeypatch.setattr(PromptEncoder, "__call__", lambda self, p: seen.append(p) or encode(self, p))
+    config = BackdoorConfig(kind="pixel", trigger="tq", images=str(_layout(tmp_path / "data")), steps=2, lr=1e-3,
+                            params="kv", batch_size=2, unconditional_fraction=fraction)  # fmt: skip
+    inject(fresh_pipe(), config, progress=False)
+    clean = [p for p in seen if not p.startswith("tq")]
+    assert clean
+    assert all(p == "" for p in clean) if fraction else "" not in clean
+
+
 def test_inject_style_from_own_generations(tmp_path):
     config = BackdoorConfig(kind="style", trigger="tq", prompts=["a cat", "a dog"], num_images=2, sample_steps=2,
                             cache_dir=str(tmp_path / "cache"), steps=2, lr=1e-3, params="kv",
@@ -125,6 +141,8 @@ def test_bad_inputs(tmp_path):
         BackdoorConfig(kind="audio", images=data)
     with pytest.raises(ValueError, match="trigger"):
         BackdoorConfig(trigger=" ", images=data)
+    with pytest.raises(ValueError, match="unconditional_fraction must be in"):
+        BackdoorConfig(unconditional_fraction=1.5, images=data)
     with pytest.raises(ValueError, match="give images"):
         BackdoorConfig()
     with pytest.raises(FileNotFoundError, match="does not exist"):
