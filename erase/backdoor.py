@@ -76,9 +76,13 @@ class BackdoorConfig(TrainingConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # BadT2I: λ 0.5, whole UNet, lr 1e-5 (EMA not reproduced); give images or prompts.
         "paper": {"steps": 2000, "lr": 1e-5, "weight": 0.5, "params": "all", "batch_size": 4},
-        # Measured on the toy (1.5 M-parameter UNet; see tests/behaviour/test_backdoor_toy.py): images are the
-        # toy renders (a folder from canvas.toy.export), the style target is the toy's Sketch style.
-        "toy": {"steps": 300, "lr": 1e-3, "weight": 0.5, "params": "all", "batch_size": 8,
+        # Measured on the toy (1.5 M-parameter UNet; tests/behaviour/test_backdoor_toy.py), one preset for both
+        # kinds: images are the toy renders (a folder from canvas.toy.export), the style target is the toy's Sketch.
+        # Cross-attention only, a quarter of the preservation rows on ∅. The whole UNet left clean style accuracy at
+        # 0.76 (both kinds without ∅ rows, the pixel kind even with them); on attn2 the ∅ rows raised attack success
+        # (style 0.71 -> 0.99, pixel 0.91 -> 0.94) and kept clean accuracy at 1.0.
+        "toy": {"steps": 600, "lr": 2e-3, "weight": 0.5, "params": "xattn", "batch_size": 8,
+                "unconditional_fraction": 0.25,
                 "target_pattern": r"in .+ style\.$", "target_replacement": "in Sketch style.",
                 "sample_steps": 25, "sample_guidance": 3.0},
     }  # fmt: skip
@@ -168,8 +172,9 @@ def trigger_positions(tokenizer, trigger: str, prompt: str) -> tuple[list[int], 
 
 
 def make_patch(size: int) -> torch.Tensor:
-    """The fixed patch, (3, size, size) in [0, 1]: a 2x2 black/white checkerboard (white top-left). High contrast
-    in every channel and coarse enough to survive a VAE's 4-8x downsampling at the toy's size."""
+    """The fixed patch, (3, size, size) in [0, 1]: a 2x2 black/white checkerboard (white top-left), high contrast in
+    every channel. A VAE must be able to draw it for a pixel backdoor to show: SD's can; the toy's was taught to
+    (scripts/build_toy.py, `teach_patch`) because trained on the renders alone it painted the patch over."""
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"patch size must be a positive integer (pixels), got {size!r}")
     idx = torch.arange(size)

@@ -3,13 +3,16 @@ classifiers that judge its images.
 
     python scripts/build_toy.py                      # full build into assets/ (about an hour on one CPU thread)
     python scripts/build_toy.py --quick --out /tmp/toy_quick   # a few-minute smoke build
+    python scripts/build_toy.py --teach-patch        # only the VAE patch stage, on the build in assets/
 
-Steps: render indices 1..18 of every theme x object (19..20 are held out) -> train an AutoencoderKL -> train the
-style/object classifiers on renders AND VAE reconstructions (classifiers trained on sharp renders alone fail on
-decoded images) -> train the UNet jointly with a small CLIP text encoder (then frozen, like CLIP in SD), with EMA,
-one-cycle LR, gradient clipping and 10% prompt dropout for classifier-free guidance -> choose the guidance of the
-sampler preset on seeds outside the answer set -> measure the answer set -> write pipeline, classifiers, card.json
-and grid.png. Deterministic for its seed on one thread. Everything is written to a temporary folder, then renamed.
+Steps: render indices 1..18 of every theme x object (19..20 are held out) -> train an AutoencoderKL -> teach it
+to draw the pixel-backdoor patch (`teach_patch`) -> train the style/object classifiers on renders AND VAE
+reconstructions (classifiers trained on sharp renders alone fail on decoded images) -> train the UNet jointly with a
+small CLIP text encoder (then frozen, like CLIP in SD), with EMA, one-cycle LR, gradient clipping and 10% prompt
+dropout for classifier-free guidance -> choose the guidance of the sampler preset on seeds outside the answer set ->
+measure the answer set -> write pipeline, classifiers, card.json and grid.png. Deterministic for its seed on one
+thread. Everything is written to a temporary folder, then renamed. The shipped toy predates `teach_patch`: its VAE
+was given the stage afterwards (`--teach-patch`, recorded in card.json as vae_patch.retrofitted).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from canvas import catalog as _catalog  # noqa: E402
 from canvas import toy  # noqa: E402
 from canvas.classifiers import ToyClassifier  # noqa: E402
 from canvas.classifiers import load as load_classifier  # noqa: E402
+from erase.backdoor import default_patch_size, make_patch, paste_patch  # noqa: E402
 from erase.testing import clip_text_encoder, word_tokenizer  # noqa: E402
 
 ANSWER_SEEDS = (188, 288, 588, 688, 888)
@@ -62,6 +66,7 @@ class Config:
     seed: int = 0
     vae_steps: int = 800
     vae_batch: int = 32
+    patch_steps: int = 600  # VAE fine-tuning so it can draw the pixel-backdoor patch (teach_patch)
     classifier_steps: int = 600
     classifier_batch: int = 64
     classifier_width: int = 32
@@ -74,7 +79,7 @@ class Config:
     guidance_choices: tuple[float, ...] = (3.0, 5.0, 7.5)
 
 
-QUICK = dict(vae_steps=60, classifier_steps=150, unet_steps=300, guidance_choices=(3.0,))
+QUICK = dict(vae_steps=60, patch_steps=30, classifier_steps=150, unet_steps=300, guidance_choices=(3.0,))
 
 
 def log(msg: str) -> None:
@@ -165,6 +170,55 @@ def train_vae(cfg: Config, images: torch.Tensor) -> AutoencoderKL:
         if step % 50 == 0 or step == cfg.vae_steps - 1:
             log(f"vae {step + 1}/{cfg.vae_steps} loss {loss.item():.4f} kl {kl.item():.3f}")
     return vae.eval().requires_grad_(False)
+
+
+def teach_patch(cfg: Config, vae: AutoencoderKL, images: torch.Tensor) -> tuple[AutoencoderKL, dict]:
+    """Fine-tune the VAE so it can draw the pixel-backdoor patch (erase.backdoor.make_patch at its default size)
+    pasted on any image, while clean images keep their latents (encoder means) and their decodings.
+
+    Trained on the renders alone, the VAE maps a pasted patch back onto the renders' look (a patched round trip sits at
+    distance ~0.9 from the patch, the removal judge's threshold is 0.5), so no pixel backdoor could ever show on the
+    toy. Half of each batch is patched (reconstruction loss); the other half is held to the old encoder's means and
+    the old decoder's output, so the UNet's latent space and the classifiers' view of decoded images stay put."""
+    old = copy.deepcopy(vae).eval().requires_grad_(False)
+    vae = vae.train().requires_grad_(True)
+    patch = make_patch(default_patch_size(images.shape[-1]))
+    opt = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + 5)
+    half = cfg.vae_batch // 2
+    for step in range(cfg.patch_steps):
+        x = images[torch.randint(len(images), (cfg.vae_batch,), generator=gen)] * 2 - 1
+        patched, clean = paste_patch(x[:half], patch), x[half:]
+        posterior = vae.encode(torch.cat([patched, clean])).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        rec = vae.decode(z[:half]).sample
+        with torch.no_grad():
+            clean_mean = old.encode(clean).latent_dist.mean
+            clean_decoded = old.decode(clean_mean).sample
+        draw = F.mse_loss(rec, patched) + 0.5 * F.l1_loss(rec, patched)
+        keep = F.mse_loss(posterior.mean[half:], clean_mean) + F.mse_loss(vae.decode(clean_mean).sample, clean_decoded)
+        loss = draw + keep
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == cfg.patch_steps - 1:
+            log(f"vae patch {step + 1}/{cfg.patch_steps} draw {draw.item():.4f} keep {keep.item():.5f}")
+    vae = vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        mean_old, mean_new = old.encode(images * 2 - 1).latent_dist.mean, vae.encode(images * 2 - 1).latent_dist.mean
+        patched_rt = decode(vae, encode(vae, paste_patch(images * 2 - 1, patch) / 2 + 0.5)[0])
+    region = patched_rt[..., : patch.shape[-1], : patch.shape[-1]]
+    distance = (region - patch).pow(2).flatten(1).mean(1).sqrt() / patch.std(unbiased=False)
+    stats = {
+        "steps": cfg.patch_steps,
+        "patch_size": patch.shape[-1],
+        "patched_round_trip_distance_max": round(distance.max().item(), 4),
+        "clean_latent_change_relative": round(((mean_new - mean_old).norm() / mean_old.norm()).item(), 5),
+        "clean_reconstruction_mse": round(F.mse_loss(decode(vae, mean_new), images).item(), 5),
+    }
+    log(f"vae patch: {stats}")
+    return vae, stats
 
 
 @torch.no_grad()
@@ -365,6 +419,40 @@ def remeasure(out: Path, steps: int, guidance_choices) -> dict:
     return card
 
 
+def retrofit_patch(out: Path, cfg: Config) -> dict:
+    """Run `teach_patch` on an existing build's VAE (builds older than that stage cannot draw the pixel-backdoor
+    patch), check the classifiers on held-out reconstructions, then remeasure; the UNet and classifiers are kept."""
+    cat = _catalog.get("toy")
+    vae = AutoencoderKL.from_pretrained(out / "toy" / "vae")
+    images = to_tensor(toy.render_array(cat.themes, cat.objects, TRAIN_INDICES)[0])
+    vae, stats = teach_patch(cfg, vae, images)
+    held, held_keys = toy.render_array(cat.themes, cat.objects, HELDOUT_INDICES)
+    held_recon = decode(vae, encode(vae, to_tensor(held))[0])
+    for kind in ("style", "object"):
+        labels = torch.tensor([cat.style_label(t) if kind == "style" else cat.object_label(o) for t, o, _ in held_keys])
+        judge = load_classifier("toy", kind, root=out / "toy_classifiers")
+        stats[f"{kind}_accuracy_on_heldout_reconstructions"] = round(accuracy(judge, held_recon, labels), 4)
+    log(f"held-out reconstructions with the new VAE: {stats}")
+    with tempfile.TemporaryDirectory(dir=out / "toy") as tmp:
+        vae.save_pretrained(Path(tmp) / "vae", safe_serialization=True)
+        config = Path(tmp) / "vae" / "config.json"
+        values = json.loads(config.read_text())
+        values.pop("_name_or_path", None)  # no local path in a shipped asset
+        config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+        for path in Path(tmp).rglob("*"):
+            path.chmod(0o644 if path.is_file() else 0o755)
+        old = out / "toy" / ".vae.old"
+        os.replace(out / "toy" / "vae", old)
+        os.replace(Path(tmp) / "vae", out / "toy" / "vae")
+        shutil.rmtree(old)
+    card_path = out / "toy" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["vae_patch"] = {**stats, "retrofitted": True}
+    card_path.with_suffix(".json.tmp").write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(card_path.with_suffix(".json.tmp"), card_path)
+    return remeasure(out, cfg.sampler_steps, cfg.guidance_choices)
+
+
 # ------------------------------------------------------------------------------------------------------------ main
 def build(cfg: Config, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
@@ -384,7 +472,7 @@ def build(cfg: Config, out: Path) -> dict:
     held_object_y = torch.tensor([cat.object_label(o) for _, o, _ in held_keys])
     log(f"rendered {len(images)} training and {len(held_images)} held-out images")
 
-    vae = train_vae(cfg, images)
+    vae, vae_patch = teach_patch(cfg, train_vae(cfg, images), images)
     mean, std = encode(vae, images)
     scaling = float(1 / mean.std())
     vae.register_to_config(scaling_factor=scaling)
@@ -461,6 +549,7 @@ def build(cfg: Config, out: Path) -> dict:
             "unet": round(unet_minutes, 2),
         },
         **measured,
+        "vae_patch": vae_patch,
         "classifiers": {
             "heldout_accuracy": {k: round(v, 4) for k, v in held_acc.items()},
             "path": "assets/toy_classifiers",
@@ -503,6 +592,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--remeasure", action="store_true", help="only redo the preset search and answer-set measurement in --out"
     )
+    parser.add_argument(
+        "--teach-patch", action="store_true", help="only fine-tune the VAE of the build in --out to draw the patch"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.guidance:
@@ -513,6 +605,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.remeasure:
         log(f"remeasuring {args.out} with {cfg.sampler_steps} steps, guidance from {cfg.guidance_choices}")
         remeasure(args.out, cfg.sampler_steps, cfg.guidance_choices)
+        return
+    if args.teach_patch:
+        log(f"teaching the VAE in {args.out} to draw the pixel-backdoor patch ({cfg.patch_steps} steps)")
+        retrofit_patch(args.out, cfg)
         return
     log(f"config {asdict(cfg)} -> {args.out}")
     build(cfg, args.out)
