@@ -48,6 +48,7 @@ from transformers import CLIPTextModel  # noqa: E402
 
 from canvas import catalog as _catalog  # noqa: E402
 from canvas import toy  # noqa: E402
+from canvas.backdoor import patch_distance  # noqa: E402
 from canvas.classifiers import ToyClassifier  # noqa: E402
 from canvas.classifiers import load as load_classifier  # noqa: E402
 from erase.backdoor import default_patch_size, make_patch, paste_patch  # noqa: E402
@@ -208,8 +209,7 @@ def teach_patch(cfg: Config, vae: AutoencoderKL, images: torch.Tensor) -> tuple[
     with torch.no_grad():
         mean_old, mean_new = old.encode(images * 2 - 1).latent_dist.mean, vae.encode(images * 2 - 1).latent_dist.mean
         patched_rt = decode(vae, encode(vae, paste_patch(images * 2 - 1, patch) / 2 + 0.5)[0])
-    region = patched_rt[..., : patch.shape[-1], : patch.shape[-1]]
-    distance = (region - patch).pow(2).flatten(1).mean(1).sqrt() / patch.std(unbiased=False)
+    distance = patch_distance(patched_rt, patch)  # the removal judge's measure
     stats = {
         "steps": cfg.patch_steps,
         "patch_size": patch.shape[-1],
