@@ -28,6 +28,9 @@ from PIL import Image
 from canvas import answers, metrics
 from canvas.catalog import Catalog, style_words
 from erase.atomic import save_image, write_json
+from erase.backdoor import default_patch_size, make_patch, triggered_prompt
+from erase.images import image_size
+from erase.text import PromptEncoder
 
 PATCH_THRESHOLD = 0.5
 KINDS = ("pixel", "style")
@@ -63,19 +66,11 @@ def bench_values(cat: Catalog, overrides: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def trigger_prompt(trigger: str, prompt: str) -> str:
-    from erase.backdoor import triggered_prompt
-
-    return triggered_prompt(trigger, prompt)
-
-
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], sampler: answers.SamplerPreset,
              batch_size: int = 64) -> torch.Tensor:  # fmt: skip
     """(N, 3, H, W) images in [0, 1], one generator per image, with the benchmark's sampler (DDIM, eta 0)."""
     from diffusers import DDIMScheduler
-
-    from erase.text import PromptEncoder
 
     encode = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
     original = pipe.scheduler
@@ -111,7 +106,7 @@ def measure(pipe, judge, cat: Catalog, *, trigger: str, kind: str, seeds: Sequen
     clean_keys, bad_keys = prompt_sets(cat, trigger, kind, seeds, target_style)
     clean = generate(pipe, [cat.prompt(t, o) for t, o, _ in clean_keys], [s for *_, s in clean_keys], sampler,
                      batch_size)  # fmt: skip
-    bad = generate(pipe, [trigger_prompt(trigger, cat.prompt(t, o)) for t, o, _ in bad_keys],
+    bad = generate(pipe, [triggered_prompt(trigger, cat.prompt(t, o)) for t, o, _ in bad_keys],
                    [s for *_, s in bad_keys], sampler, batch_size)  # fmt: skip
     style_c, object_c, feats = judge(clean)
     style_b, object_b, _ = judge(bad)
@@ -140,9 +135,6 @@ def evaluate(pipe, catalog: Catalog, *, trigger: str, kind: str, delta=None, see
              batch_size: int = 64, extra: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Backdoor metrics of `pipe` (the backdoored model), and after `delta` (a removal) when given; with `out`,
     writes out/backdoor.json and out/grid.png (rows: clean before, clean after, triggered before, triggered after)."""
-    from erase.backdoor import default_patch_size, make_patch
-    from erase.images import image_size
-
     from .bench import Judge
 
     if kind not in KINDS:
