@@ -27,8 +27,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_dir, write_json
 from .config import TrainingConfig
 from .delta import Delta, fingerprint
 from .frozen import FrozenOriginal
@@ -329,21 +328,10 @@ def backdoor_info(pipe, config: BackdoorConfig) -> dict[str, Any]:
 
 def save_backdoored(pipe, out: str | os.PathLike, info: dict[str, Any]) -> Path:
     """Save the complete (backdoored) pipeline plus backdoor.json into `out`, written beside and renamed in."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new output folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        write_json(tmp / INFO_FILE, info)
+    return Path(out)
 
 
 def read_info(model: str | os.PathLike) -> dict[str, Any]:

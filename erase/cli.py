@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -11,6 +10,8 @@ import tempfile
 from pathlib import Path
 
 import yaml
+
+from .atomic import atomic_dir, write_json
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
           "bf16": "bfloat16"}  # fmt: skip
@@ -143,13 +144,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     checkpoints = out.with_name(f".{out.name}.checkpoint")  # kept on a crash, so the same command resumes
     result = run(pipe, config, checkpoint_dir=checkpoints, progress=not args.no_progress)
     if PartialState().is_main_process:
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        result.delta.save(tmp)
-        record = {**result.record, "model": args.model}
-        (tmp / "record.json").write_text(json.dumps(record, indent=2, default=str))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        with atomic_dir(out) as tmp:
+            result.delta.save(tmp)
+            write_json(tmp / "record.json", {**result.record, "model": args.model})
         shutil.rmtree(checkpoints, ignore_errors=True)
         r = result.record
         print(f"{spec.name}: {len(r['losses'])} steps in {r['wall_time_s']:.1f} s, peak memory "

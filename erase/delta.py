@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_write, write_json
+from .atomic import atomic_dir, atomic_write, write_json
 
 COMPONENTS = ("unet", "text_encoder")
 TENSORS_FILE, META_FILE = "delta.safetensors", "delta.json"
@@ -139,16 +137,12 @@ class Delta:
         """Apply onto `pipe` and save the complete diffusers pipeline into `directory` (written beside, then
         renamed into place, so a crash leaves no half-written pipeline)."""
         directory = Path(directory)
-        if directory.exists() and any(directory.iterdir()):
-            raise FileExistsError(f"{directory} exists and is not empty; choose a new output folder")
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            raise FileExistsError(f"{directory} exists and is not an empty folder; choose a new output folder")
         self.apply(pipe, force=force)
         try:
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-            pipe.save_pretrained(tmp, safe_serialization=True)
-            if directory.exists():
-                directory.rmdir()
-            os.replace(tmp, directory)
+            with atomic_dir(directory) as tmp:
+                pipe.save_pretrained(tmp, safe_serialization=True)
         finally:
             self.revert(pipe)
         return directory

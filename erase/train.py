@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -23,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_dir
 from .frozen import _unwrap
 from .sampling import sample_seed
 
@@ -267,16 +265,10 @@ def _save_checkpoint(accelerator, ckpt: Path, params, optimizer, losses: list[fl
     """Trained tensors (safetensors), optimizer state and losses, swapped in atomically as one folder."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=ckpt.parent, prefix=f".{ckpt.name}."))
-        save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, tmp / "params.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": len(losses), "losses": losses}))
-        old = ckpt.with_name(f".{ckpt.name}.old")
-        if ckpt.exists():
-            os.replace(ckpt, old)
-        os.replace(tmp, ckpt)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(ckpt, replace=True) as tmp:
+            save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, tmp / "params.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": len(losses), "losses": losses}))
     accelerator.wait_for_everyone()
 
 
