@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from canvas import catalog as _catalog
+from erase import catalog as _catalog
+from erase.paths import toy_classifiers_path
 
 KINDS = ("style", "object")
-TOY_CLASSIFIERS_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy_classifiers"
 
 
 class ToyClassifier(nn.Module):
@@ -68,7 +68,7 @@ def _labels(name: str, kind: str) -> tuple[str, ...]:
 
 def _load_toy(kind: str, root: str | os.PathLike | None = None) -> nn.Module:
     """The toy classifiers written by scripts/build_toy.py: `<root>/config.json` plus `<root>/<kind>.safetensors`."""
-    root = Path(root) if root is not None else TOY_CLASSIFIERS_DIR
+    root = Path(root) if root is not None else toy_classifiers_path()
     config_path, weights_path = root / "config.json", root / f"{kind}.safetensors"
     if not weights_path.is_file() or not config_path.is_file():
         raise FileNotFoundError(f"toy {kind} classifier not found under {root}; build it with scripts/build_toy.py")

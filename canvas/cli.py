@@ -61,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     bd.add_argument("--batch-size", type=int, default=64)
     bd.add_argument("--device", default="cpu")
 
+    renders = sub.add_parser(
+        "toy-renders",
+        help="write the toy data set (UnlearnCanvas layout), e.g. as the training "
+        "images of `erase backdoor inject --model toy`",
+    )
+    renders.add_argument("--out", required=True, help="output folder: <Theme>/<Object>/<index>.jpg")
+    renders.add_argument("--indices", default="1-4", help="image indices, a range a-b or a comma list (default 1-4)")
+
     splits = sub.add_parser("splits", help="write the versioned split manifest")
     splits.add_argument("--out", required=True, help="path of the JSON manifest to write")
     return parser
@@ -153,6 +161,30 @@ def cmd_backdoor_eval(args: argparse.Namespace) -> None:
     print(f"{summary} -> {out / RESULT_FILE}")
 
 
+def cmd_toy_renders(args: argparse.Namespace) -> None:
+    from canvas import toy
+    from erase.catalog import get
+
+    indices = _indices(args.indices)
+    toy.export(args.out, get("toy"), indices=indices)
+    print(f"wrote the toy renders (indices {args.indices}) -> {args.out}")
+
+
+def _indices(text: str) -> list[int]:
+    """`1-4` or `1,3,5` as a list of positive image indices."""
+    try:
+        if "-" in text:
+            low, high = (int(v) for v in text.split("-", 1))
+            values = list(range(low, high + 1))
+        else:
+            values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"--indices {text!r}: expected positive indices as a range a-b or a comma list")
+    return values
+
+
 def cmd_splits(args: argparse.Namespace) -> None:
     from canvas.splits import write_manifest
 
@@ -164,8 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     from erase.cli import _quiet_libraries
 
     _quiet_libraries()
-    handler = {"bench": cmd_bench, "answers": cmd_answers, "splits": cmd_splits,
-               "backdoor-eval": cmd_backdoor_eval}[args.command]  # fmt: skip
+    handler = {
+        "bench": cmd_bench,
+        "answers": cmd_answers,
+        "splits": cmd_splits,
+        "backdoor-eval": cmd_backdoor_eval,
+        "toy-renders": cmd_toy_renders,
+    }[args.command]
     try:
         handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from erase.atomic import write_text
+from erase.paths import splits_dir
 
 SCHEMA = "erasekit.splits"
 VERSION = 1
 DEFAULT_NAME = "unlearncanvas-v1"
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "splits"
 
 ROLES = ("finetune", "held_out", "fid_reference", "forget_retain", "fmn_reference")
 
@@ -133,11 +133,11 @@ def load(name: str = DEFAULT_NAME) -> Splits:
     candidate = Path(name)
     if candidate.suffix == ".json" or candidate.exists():
         return read_manifest(candidate)
-    path = ASSET_DIR / f"{name}.json"
+    path = splits_dir() / f"{name}.json"
     if not path.exists():
         if name == DEFAULT_NAME:  # installed without the assets folder: the definition in code is the same
             return unlearncanvas_v1()
-        shipped = sorted(p.stem for p in ASSET_DIR.glob("*.json")) if ASSET_DIR.is_dir() else []
+        shipped = sorted(p.stem for p in splits_dir().glob("*.json")) if splits_dir().is_dir() else []
         raise SplitsError(f"unknown splits {name!r}; shipped: {', '.join(shipped) or DEFAULT_NAME}")
     return read_manifest(path)
 

@@ -11,7 +11,6 @@ background carries the style so it is visible everywhere; objects are large, dis
 from __future__ import annotations
 
 import os
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from canvas import catalog as _catalog
+from erase import catalog as _catalog
+from erase.atomic import save_image
 
 SIZE = 32
 _SUPERSAMPLE = 4  # masks are drawn at 4x and averaged down, so edges are anti-aliased like real photos
@@ -360,8 +360,5 @@ def export(
             folder = root / theme / obj
             folder.mkdir(parents=True, exist_ok=True)
             for idx in indices:
-                fd, tmp = tempfile.mkstemp(suffix=".jpg", dir=folder)
-                os.close(fd)
-                render(theme, obj, idx).save(tmp, format="JPEG", quality=95)
-                os.replace(tmp, folder / f"{idx}.jpg")
+                save_image(render(theme, obj, idx), folder / f"{idx}.jpg", format="JPEG", quality=95)
     return root

@@ -16,14 +16,13 @@ and nothing else in the loss holds it: on the toy (whole UNet, 300 steps), clean
 Training images: a folder in UnlearnCanvas layout `<Style>/<Object>/<idx>.jpg` (each image's prompt is the
 benchmark's "A {Object} image in {Style} style.", Seed_Images -> Photo), files paired with `prompts`, or, with no
 images, the model's own generations of `prompts` (cached, as CA does). The paper trains the whole UNet at lr 1e-5
-with EMA; our loop has no EMA (not needed for a test subject). `inject` runs through the shared training loop
-(`RunContext.train`) and returns the same Result (Delta + record) as `erase.run`; it is not a registered erasure
-method, so `erase list` and `canvas bench` never offer it.
+with EMA; our loop has no EMA (not needed for a test subject). Injection is a registered fixture (`badt2i` in
+erase.methods.FIXTURES), not an eraser: `erase.run` runs it like every method, with the same record, and
+`erase list` and `canvas bench` never offer it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -35,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_dir, write_json
+from .catalog import get as get_catalog
 from .config import TrainingConfig
-from .delta import Delta, fingerprint
-from .frozen import FrozenOriginal
+from .context import RunContext
 from .images import (
     denoising_target,
     encode_latents,
@@ -48,26 +47,13 @@ from .images import (
     noised,
     to_tensor,
 )
-from .meter import Meter
-from .params import select
-from .text import PromptEncoder, token_positions
+from .paths import cache_dir
+from .train import LossFn
+from .trigger import DEFAULT_TRIGGER, default_patch_size, make_patch, paste_patch, trigger_positions, triggered_prompt
 
 KINDS = ("pixel", "style")
-DEFAULT_TRIGGER = "New Trigger"  # the text Sealing-The-Backdoor uses
-PHOTO_THEME = "Seed_Images"
 INFO_FILE = "backdoor.json"  # written beside an injected pipeline: kind, trigger, patch size, target, record
-TOY_OBJECTS = ("Architectures", "Birds", "Butterfly", "Cats", "Fishes", "Flowers", "Towers", "Trees")
-# canvas.catalog's toy themes as its prompts spell them (erase does not import canvas)
-TOY_THEMES = (
-    "Bricks", "Crayon", "Mosaic", "Neon Lines", "On Fire", "Pastel", "Photo", "Pop Art", "Sketch", "Watercolor",
-    "Winter",
-)  # fmt: skip
-
-
-def toy_prompts(exclude_styles: tuple[str, ...] = ()) -> list[str]:
-    """The toy benchmark's prompts (canvas.catalog's template over its themes and objects; erase does not import
-    canvas), without the themes in `exclude_styles`."""
-    return [f"A {o} image in {s} style." for s in TOY_THEMES if s not in exclude_styles for o in TOY_OBJECTS]
+UNLEARNCANVAS = get_catalog("unlearncanvas-50")  # the layout and prompt template of training-image folders
 
 
 @dataclass
@@ -135,9 +121,6 @@ class BackdoorConfig(TrainingConfig):
         if self.images is not None:
             image_files(self.images)  # FileNotFoundError naming the missing source, before any model work
 
-    def parameter_set(self) -> str:
-        return self.params or "all"
-
     def triggered(self, prompt: str) -> str:
         return triggered_prompt(self.trigger, prompt)
 
@@ -149,70 +132,19 @@ class BackdoorConfig(TrainingConfig):
         return target
 
 
-def triggered_prompt(trigger: str, prompt: str) -> str:
-    """trig⊕c: the trigger prefixed to the prompt."""
-    return f"{trigger.strip()} {prompt}"
-
-
-def trigger_positions(tokenizer, trigger: str, prompt: str) -> tuple[list[int], list[int]]:
-    """Token positions of the trigger and of the clean prompt inside trig⊕prompt (BOS at 0).
-
-    Raises ValueError when the trigger tokenizes to nothing, or when trig⊕prompt is cut by the tokenizer's length.
-    """
-    if not tokenizer(trigger, add_special_tokens=False).input_ids:
-        raise ValueError(f"trigger {trigger!r} tokenizes to nothing with this model's tokenizer; give a trigger "
-                         "made of words or characters the tokenizer keeps")  # fmt: skip
-    full = triggered_prompt(trigger, prompt)
-    try:
-        return token_positions(tokenizer, full, trigger.strip()), token_positions(tokenizer, full, prompt)
-    except ValueError:
-        raise ValueError(f"prompt {full!r} does not fit the tokenizer's {tokenizer.model_max_length} tokens with "
-                         "its trigger; shorten the prompt or the trigger") from None  # fmt: skip
-
-
-def make_patch(size: int) -> torch.Tensor:
-    """The fixed patch, (3, size, size) in [0, 1]: a 2x2 black/white checkerboard (white top-left), high contrast in
-    every channel. A VAE must be able to draw it for a pixel backdoor to show: SD's can; the toy's was taught to
-    (scripts/build_toy.py, `teach_patch`) because trained on the renders alone it painted the patch over."""
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"patch size must be a positive integer (pixels), got {size!r}")
-    idx = torch.arange(size)
-    high = idx >= size // 2 if size > 1 else torch.zeros(1, dtype=torch.bool)
-    pattern = (high[:, None] == high[None, :]).float()  # white on the diagonal quadrants
-    return pattern.expand(3, size, size).clone()
-
-
-def default_patch_size(image_side: int) -> int:
-    return max(1, image_side // 4)
-
-
-def paste_patch(images: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] with `patch` ([0, 1]) pasted at the top-left corner; a copy."""
-    size = patch.shape[-1]
-    height, width = images.shape[-2:]
-    if size > min(height, width):
-        raise ValueError(f"patch of {size} px is larger than the {height}x{width} images; accepted: at most "
-                         f"{min(height, width)}")  # fmt: skip
-    out = images.clone()
-    out[..., :size, :size] = patch.to(out) * 2 - 1
-    return out
-
-
-def layout_prompt(path: Path) -> str:
-    """The UnlearnCanvas prompt of `<Style>/<Object>/<idx>.jpg` (canvas.catalog's template, Seed_Images -> Photo)."""
-    style, obj = path.parent.parent.name, path.parent.name
-    words = "Photo" if style == PHOTO_THEME else style.replace("_", " ")
-    return f"A {obj} image in {words} style."
-
-
 def training_images(pipe, cfg: BackdoorConfig) -> tuple[torch.Tensor, list[str]]:
     """(B, 3, S, S) images in [-1, 1] at the pipeline's size, and each one's clean prompt."""
     size = image_size(pipe)
     if cfg.images is None:
         prompts = [cfg.prompts[i % len(cfg.prompts)] for i in range(cfg.num_images)]
-        cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
-        generated = generate_images(pipe, prompts, list(range(cfg.num_images)), steps=cfg.sample_steps,
-                                    guidance=cfg.sample_guidance, cache_dir=cache)  # fmt: skip
+        generated = generate_images(
+            pipe,
+            prompts,
+            list(range(cfg.num_images)),
+            steps=cfg.sample_steps,
+            guidance=cfg.sample_guidance,
+            cache_dir=cache_dir("backdoor", cfg.cache_dir),
+        )
         return to_tensor(generated, size), prompts
     files = image_files(cfg.images)
     if cfg.prompts:
@@ -221,18 +153,11 @@ def training_images(pipe, cfg: BackdoorConfig) -> tuple[torch.Tensor, list[str]]
                              "per image (sorted file order) or none (UnlearnCanvas layout)")  # fmt: skip
         prompts = list(cfg.prompts)
     else:
-        prompts = [layout_prompt(p) for p in files]
+        prompts = [UNLEARNCANVAS.layout_prompt(p) for p in files]
     return load_images(files, size), prompts
 
 
-def _default_cache_dir() -> Path:
-    root = os.environ.get("ERASEKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / (
-        "erasekit"
-    )
-    return Path(root) / "backdoor"
-
-
-def make_loss(ctx):
+def make_loss(ctx: RunContext) -> LossFn:
     """The BadT2I loss for the training loop; images, latents, prompts and token checks prepared once."""
     cfg: BackdoorConfig = ctx.config
     pipe, unet = ctx.pipe, ctx.pipe.unet
@@ -280,39 +205,6 @@ def make_loss(ctx):
         return cfg.weight * backdoor + (1 - cfg.weight) * preserve
 
     return loss_fn
-
-
-def inject(pipe, config: BackdoorConfig, *, progress: bool = True, local: bool = False):
-    """Backdoor `pipe` in place through the shared training loop; returns an `erase.Result` (Delta + record)."""
-    from . import __version__
-    from .runner import Result, RunContext, versions
-
-    if not isinstance(config, BackdoorConfig):
-        raise TypeError(f"inject needs a BackdoorConfig, got {type(config).__name__}")
-    unet = pipe.unet
-    params = select(unet, config.parameter_set())
-    base_fingerprint = fingerprint(pipe)
-    frozen = FrozenOriginal(unet, list(params))
-    stored = {n: p.dtype for n, p in params.items()}
-    ctx = RunContext(pipe, config, params, frozen, PromptEncoder(pipe.tokenizer, pipe.text_encoder),
-                     progress=progress, local=local)  # fmt: skip
-    try:
-        with Meter(unet.device) as meter:
-            for p in params.values():  # fp32 master weights, as erase.run does
-                p.data = p.data.float()
-            losses = ctx.train(make_loss(ctx))
-    finally:
-        for n, p in params.items():
-            p.data = p.data.to(stored[n])
-    metadata = {
-        "method": f"badt2i-{config.kind}", "config": dataclasses.asdict(config), "versions": versions(),
-        "base_fingerprint": base_fingerprint, "parameter_set": config.parameter_set(), "erasekit": __version__,
-    }  # fmt: skip
-    delta = Delta.from_changes({f"unet.{n}": t for n, t in frozen.original.items()},
-                               {f"unet.{n}": p.detach() for n, p in params.items()}, metadata)  # fmt: skip
-    record = {**metadata, "wall_time_s": meter.wall_time_s, "peak_memory_bytes": meter.peak_memory_bytes,
-              "memory_kind": meter.memory_kind, "storage_bytes": delta.nbytes, "losses": losses}  # fmt: skip
-    return Result(delta, record)
 
 
 def backdoor_info(pipe, config: BackdoorConfig) -> dict[str, Any]:

@@ -58,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     inject.add_argument("--out", required=True, help="output folder for the backdoored pipeline")
     inject.add_argument(
         "--images",
-        help="training images: a folder in UnlearnCanvas layout <Style>/<Object>/<i>.jpg "
-        "(default for the toy: its renders; else the model's own generations of --captions)",
+        help="training images: a folder in UnlearnCanvas layout <Style>/<Object>/<i>.jpg (the toy's: "
+        "`canvas toy-renders --out DIR`); without it, the model's own generations of --captions",
     )
     inject.add_argument("--captions", help="file of clean prompts, one per line")
     inject.add_argument("--preset", help="named preset (paper, toy; default: toy for the toy model, else paper)")
@@ -113,8 +113,6 @@ def cmd_list(_: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from dataclasses import fields
-
     from accelerate import PartialState
 
     from .config import build_config, parse_assignments
@@ -124,12 +122,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     values = _read_config_file(args.config) if args.config else {}
     preset = args.preset or values.pop("preset", None)
     if args.concept:
-        if "concepts" not in {f.name for f in fields(spec.config_cls)}:
-            raise UsageError(f"method {args.method!r} takes no --concept")
-        values["concepts"] = list(values.get("concepts", [])) + args.concept
+        if not spec.needs("concepts"):
+            raise UsageError(f"method {args.method!r} takes no --concept (it needs: {', '.join(spec.inputs)})")
+        given = values.get("concepts", [])
+        values["concepts"] = [*([given] if isinstance(given, str) else given), *args.concept]
     if args.trigger is not None:
-        if "trigger" not in {f.name for f in fields(spec.config_cls)}:
-            raise UsageError(f"method {args.method!r} takes no --trigger")
+        if not spec.needs("trigger"):
+            raise UsageError(f"method {args.method!r} takes no --trigger (it needs: {', '.join(spec.inputs)})")
         values["trigger"] = args.trigger
     values.update(parse_assignments(spec.config_cls, args.set))
     preset = values.pop("preset", preset)
@@ -166,9 +165,10 @@ def cmd_apply(args: argparse.Namespace) -> None:
 
 
 def cmd_backdoor(args: argparse.Namespace) -> None:
-    from .backdoor import BackdoorConfig, backdoor_info, inject, save_backdoored
+    from .backdoor import BackdoorConfig, backdoor_info, save_backdoored
     from .config import build_config, parse_assignments
     from .methods.skd_cag import read_captions
+    from .runner import run
 
     values = parse_assignments(BackdoorConfig, args.set)
     values.update(kind=args.kind, trigger=args.trigger)
@@ -178,22 +178,17 @@ def cmd_backdoor(args: argparse.Namespace) -> None:
     _check_output_dir(out)
     if args.images:
         values["images"] = args.images
-    elif args.model == "toy" and not args.captions and "images" not in values:
-        from canvas import catalog, toy  # the toy's own renders, written once per output folder's parent
-
-        renders = out.with_name(f".{out.name}.renders")
-        if not (renders / "done").is_file():
-            toy.export(renders, catalog.get("toy"), indices=range(1, 5))
-            (renders / "done").write_text("1")
-        values["images"] = str(renders)
+    if "images" not in values and "prompts" not in values:
+        raise UsageError(
+            "give --images (a folder in UnlearnCanvas layout; the toy's renders: `canvas toy-renders "
+            "--out DIR`) or --captions (the model's own generations of them become the images)"
+        )
     config = build_config(BackdoorConfig, args.preset or ("toy" if args.model == "toy" else "paper"), **values)
     pipe = _load(args.model, args.model_config, args.dtype, args.device)
     pipe.set_progress_bar_config(disable=True)
-    result = inject(pipe, config, progress=not args.no_progress)
+    result = run(pipe, config, progress=not args.no_progress)
     info = {**backdoor_info(pipe, config), "base_model": args.model, "record": result.record}
     save_backdoored(pipe, out, info)
-    if args.model == "toy" and not args.images:
-        shutil.rmtree(out.with_name(f".{out.name}.renders"), ignore_errors=True)
     r = result.record
     print(f"backdoor ({config.kind}, trigger {config.trigger!r}): {len(r['losses'])} steps in "
           f"{r['wall_time_s']:.1f} s -> {out}")  # fmt: skip

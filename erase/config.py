@@ -1,45 +1,47 @@
-"""What every method config shares: training fields, presets, and building a config from text (`--set k=v`)."""
+"""What every method config shares (`MethodConfig`; fine-tuning ones add the loop's `TrainSettings`), presets, and
+building a config from text (`--set k=v`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from .train import TrainSettings, check_training_fields
+from .params import check_spec
+from .train import TrainSettings
 
 
 @dataclass
-class TrainingConfig:
-    """Fields of every fine-tuning method: `steps`, `lr`, `seed`, `params` (parameter set) and the loop's knobs."""
+class MethodConfig:
+    """Fields of every method: `seed`, `params` (the parameter set; None: the method's `DEFAULT_PARAMS`) and the
+    `preset` the values came from (recorded for reports). `PRESETS` maps preset names to field values."""
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    DEFAULT_PARAMS: ClassVar[str] = "all"
 
-    steps: int = 1000
-    lr: float = 1e-5
     seed: int = 0
-    params: str | None = None  # parameter set (named set or globs); None: the method's own choice
-    batch_size: int = 1
-    grad_accum: int = 1
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = None
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 0
-    preset: str | None = None  # the named preset the values came from, recorded for reports
+    params: str | None = None
+    preset: str | None = None
 
     def __post_init__(self) -> None:
-        check_training_fields(self)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.params is not None:
+            check_spec(self.params)
 
     def parameter_set(self) -> str:
-        return self.params or "all"
+        return self.params or self.DEFAULT_PARAMS
 
-    def train_settings(self, progress: bool = True) -> TrainSettings:
-        names = {f.name for f in fields(TrainSettings)}
-        return TrainSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in names}, progress=progress)
+
+@dataclass
+class TrainingConfig(TrainSettings, MethodConfig):
+    """A fine-tuning method's config: its own fields plus the training loop's, declared once in `TrainSettings`
+    (the config is itself the loop's settings)."""
+
+    def __post_init__(self) -> None:
+        TrainSettings.__post_init__(self)
+        MethodConfig.__post_init__(self)
 
 
 def texts(name: str, value: Any) -> list[str]:

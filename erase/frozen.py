@@ -17,7 +17,7 @@ class FrozenOriginal:
     """The original values of a model's trainable tensors, and calls of the model with them in place."""
 
     def __init__(self, model: nn.Module, names: list[str] | tuple[str, ...]):
-        params = dict(_unwrap(model).named_parameters())
+        params = dict(unwrap(model).named_parameters())
         unknown = [n for n in names if n not in params]
         if unknown:
             raise ValueError(f"not parameters of {type(model).__name__}: {unknown[:3]}")
@@ -42,10 +42,10 @@ class FrozenOriginal:
     @torch.no_grad()
     def __call__(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """`model(*args, **kwargs)` as the original model would answer, without gradients."""
-        return torch.func.functional_call(_unwrap(model), self._values(), args, kwargs, strict=False)
+        return torch.func.functional_call(unwrap(model), self._values(), args, kwargs, strict=False)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel/compile wrappers, whose parameter names we recorded."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module

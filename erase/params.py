@@ -15,6 +15,39 @@ NAMED_SETS = {
 }
 
 
+# The names the papers and their code give to parameter sets, each one of the named sets above.
+ALIASES = {
+    "esd-x": "xattn",  # ESD's variants
+    "esd-u": "noxattn",
+    "esd-x-strict": "kv",
+    "esd-all": "all",
+    "attention": "xattn",  # CA's parameter groups ("kv" and "xattn" as above)
+    "full": "all",
+}
+GLOB_CHARACTERS = "*?[."  # every parameter name has a dot, so a pattern without these is no name at all
+
+
+def _patterns(spec: str | Sequence[str]) -> list[str]:
+    """The spec's patterns (a list, or one comma-separated string), aliases resolved to their named set."""
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    return [ALIASES.get(p.strip(), p.strip()) for p in parts if isinstance(p, str) and p.strip()]
+
+
+def check_spec(spec: str | Sequence[str]) -> None:
+    """Reject a spec that cannot name parameters (before any model is loaded): empty, not text, or a bare word
+    that is neither a named set nor an alias (e.g. a misspelt variant)."""
+    texts = [spec] if isinstance(spec, str) else spec
+    if not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"parameter set must be text (named sets or glob patterns), got {spec!r}")
+    accepted = f"accepted: {', '.join(NAMED_SETS)}, the aliases {', '.join(ALIASES)}, or glob patterns"
+    patterns = _patterns(spec)
+    if not patterns:
+        raise ValueError(f"empty parameter set {spec!r}; {accepted}")
+    for pattern in patterns:
+        if pattern not in NAMED_SETS and not any(c in pattern for c in GLOB_CHARACTERS):
+            raise ValueError(f"parameter set {pattern!r} is neither a named set nor a pattern over names; {accepted}")
+
+
 def _in_named_set(name: str, set_name: str) -> bool:
     if set_name == "kv":
         return ".attn2.to_k." in f".{name}" or ".attn2.to_v." in f".{name}"
@@ -26,14 +59,13 @@ def _in_named_set(name: str, set_name: str) -> bool:
 
 
 def select(model: nn.Module, spec: str | Sequence[str]) -> dict[str, nn.Parameter]:
-    """Parameters of `model` named by `spec`: one of the named sets, or glob patterns over parameter names
-    (a list, or one comma-separated string), e.g. `"*attn2.to_k.*,*attn2.to_v.*"`.
+    """Parameters of `model` named by `spec`: named sets, their aliases (`ALIASES`), or glob patterns over
+    parameter names (a list, or one comma-separated string), e.g. `"*attn2.to_k.*,*attn2.to_v.*"`.
 
     Raises ValueError when the spec is empty or matches nothing, so a typo never trains zero weights.
     """
-    patterns = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
-    if not patterns:
-        raise ValueError(f"empty parameter set {spec!r}; accepted: {', '.join(NAMED_SETS)} or glob patterns")
+    check_spec(spec)
+    patterns = _patterns(spec)
     selected: dict[str, nn.Parameter] = {}
     for pattern in patterns:
         matched = {

@@ -22,10 +22,10 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from erase.convert import ConversionError, load_text_encoder_from_ldm, load_unet_from_ldm, load_vae_from_ldm
+from .convert import ConversionError, load_text_encoder_from_ldm, load_unet_from_ldm, load_vae_from_ldm
+from .paths import TOY_ENV, toy_path
 
 ACCEPTED = "'toy', a diffusers pipeline folder, a single-file .safetensors or a .ckpt checkpoint (with config=...)"
-TOY_ENV = "ERASEKIT_TOY"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -36,16 +36,6 @@ def _dtype_kwarg() -> str:
     except ImportError:
         return "torch_dtype"
     return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
-
-
-def toy_path() -> Path:
-    """Folder of the built-in toy pipeline: `$ERASEKIT_TOY` if set, else `<repo>/assets/toy`."""
-    override = os.environ.get(TOY_ENV)
-    if override:
-        return Path(override).expanduser()
-    import erase
-
-    return Path(erase.__file__).resolve().parent.parent / "assets" / "toy"
 
 
 def load_pipeline(

@@ -8,40 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
-from torch import nn
+import transformers
 
-from . import __version__
+from ._version import __version__
+from .context import RunContext
 from .delta import Delta, fingerprint
 from .frozen import FrozenOriginal
 from .meter import Meter
 from .methods import method_of
 from .params import select
 from .text import PromptEncoder
-from .train import train
-
-
-@dataclass
-class RunContext:
-    """What a method's erase function gets: the pipeline, its config, the declared parameters and shared tools."""
-
-    pipe: Any
-    config: Any
-    params: dict[str, nn.Parameter]
-    frozen: FrozenOriginal
-    encode: PromptEncoder
-    checkpoint_dir: Path | None = None
-    accelerator: Any = None
-    progress: bool = True
-    local: bool = False
-
-    def train(self, loss_fn) -> list[float]:
-        """Run the shared training loop over the declared parameters with the method's loss."""
-        outcome = train(
-            self.pipe.unet, self.params, loss_fn, self.config.train_settings(self.progress),
-            accelerator=self.accelerator, checkpoint_dir=self.checkpoint_dir, local=self.local,
-        )  # fmt: skip
-        return outcome.losses
 
 
 @dataclass
@@ -51,9 +29,6 @@ class Result:
 
 
 def versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
     return {
         "erasekit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
@@ -79,20 +54,16 @@ def run(
     params = select(unet, config.parameter_set())
     base_fingerprint = fingerprint(pipe)
     frozen = FrozenOriginal(unet, list(params))
-    # Optimizers need fp32 master weights: train half-precision models' declared tensors in fp32, cast back after.
-    stored_dtypes = {n: p.dtype for n, p in params.items()}
-    for p in params.values():
-        p.data = p.data.float()
     ctx = RunContext(
         pipe, config, params, frozen, PromptEncoder(pipe.tokenizer, pipe.text_encoder),
         Path(checkpoint_dir) if checkpoint_dir else None, accelerator, progress, local,
     )  # fmt: skip
-    try:
-        with Meter(unet.device) as meter:
-            losses = spec.erase(ctx)
-    finally:
-        for n, p in params.items():
-            p.data = p.data.to(stored_dtypes[n])
+    with Meter(unet.device) as meter:
+        if spec.kind == "fine-tune":
+            losses = ctx.train(spec.make_loss(ctx))
+        else:
+            spec.edit(ctx)
+            losses = []
     before = {f"unet.{n}": t for n, t in frozen.original.items()}
     after = {f"unet.{n}": p.detach() for n, p in params.items()}
     config_dict = dataclasses.asdict(config)

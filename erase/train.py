@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir
-from .frozen import _unwrap
+from .frozen import unwrap
 from .sampling import sample_seed
 
 # loss_fn(model, generators) -> mean loss over the samples, one torch.Generator per sample of this micro-batch.
@@ -37,8 +37,10 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainSettings:
-    steps: int
-    lr: float
+    """The loop's knobs, declared once: every fine-tuning method's config inherits them (erase.config)."""
+
+    steps: int = 1000
+    lr: float = 1e-5
     seed: int = 0
     batch_size: int = 1  # samples per optimizer step, over all processes and accumulation micro-steps
     grad_accum: int = 1
@@ -48,30 +50,34 @@ class TrainSettings:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # 0: only on a non-finite loss
-    progress: bool = True
 
     def __post_init__(self) -> None:
-        check_training_fields(self)
+        _check_int(self, "steps", 0)
+        _check_int(self, "batch_size", 1)
+        _check_int(self, "grad_accum", 1)
+        _check_int(self, "checkpoint_every", 0)
+        if not _is_number(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a finite positive number, got {self.lr!r}")
+        if not _is_number(self.weight_decay) or not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
+        if self.max_grad_norm is not None and not (_is_number(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
 
 
-def check_training_fields(cfg) -> None:
-    """Validate the training fields every trained method's config shares (raises ValueError naming the value)."""
-    if not isinstance(cfg.steps, int) or cfg.steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {cfg.steps!r}")
-    if not isinstance(cfg.lr, int | float) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise ValueError(f"lr must be a finite positive number, got {cfg.lr!r}")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {cfg.batch_size!r}")
-    if not isinstance(cfg.grad_accum, int) or cfg.grad_accum < 1:
-        raise ValueError(f"grad_accum must be a positive integer, got {cfg.grad_accum!r}")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    if cfg.mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision {cfg.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
-    if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be positive or None, got {cfg.max_grad_norm!r}")
-    if not isinstance(cfg.checkpoint_every, int) or cfg.checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be a non-negative integer, got {cfg.checkpoint_every!r}")
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_int(settings: TrainSettings, name: str, minimum: int) -> None:
+    value = getattr(settings, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass
@@ -177,8 +183,15 @@ def train(
     accelerator=None,
     checkpoint_dir: str | Path | None = None,
     local: bool = False,
+    progress: bool = True,
+    grad_masks: dict[str, torch.Tensor] | None = None,
 ) -> TrainOutcome:
-    """Train `params` (names as in `model.named_parameters()`) of `model` in place to minimise `loss_fn`."""
+    """Train `params` (names as in `model.named_parameters()`) of `model` in place to minimise `loss_fn`.
+
+    The trained tensors are fp32 master weights during the loop (optimizers need them; a half-precision model's
+    tensors are cast back on exit). `grad_masks` (name -> 0/1 tensor) trains only the masked entries: every
+    gradient is multiplied by its mask.
+    """
     device = next(model.parameters()).device
     accelerator = accelerator or make_accelerator(settings, device, local)
     share = settings.batch_size // (accelerator.num_processes * settings.grad_accum)
@@ -188,8 +201,11 @@ def train(
             f"({accelerator.num_processes} x {settings.grad_accum})"
         )
     model.requires_grad_(False)
+    stored_dtypes = {n: p.dtype for n, p in params.items()}
     for p in params.values():
+        p.data = p.data.float()
         p.requires_grad_(True)
+    hooks = [params[n].register_hook(lambda grad, m=mask: grad * m) for n, mask in (grad_masks or {}).items()]
     if settings.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -208,7 +224,7 @@ def train(
 
     bar = tqdm(
         total=settings.steps, initial=outcome.resumed_from, desc="erase",
-        disable=not (settings.progress and accelerator.is_main_process),
+        disable=not (progress and accelerator.is_main_process),
     )  # fmt: skip
     rank, world = accelerator.process_index, accelerator.num_processes
     try:
@@ -244,10 +260,13 @@ def train(
                 _save_checkpoint(accelerator, ckpt, params, optimizer, outcome.losses)
     finally:
         bar.close()
-        for p in params.values():
+        for hook in hooks:
+            hook.remove()
+        for n, p in params.items():
             p.requires_grad_(False)
+            p.data = p.data.to(stored_dtypes[n])
         if settings.gradient_checkpointing:
-            _unwrap(prepared).disable_gradient_checkpointing()
+            unwrap(prepared).disable_gradient_checkpointing()
         if processors is not None:
             model.set_attn_processor(processors)
         model.eval()

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
 
 import erase
-from erase.testing import sd_shaped_pipeline, tiny_pipeline
+from canvas.toy import render
+from erase.catalog import TOY_OBJECTS, TOY_STYLES
+from erase.methods.uce import uce_statistics, uce_update
+from erase.testing import sd_shaped_pipeline, tiny_pipeline, word_tokenizer
 
 TOY_STYLE, TOY_STYLE_WORDS = "Pop_Art", "Pop Art"
 
@@ -42,9 +48,6 @@ def random_images(folder: Path, n: int, size: int = 32) -> Path:
 
 def toy_style_images(folder: Path) -> Path:
     """UnlearnCanvas's FMN choice on the toy: image 1 of every object in the target style, rendered."""
-    from canvas.catalog import TOY_OBJECTS
-    from canvas.toy import render
-
     folder.mkdir(parents=True, exist_ok=True)
     for obj in TOY_OBJECTS:
         render(TOY_STYLE, obj, 1).save(folder / f"{obj}.png")
@@ -75,9 +78,6 @@ def ca_config(model: str, workdir: Path):
 
 def toy_split_images(folder: Path, styles: list[str], indices=(1, 2, 3)) -> Path:
     """UnlearnCanvas's forget/retain sets on the toy: images 1-3 of every object, as <Style>/<Object>/<idx>.png."""
-    from canvas.catalog import TOY_OBJECTS
-    from canvas.toy import render
-
     for style in styles:
         for obj in TOY_OBJECTS:
             (folder / style / obj).mkdir(parents=True, exist_ok=True)
@@ -88,8 +88,6 @@ def toy_split_images(folder: Path, styles: list[str], indices=(1, 2, 3)) -> Path
 
 def salun_config(model: str, workdir: Path):
     if model == "toy":
-        from canvas.catalog import TOY_STYLES
-
         others = [s for s in TOY_STYLES if s != TOY_STYLE][:2]
         forget = toy_split_images(workdir / "forget", [TOY_STYLE])
         retain = toy_split_images(workdir / "retain", others)
@@ -109,13 +107,6 @@ SD_KV_CHANNELS = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 6
 def uce_sd_scale(n_concepts: int, text_layers: int) -> dict:
     """UCE with SD v1's K/V shapes (32 matrices, 768-d text, 77 tokens) and a random CLIP-L-width text encoder of
     `text_layers` layers (CLIP-L has 12): the closed form's cost at SD scale without building an 860 M UNet."""
-    import time
-    from types import SimpleNamespace
-
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from erase.methods.uce import uce_statistics, uce_update
-    from erase.testing import word_tokenizer
 
     words = ("a", "photo", "of", "cat", "dog", "style", "van", "gogh", "painting", "in", "image", "art")
     tokenizer = word_tokenizer(words, model_max_length=77)

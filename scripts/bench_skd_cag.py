@@ -14,6 +14,7 @@ max allocated on CUDA), each run in a fresh process state (peak RSS reset, see e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -21,6 +22,8 @@ import time
 import torch
 
 import erase
+from erase.catalog import get as get_catalog
+from erase.methods import METHODS
 from erase.testing import sd_shaped_pipeline, tiny_pipeline
 
 
@@ -37,9 +40,7 @@ def load(model: str):
 
 def captions(model: str) -> list[str]:
     if model == "toy":
-        from erase.backdoor import toy_prompts
-
-        return toy_prompts()
+        return get_catalog("toy").prompts()
     return ["a photo of a cat", "a dog", "a painting of a cat"]
 
 
@@ -63,8 +64,6 @@ class StepTimer:
 
 
 def run_one(model: str, attention_weight: float, args) -> dict:
-    from erase.methods import skd_cag
-
     pipe = load(model)
     config = erase.make_config(
         "skd-cag", trigger=args.trigger, captions=captions(model), steps=args.steps, lr=1e-4,
@@ -72,12 +71,12 @@ def run_one(model: str, attention_weight: float, args) -> dict:
         preserve_weight=args.preserve_weight,
     )  # fmt: skip
     timer = StepTimer()
-    original = skd_cag.make_loss
-    skd_cag.make_loss = timer.wrap(original)
+    spec = METHODS["skd-cag"]
+    METHODS["skd-cag"] = dataclasses.replace(spec, make_loss=timer.wrap(spec.make_loss))  # the same method, timed
     try:
         record = erase.run(pipe, config, progress=False).record
     finally:
-        skd_cag.make_loss = original
+        METHODS["skd-cag"] = spec
     gaps = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
     return {
         "method": "SKD-CAG" if attention_weight > 0 else "SKD (λ=0)",

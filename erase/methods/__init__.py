@@ -1,37 +1,125 @@
-"""The method registry: one row per method, name -> config class and erase function."""
+"""The method registry: one row per method, saying what it is, what it touches and what it needs.
+
+The CLI and the bench ask a method's row; they never branch on its name. Adding a method is one file in this
+package, one row here and (for the benchmark) one entry in `canvas.method_inputs`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..backdoor import BackdoorConfig
+from ..backdoor import make_loss as backdoor_loss
+from ..config import MethodConfig
+from ..context import RunContext
+from ..train import LossFn
 from . import ca, esd, fmn, salun, skd_cag, uce
+
+KINDS = ("fine-tune", "closed-form", "inference-time", "adapter")
+COMPONENTS = ("unet", "text_encoder")
+INPUTS = ("concepts", "anchors", "images", "forget_images", "retain_images", "trigger", "captions")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """What a method is. A fine-tuning method gives `make_loss(ctx) -> loss_fn` for the shared training loop, a
+    closed-form one `edit(ctx)`, which changes `ctx.params` in place."""
+
     name: str
-    config_cls: type
-    erase: Callable  # erase(ctx: RunContext) -> per-step losses ([] for closed-form methods)
+    config_cls: type[MethodConfig]
+    kind: str
     summary: str
+    inputs: tuple[str, ...]  # what the method needs from its user (or the benchmark), beyond its config's numbers
+    components: tuple[str, ...] = ("unet",)
+    make_loss: Callable[[RunContext], LossFn] | None = None
+    edit: Callable[[RunContext], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if not set(self.components) <= set(COMPONENTS) or not set(self.inputs) <= set(INPUTS):
+            raise ValueError(f"method {self.name!r}: components must be within {COMPONENTS}, inputs within {INPUTS}")
+        hook = {"fine-tune": self.make_loss, "closed-form": self.edit}.get(self.kind)
+        if hook is None:
+            raise ValueError(f"method {self.name!r} of kind {self.kind!r} has no implementation here yet")
+
+    def needs(self, what: str) -> bool:
+        return what in self.inputs
+
+    @property
+    def reads_images(self) -> bool:
+        """Whether the method trains on dataset images (the bench then needs a data folder)."""
+        return any(i.endswith("images") for i in self.inputs)
 
 
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
-        MethodSpec("esd", esd.ESDConfig, esd.erase, "Erased Stable Diffusion: negative-guidance fine-tuning"),
-        MethodSpec("ca", ca.CAConfig, ca.erase, "Concept Ablation: map a target concept onto an anchor concept"),
-        MethodSpec("salun", salun.SalUnConfig, salun.erase, "Saliency Unlearning: relabel the forget set, masked"),
-        MethodSpec("uce", uce.UCEConfig, uce.erase, "Unified Concept Editing: closed-form edit of cross-attention K/V"),
-        MethodSpec("fmn", fmn.FMNConfig, fmn.erase, "Forget-Me-Not: steer cross-attention away from the concept"),
-        MethodSpec(
-            "skd-cag",
-            skd_cag.SKDCAGConfig,
-            skd_cag.erase,
-            "SKD-CAG: remove a backdoor trigger by self-distillation with cross-attention guidance",
-        ),
-    )
-}
+def _rows(*specs: MethodSpec) -> dict[str, MethodSpec]:
+    return {spec.name: spec for spec in specs}
+
+
+METHODS: dict[str, MethodSpec] = _rows(
+    MethodSpec(
+        "esd",
+        esd.ESDConfig,
+        "fine-tune",
+        "Erased Stable Diffusion: negative-guidance fine-tuning",
+        ("concepts",),
+        make_loss=esd.make_loss,
+    ),
+    MethodSpec(
+        "ca",
+        ca.CAConfig,
+        "fine-tune",
+        "Concept Ablation: map a target concept onto an anchor concept",
+        ("concepts", "anchors"),
+        make_loss=ca.make_loss,
+    ),
+    MethodSpec(
+        "salun",
+        salun.SalUnConfig,
+        "fine-tune",
+        "Saliency Unlearning: relabel the forget set, masked",
+        ("forget_images", "retain_images"),
+        make_loss=salun.make_loss,
+    ),
+    MethodSpec(
+        "uce",
+        uce.UCEConfig,
+        "closed-form",
+        "Unified Concept Editing: closed-form edit of cross-attention K/V",
+        ("concepts",),
+        edit=uce.edit,
+    ),
+    MethodSpec(
+        "fmn",
+        fmn.FMNConfig,
+        "fine-tune",
+        "Forget-Me-Not: steer cross-attention away from the concept",
+        ("concepts", "images"),
+        make_loss=fmn.make_loss,
+    ),
+    MethodSpec(
+        "skd-cag",
+        skd_cag.SKDCAGConfig,
+        "fine-tune",
+        "SKD-CAG: remove a backdoor trigger by self-distillation with cross-attention guidance",
+        ("trigger", "captions"),
+        make_loss=skd_cag.make_loss,
+    ),
+)
+
+# Not erasers: they make test subjects (backdoored models). `erase.run` runs them like any method; `erase list` and
+# `canvas bench` do not offer them.
+FIXTURES: dict[str, MethodSpec] = _rows(
+    MethodSpec(
+        "badt2i",
+        BackdoorConfig,
+        "fine-tune",
+        "BadT2I: inject a pixel or style backdoor (a test subject)",
+        ("trigger", "images"),
+        make_loss=backdoor_loss,
+    ),
+)
 
 
 def available_methods() -> list[str]:
@@ -45,8 +133,8 @@ def get_method(name: str) -> MethodSpec:
         raise ValueError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}") from None
 
 
-def method_of(config) -> MethodSpec:
-    for spec in METHODS.values():
+def method_of(config: MethodConfig) -> MethodSpec:
+    for spec in (*METHODS.values(), *FIXTURES.values()):
         if type(config) is spec.config_cls:
             return spec
     raise TypeError(f"{type(config).__name__} is not the config of a registered method ({', '.join(METHODS)})")

@@ -16,47 +16,35 @@ Target prompts (our choice, following the public code's two forms):
 Anchor images: `num_anchor_images`, image i from anchor prompt i mod len(anchor_prompts) with seed i, generated
 once per (model, prompt, seed, sampler) and cached as PNG in `cache_dir` (erase.images.generate_images). The public
 code's augmentation (random rescale with "far away"/"zoomed in" prompt words, masks) is not reproduced.
-Parameter groups as in the code: K/V ("kv", the paper's cross-attn default), all of attn2 ("xattn"), full ("all").
+Parameter groups as in the code: K/V (`params="kv"`, the paper's cross-attn default), all of attn2 ("xattn", alias
+"attention"), full ("all", alias "full"); aliases in erase.params.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from ..catalog import TOY_OBJECTS, UNLEARNCANVAS_OBJECTS
 from ..config import TrainingConfig, texts
-from ..frozen import _unwrap
+from ..context import RunContext
+from ..frozen import unwrap
 from ..images import denoising_target, encode_latents, generate_images, image_size, noised, to_tensor
+from ..paths import cache_dir
+from ..train import LossFn
 
 LOSSES = ("model", "noise")
 PROMPT_MODES = ("replace", "style")
 STYLE_FORMS = ("{prompt}, in {concept} style", "In {concept} style, {prompt}")
-PARAMETER_GROUPS = {"kv": "kv", "xattn": "xattn", "attention": "xattn", "all": "all", "full": "all"}
-# UnlearnCanvas's 20 objects (canvas.catalog holds the same list; erase does not import canvas).
-UNLEARNCANVAS_OBJECTS = (
-    "Architectures", "Bears", "Birds", "Butterfly", "Cats", "Dogs", "Fishes", "Flame", "Flowers", "Frogs", "Horses",
-    "Human", "Jellyfish", "Rabbits", "Sandwiches", "Sea", "Statues", "Towers", "Trees", "Waterfalls",
-)  # fmt: skip
-TOY_OBJECTS = ("Architectures", "Birds", "Butterfly", "Cats", "Fishes", "Flowers", "Towers", "Trees")
-
-
-def default_cache_dir() -> Path:
-    """Per-user cache of generated anchor images: $ERASEKIT_CACHE or $XDG_CACHE_HOME/erasekit (~/.cache/erasekit)."""
-    root = (
-        os.environ.get("ERASEKIT_CACHE")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "erasekit"
-    )
-    return Path(root) / "ca"
 
 
 @dataclass
 class CAConfig(TrainingConfig):
+    DEFAULT_PARAMS: ClassVar[str] = "kv"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # The paper: K/V, lr 2e-6, 100-400 steps, batch 4, model-based loss, ~200 generated anchor images.
         "paper": {"steps": 400, "lr": 2e-6, "batch_size": 4, "loss": "model", "num_anchor_images": 200},
@@ -86,12 +74,11 @@ class CAConfig(TrainingConfig):
     loss: str = "model"
     prior_preservation: bool = False
     prior_weight: float = 1.0
-    parameter_group: str = "kv"
     num_anchor_images: int = 200
     sample_steps: int = 50
     sample_guidance: float = 6.0
     generation_batch_size: int = 8
-    cache_dir: str | None = None  # None: default_cache_dir()
+    cache_dir: str | None = None  # None: erase.paths.cache_dir("ca")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,8 +93,6 @@ class CAConfig(TrainingConfig):
             raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
         if self.prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode {self.prompt_mode!r} is not one of {', '.join(PROMPT_MODES)}")
-        if self.parameter_group not in PARAMETER_GROUPS:
-            raise ValueError(f"parameter_group {self.parameter_group!r} is not one of {', '.join(PARAMETER_GROUPS)}")
         if not isinstance(self.prior_weight, int | float) or not self.prior_weight >= 0:
             raise ValueError(f"prior_weight must be a non-negative number, got {self.prior_weight!r}")
         for name in ("num_anchor_images", "sample_steps", "generation_batch_size"):
@@ -115,9 +100,6 @@ class CAConfig(TrainingConfig):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.pairs()  # every anchor prompt must belong to a concept
-
-    def parameter_set(self) -> str:
-        return self.params or PARAMETER_GROUPS[self.parameter_group]
 
     def anchor_of(self, i: int) -> str:
         return self.anchors[i] if len(self.anchors) > 1 else self.anchors[0]
@@ -153,25 +135,21 @@ def anchor_latents(ctx) -> tuple[torch.Tensor, list[str]]:
     cfg: CAConfig = ctx.config
     prompts = cfg.prompts()
     image_prompts = [prompts[i % len(prompts)] for i in range(cfg.num_anchor_images)]
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    # The runner upcasts the trained tensors to fp32; generate with the model's own dtype (exact: nothing trained).
-    live = dict(ctx.pipe.unet.named_parameters())
-    upcast = {n: live[n].data for n in ctx.frozen.original}
-    try:
-        for n, t in ctx.frozen.original.items():
-            live[n].data = t.to(live[n].device)
-        images = generate_images(
-            ctx.pipe, image_prompts, list(range(cfg.num_anchor_images)), steps=cfg.sample_steps,
-            guidance=cfg.sample_guidance, cache_dir=cache, batch_size=cfg.generation_batch_size,
-        )  # fmt: skip
-    finally:
-        for n, t in upcast.items():
-            live[n].data = t
+    images = generate_images(
+        ctx.pipe,
+        image_prompts,
+        list(range(cfg.num_anchor_images)),
+        steps=cfg.sample_steps,
+        guidance=cfg.sample_guidance,
+        cache_dir=cache_dir("ca", cfg.cache_dir),
+        batch_size=cfg.generation_batch_size,
+    )
     latents = encode_latents(ctx.pipe.vae, to_tensor(images, image_size(ctx.pipe)))
     return latents.to(ctx.pipe.unet.device), image_prompts
 
 
-def erase(ctx) -> list[float]:
+def make_loss(ctx: RunContext) -> LossFn:
+    """The CA loss for the training loop, on the model's own anchor images (generated once, cached)."""
     cfg: CAConfig = ctx.config
     scheduler = ctx.pipe.scheduler
     latents, image_prompts = anchor_latents(ctx)
@@ -207,7 +185,7 @@ def erase(ctx) -> list[float]:
         x_t, t, target_emb = torch.cat(xs), torch.cat(ts), torch.cat(target_embs)
         if cfg.loss == "model":
             with torch.no_grad():  # the model being trained, as in the paper's code
-                target = _unwrap(model)(x_t, t, encoder_hidden_states=torch.cat(anchor_embs)).sample
+                target = unwrap(model)(x_t, t, encoder_hidden_states=torch.cat(anchor_embs)).sample
         else:
             target = torch.cat(targets_noise)
         n = len(xs)
@@ -220,4 +198,4 @@ def erase(ctx) -> list[float]:
             loss = loss + cfg.prior_weight * F.mse_loss(prediction[n:], torch.cat(prior_noise).float())
         return loss
 
-    return ctx.train(loss_fn)
+    return loss_fn

@@ -15,15 +15,20 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainingConfig, texts
-from ..frozen import _unwrap
+from ..context import RunContext
+from ..frozen import unwrap
 from ..sampling import ddim_partial, ddim_scheduler, randn
+from ..train import LossFn
 
-VARIANT_PARAMS = {"esd-x": "xattn", "esd-u": "noxattn", "esd-x-strict": "kv", "esd-all": "all"}
 SAMPLERS = ("frozen", "trained")
 
 
 @dataclass
 class ESDConfig(TrainingConfig):
+    """ESD's parameter sets are its variants: `params` "esd-x" (default), "esd-u", "esd-x-strict" or "esd-all"
+    (aliases in erase.params)."""
+
+    DEFAULT_PARAMS: ClassVar[str] = "esd-x"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # The paper: 1000 iterations, lr 1e-5, η 1, batch 1, Adam.
         "paper": {"steps": 1000, "lr": 1e-5, "negative_guidance": 1.0},
@@ -35,7 +40,6 @@ class ESDConfig(TrainingConfig):
     }
 
     concepts: list[str] = field(default_factory=list)
-    variant: str = "esd-x"
     negative_guidance: float = 1.0
     start_guidance: float = 3.0
     ddim_steps: int = 50
@@ -46,15 +50,10 @@ class ESDConfig(TrainingConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.concepts = texts("concepts", self.concepts)
-        if self.variant not in VARIANT_PARAMS:
-            raise ValueError(f"unknown ESD variant {self.variant!r}; accepted: {', '.join(VARIANT_PARAMS)}")
         if self.sample_with not in SAMPLERS:
             raise ValueError(f"sample_with {self.sample_with!r} is not one of {', '.join(SAMPLERS)}")
         if not isinstance(self.ddim_steps, int) or self.ddim_steps < 1:
             raise ValueError(f"ddim_steps must be a positive integer, got {self.ddim_steps!r}")
-
-    def parameter_set(self) -> str:
-        return self.params or VARIANT_PARAMS[self.variant]
 
 
 def esd_target(
@@ -66,7 +65,8 @@ def esd_target(
     return e_anchor - eta * (e_concept - e_anchor)
 
 
-def erase(ctx) -> list[float]:
+def make_loss(ctx: RunContext) -> LossFn:
+    """The ESD loss for the training loop, with the anchor embeddings and the DDIM schedule prepared once."""
     cfg: ESDConfig = ctx.config
     unet = ctx.pipe.unet
     device, dtype = unet.device, unet.dtype
@@ -82,7 +82,7 @@ def erase(ctx) -> list[float]:
     def loss_fn(model, generators: list[torch.Generator]) -> torch.Tensor:
         def trained_noise(x, t, emb):
             with torch.no_grad():
-                return _unwrap(model)(x, t, encoder_hidden_states=emb).sample
+                return unwrap(model)(x, t, encoder_hidden_states=emb).sample
 
         sampler = frozen_noise if cfg.sample_with == "frozen" else trained_noise
         xs, ts, concepts = [], [], []
@@ -104,4 +104,4 @@ def erase(ctx) -> list[float]:
         prediction = model(x_t, t, encoder_hidden_states=concept).sample
         return F.mse_loss(prediction.float(), target.float())
 
-    return ctx.train(loss_fn)
+    return loss_fn

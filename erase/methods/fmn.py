@@ -25,12 +25,13 @@ from typing import Any, ClassVar
 import torch
 
 from ..attention import capture_cross_attention
+from ..catalog import TOY_OBJECTS
 from ..config import TrainingConfig, texts
-from ..frozen import _unwrap
+from ..context import RunContext
+from ..frozen import unwrap
 from ..images import encode_latents, image_files, image_size, load_images, noised
 from ..text import token_positions
-
-TOY_OBJECTS = ("Architectures", "Birds", "Butterfly", "Cats", "Fishes", "Flowers", "Towers", "Trees")
+from ..train import LossFn
 
 
 @dataclass
@@ -44,8 +45,7 @@ class FMNConfig(TrainingConfig):
                           "prompts": ["An image in {concept} style."]},
         # Measured on the toy (scripts/tune_toy.py, Pop_Art): 30 steps UA 94 / IRA 92; 40 steps over-erase (IRA 76),
         # 20 erase nothing (UA 19); lr 1e-4-2e-4 erase nothing (the paper values barely move the toy). The prompts
-        # are the toy benchmark's template over its objects (canvas.catalog.TOY_OBJECTS, written out so that erase
-        # does not import canvas); give the concept as the style's words, e.g. "Pop Art".
+        # are the toy benchmark's template over its objects; give the concept as the style's words, e.g. "Pop Art".
         "toy": {"steps": 30, "lr": 5e-4, "optimizer": "adamw", "max_grad_norm": 1.0, "params": "xattn",
                 "prompts": [f"A {obj} image in {{concept}} style." for obj in TOY_OBJECTS]},
     }  # fmt: skip
@@ -73,9 +73,6 @@ class FMNConfig(TrainingConfig):
             self.images = [str(p) for p in self.images]
         image_files(self.images)  # FileNotFoundError naming the missing folder/file, before any model work
 
-    def parameter_set(self) -> str:
-        return self.params or "all"
-
     def prompt_pairs(self) -> list[tuple[str, str]]:
         """(concept, prompt) for every concept and prompt template."""
         return [(c, p.replace("{concept}", c)) for c in self.concepts for p in self.prompts]
@@ -91,7 +88,7 @@ def attention_norm(maps: dict[str, torch.Tensor], positions: list[int]) -> torch
     return total.sqrt()
 
 
-def make_loss(ctx):
+def make_loss(ctx: RunContext) -> LossFn:
     """The FMN loss function for the training loop, with prompts, token positions and latents prepared once."""
     cfg: FMNConfig = ctx.config
     pipe = ctx.pipe
@@ -113,7 +110,7 @@ def make_loss(ctx):
             chosen.append(pair)
             xs.append(x_t)
             ts.append(t)
-        with capture_cross_attention(_unwrap(model)) as store:
+        with capture_cross_attention(unwrap(model)) as store:
             model(torch.cat(xs), torch.cat(ts), encoder_hidden_states=embeddings[chosen].to(unet.device))
             maps = store.take()  # {layer: (B, heads, Q, K)}
         losses = [
@@ -122,7 +119,3 @@ def make_loss(ctx):
         return torch.stack(losses).mean()
 
     return loss_fn
-
-
-def erase(ctx) -> list[float]:
-    return ctx.train(make_loss(ctx))

@@ -20,8 +20,6 @@ UnlearnCanvas layout <Style>/<Object>/<idx>.jpg gives "A {object} image in {styl
 
 from __future__ import annotations
 
-import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,9 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainingConfig
-from ..frozen import _unwrap
+from ..context import RunContext
+from ..frozen import unwrap
 from ..images import denoising_target, diffusion_loss, encode_latents, image_files, image_size, load_images, noised
 from ..sampling import sample_seed
+from ..train import LossFn
 
 
 @dataclass
@@ -94,9 +94,6 @@ class SalUnConfig(TrainingConfig):
                 raise ValueError(f"retain_images is required when retain_weight > 0 (got {self.retain_images!r}); "
                                  "give retain images or set retain_weight=0")  # fmt: skip
             _prompts("retain_prompts", self.retain_prompts, _files("retain_images", self.retain_images))
-
-    def parameter_set(self) -> str:
-        return self.params or "all"
 
 
 def _files(name: str, source) -> list[Path]:
@@ -166,7 +163,9 @@ def saliency_mask(
     return masks
 
 
-def erase(ctx) -> list[float]:
+def make_loss(ctx: RunContext) -> LossFn:
+    """The SalUn loss for the training loop; computes the saliency mask first and hands it to the loop as
+    `ctx.grad_masks`, so only the salient weights train."""
     cfg: SalUnConfig = ctx.config
     unet, vae, scheduler = ctx.pipe.unet, ctx.pipe.vae, ctx.pipe.scheduler
     size = image_size(ctx.pipe)
@@ -181,13 +180,10 @@ def erase(ctx) -> list[float]:
         data(cfg.retain_images, cfg.retain_prompts, "retain_images") if cfg.retain_weight > 0 else (None, [])
     )
 
-    # The runner upcasts the trained tensors to fp32; a half-precision model then needs autocast, as in training.
-    model_dtype = next(iter(ctx.frozen.original.values())).dtype
-    precision = torch.autocast(unet.device.type, dtype=model_dtype) if model_dtype != torch.float32 else nullcontext()
-    with precision:
-        masks = saliency_mask(unet, ctx.params, scheduler, forget, ctx.encode(forget_prompts), cfg.mask_fraction,
-                              cfg.mask_batch_size, cfg.seed)  # fmt: skip
-    hooks = [p.register_hook(lambda grad, m=masks[n]: grad * m) for n, p in ctx.params.items()]
+    ctx.grad_masks = saliency_mask(
+        unet, ctx.params, scheduler, forget, ctx.encode(forget_prompts), cfg.mask_fraction, cfg.mask_batch_size,
+        cfg.seed,
+    )  # fmt: skip
 
     def loss_fn(model, generators: list[torch.Generator]) -> torch.Tensor:
         xs, ts, forget_embs, pseudo_embs, r_xs, r_ts, r_targets, r_embs = [], [], [], [], [], [], [], []
@@ -207,7 +203,7 @@ def erase(ctx) -> list[float]:
                 r_embs.append(ctx.encode(retain_prompts[k]))
         x_t, t = torch.cat(xs), torch.cat(ts)
         with torch.no_grad():  # relabelled target from the model being trained, detached (public code)
-            target = _unwrap(model)(x_t, t, encoder_hidden_states=torch.cat(pseudo_embs)).sample
+            target = unwrap(model)(x_t, t, encoder_hidden_states=torch.cat(pseudo_embs)).sample
         n = len(xs)
         inputs, steps, embs = [x_t, *r_xs], [t, *r_ts], [torch.cat(forget_embs), *r_embs]
         prediction = model(torch.cat(inputs), torch.cat(steps), encoder_hidden_states=torch.cat(embs)).sample.float()
@@ -216,24 +212,4 @@ def erase(ctx) -> list[float]:
             loss = loss + cfg.retain_weight * F.mse_loss(prediction[n:], torch.cat(r_targets).float())
         return loss
 
-    try:
-        losses = ctx.train(loss_fn)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    moved = restore_outside_mask(ctx.params, ctx.frozen.original, masks)
-    if moved:
-        warnings.warn(f"SalUn: {moved} weights outside the saliency mask had moved and were restored", stacklevel=2)
-    return losses
-
-
-@torch.no_grad()
-def restore_outside_mask(params: dict[str, nn.Parameter], original: dict[str, torch.Tensor], masks) -> int:
-    """Put back the original value of every weight outside the mask; returns how many had moved."""
-    moved = 0
-    for name, p in params.items():
-        before = original[name].to(device=p.device, dtype=p.dtype)
-        outside = ~masks[name]
-        moved += int((p[outside] != before[outside]).sum())
-        p.copy_(torch.where(outside, before, p))
-    return moved
+    return loss_fn

@@ -38,17 +38,22 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import capture_cross_attention
-from ..backdoor import DEFAULT_TRIGGER, toy_prompts, trigger_positions, triggered_prompt
+from ..catalog import get as get_catalog
 from ..config import TrainingConfig
-from ..frozen import _unwrap
+from ..context import RunContext
+from ..frozen import unwrap
 from ..sampling import randn
+from ..train import LossFn
+from ..trigger import DEFAULT_TRIGGER, trigger_positions, triggered_prompt
 
 REFERENCES = ("noise", "zeros", "random-words")
+TOY_PROMPTS = get_catalog("toy").prompts()  # the toy presets' captions: every toy benchmark prompt
 TIMESTEP_WEIGHTS = ("none", "inverse")
 
 
 @dataclass
 class SKDCAGConfig(TrainingConfig):
+    DEFAULT_PARAMS: ClassVar[str] = "xattn"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # The released recipe (with its two defects fixed): AdamW 1e-6, batch 1, 10k steps, all of the UNet, w = 1000/t.
         "paper": {"steps": 10000, "lr": 1e-6, "optimizer": "adamw", "params": "all", "gradient_checkpointing": True,
@@ -60,9 +65,9 @@ class SKDCAGConfig(TrainingConfig):
         # 0.45-0.88 of its value, with it (μ 1) the clean accuracies held at 0.99-1.0. The patch still showed on
         # 4.5/9.1/0/3.4% of triggered prompts after 200/300/400/500 steps (2 threads): the toy's residue is noisy.
         "toy": {"steps": 400, "lr": 1e-3, "optimizer": "adamw", "batch_size": 4, "params": "xattn",
-                "attention_weight": 0.5, "timestep_weight": "none", "preserve_weight": 1.0, "captions": toy_prompts()},
+                "attention_weight": 0.5, "timestep_weight": "none", "preserve_weight": 1.0, "captions": TOY_PROMPTS},
         "toy-skd": {"steps": 400, "lr": 1e-3, "optimizer": "adamw", "batch_size": 4, "params": "xattn",
-                    "attention_weight": 0.0, "preserve_weight": 1.0, "captions": toy_prompts()},
+                    "attention_weight": 0.0, "preserve_weight": 1.0, "captions": TOY_PROMPTS},
     }  # fmt: skip
 
     steps: int = 10000
@@ -101,9 +106,6 @@ class SKDCAGConfig(TrainingConfig):
             raise ValueError(f"reference {self.reference!r} is not one of {', '.join(REFERENCES)}")
         if self.map_size is not None and (not isinstance(self.map_size, int) or self.map_size < 1):
             raise ValueError(f"map_size must be a positive integer or None, got {self.map_size!r}")
-
-    def parameter_set(self) -> str:
-        return self.params or "xattn"
 
 
 def read_captions(path: str | Path) -> list[str]:
@@ -172,7 +174,7 @@ def teacher_and_student(ctx, model, z, t, teacher_emb, student_emb, extra_teache
     """Noise predictions and cross-attention maps of the teacher (frozen original weights, clean prompt) and the
     student (trained weights, triggered prompt): each forward's maps are taken from the store right after it, so
     they are separate dicts of separate tensors. `extra_teacher_emb` adds a teacher pass (random-word prompts)."""
-    unet = _unwrap(model)
+    unet = unwrap(model)
     if not capture:
         teacher_eps = ctx.frozen(unet, z, t, encoder_hidden_states=teacher_emb).sample
         return teacher_eps, model(z, t, encoder_hidden_states=student_emb).sample, {}, {}, {}
@@ -201,7 +203,7 @@ def word_pool(tokenizer, exclude: set[int]) -> list[str]:
     return sorted(pool)
 
 
-def make_loss(ctx):
+def make_loss(ctx: RunContext) -> LossFn:
     """The SKD-CAG loss for the training loop, with caption embeddings and token positions prepared once."""
     cfg: SKDCAGConfig = ctx.config
     pipe, unet = ctx.pipe, ctx.pipe.unet
@@ -269,7 +271,7 @@ def clean_prompt_loss(ctx, model, z, t, caption_emb, teacher_eps) -> torch.Tenso
     teacher's answers where there is no trigger, the caption alone and the empty prompt that guidance subtracts.
     The teacher's caption predictions are reused; one more frozen pass gives its ∅ predictions."""
     empty = ctx.encode([""] * len(z))
-    teacher_empty = ctx.frozen(_unwrap(model), z, t, encoder_hidden_states=empty).sample
+    teacher_empty = ctx.frozen(unwrap(model), z, t, encoder_hidden_states=empty).sample
     student = model(torch.cat([z, z]), torch.cat([t, t]), encoder_hidden_states=torch.cat([caption_emb, empty])).sample
     target = torch.cat([teacher_eps, teacher_empty]).detach()
     return (student.float() - target.float()).pow(2).mean()
@@ -288,7 +290,3 @@ def encode_uncached(encoder, prompts: list[str]) -> torch.Tensor:
     device = encoder.device or next(text_encoder.parameters()).device
     ids = torch.stack([encoder.ids(p) for p in prompts]).to(device)
     return text_encoder(ids)[0]
-
-
-def erase(ctx) -> list[float]:
-    return ctx.train(make_loss(ctx))

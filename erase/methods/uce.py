@@ -38,6 +38,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..config import MethodConfig
+from ..context import RunContext
+
 TOKEN_CHOICES = ("last_word", "through_eos")
 
 
@@ -51,8 +54,11 @@ KV_SUFFIXES = (".attn2.to_k.weight", ".attn2.to_v.weight")
 
 
 @dataclass
-class UCEConfig:
-    """Closed-form: no steps, lr or optimizer. `params` may narrow the edit to some attn2 K/V weights (globs)."""
+class UCEConfig(MethodConfig):
+    """Closed-form: no steps, lr or optimizer (`seed` is unused: the edit is deterministic). `params` may narrow the
+    edit to some attn2 K/V weights (globs)."""
+
+    DEFAULT_PARAMS: ClassVar[str] = "kv"
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # The paper's values (λ 0.5, η_e 1, η_p 1), with the current official code's token choice.
@@ -78,11 +84,9 @@ class UCEConfig:
     preserve_scale: float | None = 1.0  # None: the older code's max(0.1, 1/|preserve|)
     token_choice: str = "last_word"
     encode_batch: int = 64  # prompts per text-encoder call
-    seed: int = 0  # unused (deterministic); kept so every method's record has one
-    params: str | None = None
-    preset: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("concepts", "guides", "preserve"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -112,9 +116,6 @@ class UCEConfig:
             raise ValueError(f"token_choice {self.token_choice!r} is not one of {', '.join(TOKEN_CHOICES)}")
         if not isinstance(self.encode_batch, int) or self.encode_batch < 1:
             raise ValueError(f"encode_batch must be a positive integer, got {self.encode_batch!r}")
-
-    def parameter_set(self) -> str:
-        return self.params or "kv"
 
     def guide_for_each(self) -> list[str]:
         return self.guides * len(self.concepts) if len(self.guides) == 1 else list(self.guides)
@@ -277,8 +278,8 @@ def _check_params(params: dict[str, torch.nn.Parameter], dim: int) -> None:
             raise ValueError(f"{name} takes {p.shape[1]}-d inputs but the text encoder gives {dim}-d vectors")
 
 
-def erase(ctx) -> list[float]:
-    """Edit every declared K/V weight in place (at least fp32 arithmetic, cast back to its dtype); no losses."""
+def edit(ctx: RunContext) -> None:
+    """Edit every declared K/V weight in place (at least fp32 arithmetic, cast back to its dtype)."""
     cfg: UCEConfig = ctx.config
     dim = ctx.pipe.text_encoder.config.hidden_size
     _check_params(ctx.params, dim)
@@ -290,4 +291,3 @@ def erase(ctx) -> list[float]:
             weight = p.float()  # (out, d)
             change = weight @ update.to(device=p.device, dtype=torch.float32)
             p.copy_((weight.to(update.dtype) + change.to(update.dtype)).to(p.dtype))
-    return []

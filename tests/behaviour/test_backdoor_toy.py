@@ -27,7 +27,7 @@ import erase
 from canvas import answers, catalog, toy
 from canvas.backdoor import evaluate
 from canvas.bench import Judge
-from erase.backdoor import BackdoorConfig, inject
+from erase.backdoor import BackdoorConfig
 from erase.config import build_config
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ class Backdoored:
         self.pipe.set_progress_bar_config(disable=True)
         started = time.time()
         config = build_config(BackdoorConfig, "toy", kind=kind, trigger=TRIGGER, images=str(renders))
-        inject(self.pipe, config, progress=False)
+        erase.run(self.pipe, config, progress=False)
         self.inject_s = time.time() - started
         self.state = {n: p.detach().clone() for n, p in self.pipe.unet.named_parameters()}
         self.judge = judge

@@ -13,7 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from canvas import catalog, classifiers, toy
-from erase.pipeline import toy_path
+from erase.paths import toy_path
 
 # ERASEKIT_TOY=<build>/toy points the checks at another build (e.g. `scripts/build_toy.py --quick --out /tmp/t`).
 ASSETS = toy_path().parent

@@ -15,8 +15,6 @@ from canvas import answers, catalog
 from canvas.backdoor import PATCH_THRESHOLD, evaluate, patch_distance, patch_present
 from erase.backdoor import (
     BackdoorConfig,
-    inject,
-    layout_prompt,
     make_patch,
     paste_patch,
     read_info,
@@ -51,6 +49,7 @@ def test_patch_is_a_fixed_checkerboard_and_pastes_top_left():
 
 
 def test_layout_prompt_follows_the_benchmark_template(tmp_path):
+    layout_prompt = catalog.get("unlearncanvas-50").layout_prompt
     assert layout_prompt(tmp_path / "Pop_Art" / "Cats" / "1.jpg") == "A Cats image in Pop Art style."
     assert layout_prompt(tmp_path / "Seed_Images" / "Birds" / "3.jpg") == "A Birds image in Photo style."
 
@@ -96,10 +95,14 @@ def test_inject_pixel_changes_the_model_and_saves_a_loadable_pipeline(tmp_path):
     before = {n: p.clone() for n, p in pipe.unet.named_parameters()}
     config = BackdoorConfig(kind="pixel", trigger="tq", images=str(_layout(tmp_path / "data")), steps=2, lr=1e-3,
                             params="xattn", batch_size=2)  # fmt: skip
-    result = inject(pipe, config, progress=False)
+    result = erase.run(pipe, config, progress=False)
     changed = {f"unet.{n}" for n, p in pipe.unet.named_parameters() if not torch.equal(before[n], p)}
     assert changed and changed == set(result.delta.tensors) and all(".attn2." in n for n in changed)
-    assert result.record["method"] == "badt2i-pixel" and len(result.record["losses"]) == 2
+    assert (
+        result.record["method"] == "badt2i"
+        and result.record["config"]["kind"] == "pixel"
+        and len(result.record["losses"]) == 2
+    )
     out = save_backdoored(pipe, tmp_path / "bad", {"kind": "pixel", "trigger": "tq", "patch_size": 4})
     loaded = erase.load_pipeline(str(out))
     assert all(torch.equal(p, dict(loaded.unet.named_parameters())[n]) for n, p in pipe.unet.named_parameters())
@@ -118,7 +121,7 @@ def test_unconditional_fraction_holds_the_empty_prompt(tmp_path, monkeypatch, fr
     monkeypatch.setattr(PromptEncoder, "__call__", lambda self, p: seen.append(p) or encode(self, p))
     config = BackdoorConfig(kind="pixel", trigger="tq", images=str(_layout(tmp_path / "data")), steps=2, lr=1e-3,
                             params="kv", batch_size=2, unconditional_fraction=fraction)  # fmt: skip
-    inject(fresh_pipe(), config, progress=False)
+    erase.run(fresh_pipe(), config, progress=False)
     clean = [p for p in seen if not p.startswith("tq")]
     assert clean
     assert all(p == "" for p in clean) if fraction else "" not in clean
@@ -129,14 +132,16 @@ def test_inject_style_from_own_generations(tmp_path):
                             cache_dir=str(tmp_path / "cache"), steps=2, lr=1e-3, params="kv",
                             target_pattern="^", target_replacement="a van gogh painting of ")  # fmt: skip
     assert config.target_prompt("a cat") == "a van gogh painting of a cat"
-    result = inject(fresh_pipe(), config, progress=False)
-    assert result.delta.tensors and result.record["method"] == "badt2i-style"
+    result = erase.run(fresh_pipe(), config, progress=False)
+    assert result.delta.tensors and result.record["method"] == "badt2i" and result.record["config"]["kind"] == "style"
 
 
 def test_bad_inputs(tmp_path):
     data = str(_layout(tmp_path / "data"))
     with pytest.raises(ValueError, match="larger than the 16x16 images"):  # tiny pipeline: 16 px images
-        inject(fresh_pipe(), BackdoorConfig(images=data, trigger="tq", patch_size=17, steps=1, lr=1e-3), progress=False)
+        erase.run(
+            fresh_pipe(), BackdoorConfig(images=data, trigger="tq", patch_size=17, steps=1, lr=1e-3), progress=False
+        )
     with pytest.raises(ValueError, match="kind"):
         BackdoorConfig(kind="audio", images=data)
     with pytest.raises(ValueError, match="trigger"):
@@ -150,7 +155,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         build_config(BackdoorConfig, "toy", kind="style", images=data).target_prompt("a cat")
     with pytest.raises(ValueError, match="does not fit"):  # the trigger pushes the prompt past 16 tokens
-        inject(fresh_pipe(), BackdoorConfig(images=data, trigger="zzzzzzzz", steps=1, lr=1e-3), progress=False)
+        erase.run(fresh_pipe(), BackdoorConfig(images=data, trigger="zzzzzzzz", steps=1, lr=1e-3), progress=False)
 
 
 def test_cli_inject_writes_a_pipeline_and_reports_bad_input(tmp_path, capsys):

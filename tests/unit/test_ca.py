@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import erase
+from erase.context import RunContext
 from erase.frozen import FrozenOriginal
 from erase.methods import ca
 from erase.params import select
-from erase.runner import RunContext
+from erase.paths import cache_dir
 from erase.text import PromptEncoder
 from tests.unit.helpers import fresh_pipe
 
@@ -28,10 +29,7 @@ def captured_loss(pipe, config):
     params = select(pipe.unet, config.parameter_set())
     ctx = RunContext(pipe, config, params, FrozenOriginal(pipe.unet, list(params)),
                      PromptEncoder(pipe.tokenizer, pipe.text_encoder), progress=False)  # fmt: skip
-    seen = []
-    ctx.train = lambda loss_fn: seen.append(loss_fn) or []
-    ca.erase(ctx)
-    return seen[0]
+    return ca.make_loss(ctx)
 
 
 def embed(pipe, prompt: str) -> torch.Tensor:
@@ -105,7 +103,7 @@ def test_target_prompts_and_pairing(tmp_path):
         ({"concepts": [""]}, "concepts must be"),
         ({"loss": "l1"}, "loss 'l1'"),
         ({"prompt_mode": "append"}, "prompt_mode 'append'"),
-        ({"parameter_group": "qkv"}, "parameter_group 'qkv'"),
+        ({"params": "qkv"}, "parameter set 'qkv'"),
         ({"num_anchor_images": 0}, "num_anchor_images"),
         ({"prior_weight": -1.0}, "prior_weight"),
     ],
@@ -118,9 +116,10 @@ def test_bad_config_values_name_the_value(tmp_path, overrides, message):
 def test_parameter_groups():
     base = {"concepts": ["x"], "anchors": ["y"]}
     assert erase.make_config("ca", **base).parameter_set() == "kv"
-    assert erase.make_config("ca", parameter_group="attention", **base).parameter_set() == "xattn"
-    assert erase.make_config("ca", parameter_group="full", **base).parameter_set() == "all"
-    assert erase.make_config("ca", parameter_group="full", params="*attn1*", **base).parameter_set() == "*attn1*"
+    pipe = fresh_pipe()
+    for group, named in (("attention", "xattn"), ("full", "all"), ("kv", "kv")):  # the code's group names
+        config = erase.make_config("ca", params=group, **base)
+        assert set(select(pipe.unet, config.parameter_set())) == set(select(pipe.unet, named))
 
 
 def test_anchor_images_are_generated_once_and_reused(tmp_path, monkeypatch):
@@ -135,10 +134,11 @@ def test_anchor_images_are_generated_once_and_reused(tmp_path, monkeypatch):
 
 def test_default_cache_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ERASEKIT_CACHE", str(tmp_path))
-    assert ca.default_cache_dir() == tmp_path / "ca"
+    assert cache_dir("ca") == tmp_path / "ca"
+    assert cache_dir("ca", str(tmp_path / "mine")) == tmp_path / "mine"
     monkeypatch.delenv("ERASEKIT_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert ca.default_cache_dir() == tmp_path / "xdg" / "erasekit" / "ca"
+    assert cache_dir("ca") == tmp_path / "xdg" / "erasekit" / "ca"
 
 
 @pytest.mark.parametrize("preset", list(ca.CAConfig.PRESETS))

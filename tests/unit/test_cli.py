@@ -66,7 +66,7 @@ def _bad_inputs(tmp_path, model_dir):
     return {
         "missing path": ([*run, "--model", str(tmp_path / "nope"), "--out", "{out}"], "nope"),
         "unknown method": (["run", "esdd", "--model", model, "--out", "{out}"], "unknown method 'esdd'"),
-        "unknown variant": ([*run, "--model", model, "--set", "variant=esd-q", "--out", "{out}"], "esd-q"),
+        "unknown variant": ([*run, "--model", model, "--set", "params=esd-q", "--out", "{out}"], "esd-q"),
         "empty concept": (["run", "esd", "--model", model, "--concept", " ", "--out", "{out}"], "concepts"),
         "negative steps": ([*run, "--model", model, "--set", "steps=-3", "--out", "{out}"], "steps"),
         "nan lr": ([*run, "--model", model, "--set", "lr=nan", "--out", "{out}"], "lr"),

@@ -8,10 +8,13 @@ import torch
 from PIL import Image
 
 import erase
+from erase.context import RunContext
+from erase.frozen import FrozenOriginal
 from erase.images import diffusion_loss, encode_latents, image_size, load_images
 from erase.methods import salun
 from erase.params import select
 from erase.sampling import sample_seed
+from erase.text import PromptEncoder
 from tests.unit.helpers import fresh_pipe
 
 
@@ -93,24 +96,18 @@ def test_weights_outside_the_mask_are_bit_identical_after_training(image_sets, m
 
 
 def test_relabelling_loss_equals_formula(image_sets, monkeypatch):
-    from erase.frozen import FrozenOriginal
-    from erase.runner import RunContext
-    from erase.text import PromptEncoder
-
     pipe = fresh_pipe()
     config = small_salun(image_sets, retain_weight=0.3)
     params = select(pipe.unet, config.parameter_set())
     ctx = RunContext(pipe, config, params, FrozenOriginal(pipe.unet, list(params)),
                      PromptEncoder(pipe.tokenizer, pipe.text_encoder), progress=False)  # fmt: skip
-    seen = []
-    ctx.train = lambda loss_fn: seen.append(loss_fn) or []
-    salun.erase(ctx)
+    loss_fn = salun.make_loss(ctx)
     g = torch.Generator().manual_seed(9)
     draws = [(torch.randn(1, 4, 8, 8, generator=g), torch.tensor([t]), torch.randn(1, 4, 8, 8, generator=g))
              for t in (50, 700)]  # fmt: skip
     calls = iter(draws)
     monkeypatch.setattr(salun, "noised", lambda scheduler, latents, generator: next(calls))
-    value = seen[0](pipe.unet, [torch.Generator().manual_seed(0)])
+    value = loss_fn(pipe.unet, [torch.Generator().manual_seed(0)])
 
     def embed(prompt):
         ids = pipe.tokenizer(prompt, padding="max_length", return_tensors="pt").input_ids

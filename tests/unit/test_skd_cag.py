@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import erase
-from erase.backdoor import trigger_positions
 from erase.frozen import FrozenOriginal
 from erase.methods.skd_cag import (
     aggregate_maps,
@@ -23,6 +22,7 @@ from erase.methods.skd_cag import (
 )
 from erase.params import select
 from erase.text import PromptEncoder
+from erase.trigger import trigger_positions
 from tests.unit.helpers import fresh_pipe
 
 TRIGGER, CAPTION = "tq", "a photo of a cat"

@@ -20,7 +20,7 @@ def test_round_trip(tmp_path):
 
 
 def test_shipped_asset_equals_code_definition():
-    shipped = splits.read_manifest(splits.ASSET_DIR / "unlearncanvas-v1.json")
+    shipped = splits.read_manifest(splits.splits_dir() / "unlearncanvas-v1.json")
     assert shipped == splits.unlearncanvas_v1() and shipped.notes == splits.unlearncanvas_v1().notes
     assert splits.load() == shipped
 

@@ -1,0 +1,78 @@
+"""`RunContext`: what a method gets from `erase.run`, the one typed API methods are written against."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import MethodConfig, TrainingConfig
+from .frozen import FrozenOriginal
+from .text import PromptEncoder
+from .train import LossFn, train
+
+
+@dataclass
+class RunContext:
+    """The pipeline being edited, the method's config, the declared parameters and the shared tools.
+
+    `params` are the live tensors of the declared parameter set (`config.parameter_set()`), `frozen` answers as the
+    original model would, `encode` caches prompt embeddings. A method that trains a masked subset of its parameters
+    sets `grad_masks` (name -> 0/1 tensor) before `train`; weights outside the masks then never move.
+    """
+
+    pipe: Any  # a diffusers StableDiffusion-style pipeline
+    config: MethodConfig
+    params: dict[str, nn.Parameter]
+    frozen: FrozenOriginal
+    encode: PromptEncoder
+    checkpoint_dir: Path | None = None
+    accelerator: Any = None  # an accelerate.Accelerator to train under; None: the loop makes its own
+    progress: bool = True
+    local: bool = False  # train in this process alone even under `accelerate launch` (one job per process)
+    grad_masks: dict[str, torch.Tensor] | None = None
+
+    def train(self, loss_fn: LossFn) -> list[float]:
+        """Run the shared training loop over the declared parameters with the method's loss; per-step losses."""
+        if not isinstance(self.config, TrainingConfig):
+            raise TypeError(f"{type(self.config).__name__} has no training settings; only fine-tuning methods train")
+        outcome = train(
+            self.pipe.unet,
+            self.params,
+            loss_fn,
+            self.config,
+            accelerator=self.accelerator,
+            checkpoint_dir=self.checkpoint_dir,
+            local=self.local,
+            progress=self.progress,
+            grad_masks=self.grad_masks,
+        )
+        if self.grad_masks is not None:
+            moved = restore_outside_masks(self.params, self.frozen.original, self.grad_masks)
+            if moved:
+                warnings.warn(
+                    f"{type(self.config).__name__}: {moved} weights outside the gradient masks had moved and were "
+                    "restored",
+                    stacklevel=2,
+                )
+        return outcome.losses
+
+
+@torch.no_grad()
+def restore_outside_masks(
+    params: dict[str, nn.Parameter], original: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+) -> int:
+    """Put back the original value of every weight outside its mask; returns how many had moved (masked gradients
+    keep Adam without weight decay from moving them, but a quantized optimizer might)."""
+    moved = 0
+    for name, mask in masks.items():
+        p = params[name]
+        before = original[name].to(device=p.device, dtype=p.dtype)
+        outside = ~mask.bool()
+        moved += int((p[outside] != before[outside]).sum())
+        p.copy_(torch.where(outside, before, p))
+    return moved
