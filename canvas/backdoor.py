@@ -51,21 +51,6 @@ def patch_present(images: torch.Tensor, patch: torch.Tensor, threshold: float = 
     return patch_distance(images, patch) < threshold
 
 
-def bench_values(cat: Catalog, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Config values of a `canvas bench` job of a backdoor-removal method (skd-cag): its target is a trigger, not a
-    style or object, so the trigger must come from `overrides: {skd-cag: {trigger: ...}}` (with a backdoored
-    --model); the bench target then only names the job, and its UA/IRA/CRA measure clean fidelity. Captions default
-    to the catalog's prompts."""
-    if not overrides.get("trigger"):
-        raise ValueError("skd-cag removes a backdoor trigger, not a style or object: give it in the bench config as "
-                         "overrides: {skd-cag: {trigger: 'New Trigger'}} and a backdoored --model; the target only "
-                         "names the job")  # fmt: skip
-    values = dict(overrides)
-    if not values.get("captions") and not values.get("captions_file"):
-        values["captions"] = [cat.prompt(t, o) for t in cat.themes for o in cat.objects]
-    return values
-
-
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], sampler: answers.SamplerPreset,
              batch_size: int = 64) -> torch.Tensor:  # fmt: skip

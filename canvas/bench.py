@@ -23,6 +23,7 @@ from canvas import answers, classifiers, metrics, report
 from canvas import catalog as catalogs
 from canvas.catalog import Catalog
 from canvas.method_inputs import method_inputs
+from erase import get_method, make_config
 from erase.atomic import write_json
 
 
@@ -64,13 +65,8 @@ class BenchConfig:
         answers.preset(self.sampler)
 
 
-DATA_METHODS = ("fmn", "salun")  # methods that read dataset images
-
-
 def job_preset(config: BenchConfig, method: str, kind: str) -> str | None:
     """The preset a job uses: the bench's choice, else `toy` on the toy, else the method's UnlearnCanvas preset."""
-    from erase import get_method
-
     presets = get_method(method).config_cls.PRESETS
     if method in config.presets:
         return config.presets[method]
@@ -81,23 +77,13 @@ def job_preset(config: BenchConfig, method: str, kind: str) -> str | None:
 
 
 def job_config(config: BenchConfig, method: str, target: str):
-    """The erasure config of one job: the target as the method's concept(s), on top of the job's preset.
-
-    skd-cag (backdoor removal) takes no concept: its trigger must be in `overrides` (a clear error otherwise), its
-    captions default to the catalog's prompts, and the bench's --model must be the backdoored model; the target then
-    only names the job, and the job's scores measure clean fidelity (use `canvas backdoor-eval` for removal)."""
-    import erase
-
+    """The erasure config of one job: the method's inputs for the target (canvas.method_inputs; the bench's
+    `overrides` win), on top of the job's preset. Methods that read images get the data set's files."""
     cat = catalogs.get(config.catalog)
     kind = metrics.target_kind(cat, target)
-    if method == "skd-cag":  # removes a backdoor trigger: see canvas.backdoor.bench_values
-        from canvas.backdoor import bench_values
-
-        return erase.make_config(method, job_preset(config, method, kind), **bench_values(cat, config.overrides.get(
-            method, {})))  # fmt: skip
-    data_root = Bench.data_root_of(config, cat) if method in DATA_METHODS else None
-    values: dict[str, Any] = {**method_inputs(method, cat, target, data_root), **config.overrides.get(method, {})}
-    return erase.make_config(method, job_preset(config, method, kind), **values)
+    data_root = Bench.data_root_of(config, cat) if get_method(method).reads_images else None
+    values = method_inputs(method, cat, target, data_root, config.overrides.get(method, {}))
+    return make_config(method, job_preset(config, method, kind), **values)
 
 
 def load_images(paths: list[Path]) -> torch.Tensor:

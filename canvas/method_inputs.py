@@ -7,11 +7,12 @@ given by the user (bench `overrides`) win over these.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from canvas import splits
-from canvas.catalog import Catalog, style_words
+from erase.catalog import Catalog, style_words
 
 
 def concept_text(cat: Catalog, target: str) -> str:
@@ -44,39 +45,85 @@ def _other_object(cat: Catalog, obj: str) -> str:
     return cat.objects[(cat.objects.index(obj) + 1) % len(cat.objects)]
 
 
-def method_inputs(method: str, cat: Catalog, target: str, data_root: Path | None) -> dict[str, Any]:
-    """Config values for `method` erasing `target`."""
+def concept_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Methods that erase text: the target's concept text."""
+    return {"concepts": [concept_text(cat, target)]}
+
+
+def fmn_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """FMN: the target's words inside every benchmark prompt, and its reference images (split role fmn_reference)."""
+    if cat.is_style(target):
+        prompts = [cat.template.format(object=o, style="{concept}") for o in cat.objects]
+    else:
+        prompts = [cat.template.format(object="{concept}", style=style_words(t, cat.photo)) for t in cat.themes]
+    images = _files(data_root, _items(cat, target, splits.load().fmn_reference, forget=True))
+    return {"concepts": [target_words(cat, target)], "images": images, "prompts": prompts}
+
+
+def ca_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """CA: styles map to the photo class (the benchmark prompt with "Photo"), objects to the next object."""
+    if cat.is_style(target):
+        anchor_prompts = [cat.prompt(cat.photo, o) for o in cat.objects]
+        return {"concepts": [target_words(cat, target)], "anchors": ["Photo"], "anchor_prompts": anchor_prompts}
+    anchor = _other_object(cat, target)
+    return {"concepts": [target], "anchors": [anchor], "anchor_prompts": [cat.prompt(t, anchor) for t in cat.themes]}
+
+
+def salun_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """SalUn: forget/retain images of the split role forget_retain; the target relabelled as photo (a style) or as
+    the next object (an object)."""
     roles = splits.load()
     style = cat.is_style(target)
-    words = target_words(cat, target)
-    if method in ("esd", "uce"):
-        return {"concepts": [concept_text(cat, target)]}
-    if method == "fmn":
-        prompts = (
-            [cat.template.format(object=o, style="{concept}") for o in cat.objects]
-            if style
-            else [cat.template.format(object="{concept}", style=style_words(t, cat.photo)) for t in cat.themes]
+    forget = _items(cat, target, roles.forget_retain, forget=True)
+    retain = _items(cat, target, roles.forget_retain, forget=False)
+    pseudo = [cat.prompt(cat.photo, o) if style else cat.prompt(t, _other_object(cat, o)) for t, o, _ in forget]
+    return {
+        "forget_images": _files(data_root, forget),
+        "forget_prompts": [cat.prompt(t, o) for t, o, _ in forget],
+        "pseudo_prompts": pseudo,
+        "retain_images": _files(data_root, retain),
+        "retain_prompts": [cat.prompt(t, o) for t, o, _ in retain],
+    }
+
+
+def backdoor_removal_inputs(
+    cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Backdoor removal (skd-cag): its target is a trigger, not a style or object, so the trigger must be given
+    (bench `overrides: {skd-cag: {trigger: ...}}`, with a backdoored --model); the bench target then only names the
+    job, and its UA/IRA/CRA measure clean fidelity. Captions default to the catalog's prompts (label order)."""
+    if not given.get("trigger"):
+        raise ValueError(
+            "skd-cag removes a backdoor trigger, not a style or object: give it in the bench config as "
+            "overrides: {skd-cag: {trigger: 'New Trigger'}} and a backdoored --model; the target only names the job"
         )
-        images = _files(data_root, _items(cat, target, roles.fmn_reference, forget=True))
-        return {"concepts": [words], "images": images, "prompts": prompts}
-    if method == "ca":
-        # Styles map to the photo class (the benchmark prompt with "Photo" replaced); objects to another object.
-        if style:
-            return {"concepts": [words], "anchors": ["Photo"],
-                    "anchor_prompts": [cat.prompt(cat.photo, o) for o in cat.objects]}  # fmt: skip
-        anchor = _other_object(cat, target)
-        return {
-            "concepts": [target],
-            "anchors": [anchor],
-            "anchor_prompts": [cat.prompt(t, anchor) for t in cat.themes],
-        }
-    if method == "salun":
-        forget = _items(cat, target, roles.forget_retain, forget=True)
-        retain = _items(cat, target, roles.forget_retain, forget=False)
-        pseudo = [cat.prompt(cat.photo, o) if style else cat.prompt(t, _other_object(cat, o)) for t, o, _ in forget]
-        return {
-            "forget_images": _files(data_root, forget), "forget_prompts": [cat.prompt(t, o) for t, o, _ in forget],
-            "pseudo_prompts": pseudo, "retain_images": _files(data_root, retain),
-            "retain_prompts": [cat.prompt(t, o) for t, o, _ in retain],
-        }  # fmt: skip
-    return {"concepts": [concept_text(cat, target)]}
+    if given.get("captions") or given.get("captions_file"):
+        return {}
+    return {"captions": [cat.prompt(t, o) for t in cat.themes for o in cat.objects]}
+
+
+InputsFn = Callable[[Catalog, str, Path | None, Mapping[str, Any]], dict[str, Any]]
+
+# One entry per registered method (tests/unit/test_method_inputs.py checks that none is missing).
+INPUTS: dict[str, InputsFn] = {
+    "esd": concept_inputs,
+    "uce": concept_inputs,
+    "fmn": fmn_inputs,
+    "ca": ca_inputs,
+    "salun": salun_inputs,
+    "skd-cag": backdoor_removal_inputs,
+}
+
+
+def method_inputs(
+    method: str, cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Config values for `method` erasing `target`: the method's entry, then the values the user gave (`given`,
+    the bench's `overrides`), which win."""
+    if method not in INPUTS:
+        raise ValueError(
+            f"method {method!r} has no benchmark inputs (an entry in canvas.method_inputs.INPUTS); "
+            f"methods with inputs: {', '.join(INPUTS)}"
+        )
+    given = dict(given or {})
+    return {**INPUTS[method](cat, target, data_root, given), **given}

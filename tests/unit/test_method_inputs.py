@@ -4,7 +4,7 @@ import pytest
 
 import erase
 from canvas import catalog, toy
-from canvas.method_inputs import method_inputs
+from canvas.method_inputs import INPUTS, method_inputs
 
 CAT = catalog.get("toy")
 
@@ -32,3 +32,13 @@ def test_inputs_make_valid_configs(method, target, data_root):
 def test_concept_words():
     assert method_inputs("esd", CAT, "Pop_Art", None) == {"concepts": ["Pop Art style"]}
     assert method_inputs("ca", CAT, "Pop_Art", None)["concepts"] == ["Pop Art"]
+
+
+def test_every_registered_method_has_benchmark_inputs():
+    assert set(erase.available_methods()) <= set(INPUTS)
+
+
+def test_given_values_win_and_unknown_methods_are_named():
+    assert method_inputs("esd", CAT, "Pop_Art", None, {"concepts": ["mine"]}) == {"concepts": ["mine"]}
+    with pytest.raises(ValueError, match="'nope' has no benchmark inputs"):
+        method_inputs("nope", CAT, "Pop_Art", None)
