@@ -31,10 +31,7 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 def _dtype_kwarg() -> str:
     """diffusers renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns); use whichever it reads."""
-    try:
-        from diffusers.utils import deprecation_utils
-    except ImportError:
-        return "torch_dtype"
+    deprecation_utils = getattr(diffusers.utils, "deprecation_utils", None)
     return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 

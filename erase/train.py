@@ -8,6 +8,8 @@ a resumed run and a run split over several processes draw exactly the same sampl
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import math
 from collections.abc import Callable
@@ -16,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -94,10 +99,6 @@ def make_accelerator(settings: TrainSettings, device: torch.device, local: bool 
     """
     if local:
         return LocalAccelerator(settings, device)
-    from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
-
     if PartialState().num_processes == 1:
         # One process may run many erasures with different precisions; accelerate keeps a process-wide state.
         AcceleratorState._reset_state()
@@ -150,7 +151,7 @@ class LocalAccelerator:
 def _optimizer(settings: TrainSettings, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if settings.optimizer == "adam8bit":
         try:
-            import bitsandbytes as bnb
+            bnb = importlib.import_module("bitsandbytes")  # optional: only this optimizer needs it
         except ImportError:
             raise ValueError("optimizer 'adam8bit' needs bitsandbytes: pip install 'erasekit[gpu]'") from None
         return bnb.optim.Adam8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -166,9 +167,7 @@ def enable_memory_efficient_attention(model: nn.Module) -> bool:
     device = next(model.parameters()).device
     if device.type != "cuda" or not hasattr(model, "enable_xformers_memory_efficient_attention"):
         return False
-    try:
-        import xformers  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("xformers") is None:  # optional
         return False
     model.enable_xformers_memory_efficient_attention()
     return True
