@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from erase.cli import dispatch
+
 
 def _csv(text: str | None) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()] if text else []
@@ -193,9 +195,6 @@ def cmd_splits(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from erase.cli import _quiet_libraries
-
-    _quiet_libraries()
     handler = {
         "bench": cmd_bench,
         "answers": cmd_answers,
@@ -203,15 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "backdoor-eval": cmd_backdoor_eval,
         "toy-renders": cmd_toy_renders,
     }[args.command]
-    try:
-        handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"canvas {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"canvas {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+    return dispatch("canvas", handler, args, (ValueError, FileNotFoundError, FileExistsError))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,24 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "bf16": "bfloat16"}  # fmt: skip
 
 
+MODEL_HELP = "'toy', a diffusers folder, a .safetensors or a .ckpt file"
+
+
 class UsageError(Exception):
     """Bad input: reported as one line with exit code 2."""
+
+
+def _model_arguments(command: argparse.ArgumentParser, help: str) -> None:
+    command.add_argument("--model", required=True, help=help)
+    command.add_argument("--model-config", help="diffusers folder giving the architecture of a single-file checkpoint")
+
+
+def _training_arguments(command: argparse.ArgumentParser) -> None:
+    """What every command that trains takes: config overrides, device, dtype, progress."""
+    command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    command.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    command.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model weights dtype")
+    command.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,21 +44,16 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="erase with a method; writes delta.safetensors, delta.json, record.json")
     run.add_argument("method", help="method name (see `erase list`)")
-    run.add_argument("--model", required=True, help="'toy', a diffusers folder, a .safetensors or a .ckpt file")
-    run.add_argument("--model-config", help="diffusers folder giving the architecture of a single-file checkpoint")
+    _model_arguments(run, MODEL_HELP)
     run.add_argument("--concept", action="append", default=[], help="concept text to erase (repeatable)")
     run.add_argument("--trigger", help="backdoor trigger text to remove (skd-cag)")
     run.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     run.add_argument("--config", help="YAML or JSON file of config fields")
     run.add_argument("--preset", help="named preset of the method (e.g. paper, fast, toy)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    run.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    run.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model weights dtype")
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _training_arguments(run)
 
     apply = sub.add_parser("apply", help="apply a delta and save the complete diffusers pipeline")
-    apply.add_argument("--model", required=True, help="the base model the delta was made on")
-    apply.add_argument("--model-config", help="diffusers folder giving the architecture of a single-file checkpoint")
+    _model_arguments(apply, "the base model the delta was made on")
     apply.add_argument("--delta", required=True, help="folder holding delta.safetensors and delta.json")
     apply.add_argument("--out", required=True, help="output folder for the erased pipeline")
     apply.add_argument("--force", action="store_true", help="apply even if the base model's fingerprint differs")
@@ -51,8 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     backdoor = sub.add_parser("backdoor", help="backdoor a model (BadT2I) to make test subjects for removal methods")
     backdoor_sub = backdoor.add_subparsers(dest="backdoor_command", required=True)
     inject = backdoor_sub.add_parser("inject", help="inject a pixel or style backdoor; writes a loadable pipeline")
-    inject.add_argument("--model", required=True, help="'toy', a diffusers folder, a .safetensors or a .ckpt file")
-    inject.add_argument("--model-config", help="diffusers folder giving the architecture of a single-file checkpoint")
+    _model_arguments(inject, MODEL_HELP)
     inject.add_argument("--kind", required=True, choices=("pixel", "style"))
     inject.add_argument("--trigger", required=True, help="trigger text, prefixed to prompts (e.g. 'New Trigger')")
     inject.add_argument("--out", required=True, help="output folder for the backdoored pipeline")
@@ -63,10 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     inject.add_argument("--captions", help="file of clean prompts, one per line")
     inject.add_argument("--preset", help="named preset (paper, toy; default: toy for the toy model, else paper)")
-    inject.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    inject.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    inject.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model weights dtype")
-    inject.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _training_arguments(inject)
     return parser
 
 
@@ -204,19 +211,27 @@ def _quiet_libraries() -> None:
         lib.utils.logging.set_verbosity_error()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+USAGE_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError)
+
+
+def dispatch(prog: str, handler, args: argparse.Namespace, usage_errors: tuple[type[BaseException], ...]) -> int:
+    """Run a command's handler: bad input is one line on stderr and exit code 2, Ctrl-C exit code 130."""
     _quiet_libraries()
-    handler = {"list": cmd_list, "run": cmd_run, "apply": cmd_apply, "backdoor": cmd_backdoor}[args.command]
     try:
         handler(args)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
-        print(f"erase {args.command}: error: {err}", file=sys.stderr)
+    except usage_errors as err:
+        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"erase {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"{prog} {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"list": cmd_list, "run": cmd_run, "apply": cmd_apply, "backdoor": cmd_backdoor}[args.command]
+    return dispatch("erase", handler, args, (*USAGE_ERRORS, TypeError))
 
 
 if __name__ == "__main__":
