@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import atomic_write
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
@@ -164,14 +166,7 @@ def to_single_file(pipe, path: str | os.PathLike) -> Path:
     if path.suffix != ".safetensors":
         raise ValueError(f"single-file output must end in .safetensors, got {str(path)!r}")
     state = ldm_state_dict(pipe)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(state, str(tmp), metadata={"format": "pt", "layout": "compvis-ldm"})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "layout": "compvis-ldm"}))
 
 
 def _take(checkpoint: Mapping[str, torch.Tensor], name: str, target: torch.Tensor, what: str) -> torch.Tensor:
