@@ -25,8 +25,7 @@ class MethodConfig:
     preset: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        check_scalar_types(self)
         if self.params is not None:
             check_spec(self.params)
 
@@ -40,8 +39,39 @@ class TrainingConfig(TrainSettings, MethodConfig):
     (the config is itself the loop's settings)."""
 
     def __post_init__(self) -> None:
-        TrainSettings.__post_init__(self)
         MethodConfig.__post_init__(self)
+        TrainSettings.__post_init__(self)
+
+
+SCALARS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a text"}
+
+
+def _scalar_ok(kind: str, value: Any) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # a bool is an int to Python, never a number to a config
+        return False
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, str)
+
+
+def check_scalar_types(config: Any) -> None:
+    """Every field annotated int, float, bool or str (optionally `| None`) holds that type: booleans are not
+    numbers, "3" is not an integer, NaN is not a number. Raises ValueError naming the field, value and type."""
+    for f in fields(config):
+        annotation = str(f.type).replace(" ", "")
+        optional = annotation.endswith("|None")
+        kind = annotation.removesuffix("|None")
+        if kind not in SCALARS:
+            continue
+        value = getattr(config, f.name)
+        if (value is None and optional) or _scalar_ok(kind, value):
+            continue
+        accepted = SCALARS[kind] + (" or None" if optional else "")
+        raise ValueError(f"{f.name} must be {accepted}, got {value!r}")
 
 
 def texts(name: str, value: Any) -> list[str]:

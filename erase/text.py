@@ -15,6 +15,8 @@ class PromptEncoder:
         self._cache: dict[str, torch.Tensor] = {}
 
     def ids(self, prompt: str) -> torch.Tensor:
+        """The prompt's padded token ids; ValueError when it does not fit (the encoder would cut it silently)."""
+        check_fits(self.tokenizer, prompt)
         return self.tokenizer(
             prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
@@ -31,6 +33,17 @@ class PromptEncoder:
             hidden = self.text_encoder(ids)[0]
             self._cache.update(zip(missing, hidden))
         return torch.stack([self._cache[p] for p in prompts])
+
+
+def check_fits(tokenizer, prompt: str) -> None:
+    """ValueError naming the prompt and the limit when its tokens (BOS and EOS included) exceed the tokenizer's."""
+    limit = tokenizer.model_max_length
+    count = len(tokenizer(prompt, truncation=False).input_ids)
+    if count > limit:
+        raise ValueError(
+            f"prompt {prompt!r} has {count} tokens, more than the tokenizer's {limit}; it would be cut "
+            "and lose its end: shorten it"
+        )
 
 
 def token_positions(tokenizer, prompt: str, concept: str) -> list[int]:

@@ -1,6 +1,7 @@
 """SalUn: the saliency mask has exactly the requested fraction of the largest gradients, weights outside it stay
 bit-identical through training, the relabelling loss matches its formula, and bad inputs fail clearly."""
 
+import re
 import warnings
 
 import pytest
@@ -124,7 +125,7 @@ def test_relabelling_loss_equals_formula(image_sets, monkeypatch):
 
 @pytest.mark.parametrize("fraction", [0, 0.0, -0.1, 1.5, True, "half"])
 def test_mask_fraction_outside_range_is_refused(image_sets, fraction):
-    with pytest.raises(ValueError, match=f"mask_fraction must be in \\(0, 1\\], got {fraction!r}"):
+    with pytest.raises(ValueError, match=f"mask_fraction must be .*, got {re.escape(repr(fraction))}"):
         small_salun(image_sets, mask_fraction=fraction)
 
 
