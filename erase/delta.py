@@ -97,18 +97,29 @@ class Delta:
             raise ValueError(f"{tensors_path} is not a readable safetensors file: {err}") from None
         try:
             metadata = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{meta_path} is not valid JSON: {err}") from None
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{meta_path} must hold a JSON object (method, config, base_fingerprint, ...), "
+                             f"got a {type(metadata).__name__}")  # fmt: skip
+        for name, tensor in tensors.items():
+            if not tensor.is_floating_point():
+                raise ValueError(f"{tensors_path}: tensor {name!r} is {tensor.dtype}, not a float weight")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{tensors_path}: tensor {name!r} holds NaN or infinite values")
         return cls(tensors, metadata)
 
     def check_base(self, pipe) -> None:
+        """Refuse a pipeline other than the delta's base, and a delta that does not say what its base was."""
         expected = self.metadata.get("base_fingerprint")
+        force = "or force it (force=True; `erase apply --force`)"
+        if not isinstance(expected, str) or not expected:
+            raise ValueError(f"this delta does not record its base model (no base_fingerprint in its metadata), so it "
+                             f"cannot be checked against this pipeline; {force}")  # fmt: skip
         actual = fingerprint(pipe)
-        if expected and expected != actual:
-            raise ValueError(
-                f"this delta was made on base model {expected}, but the pipeline is {actual}; "
-                "apply it to the model it was made from, or pass force=True"
-            )
+        if expected != actual:
+            raise ValueError(f"this delta was made on base model {expected}, but the pipeline is {actual}; apply it "
+                             f"to the model it was made from, {force}")  # fmt: skip
 
     @torch.no_grad()
     def apply(self, pipe, force: bool = False) -> None:

@@ -55,7 +55,7 @@ def run(
     base_fingerprint = fingerprint(pipe)
     frozen = FrozenOriginal(unet, list(params))
     ctx = RunContext(
-        pipe, config, params, frozen, PromptEncoder(pipe.tokenizer, pipe.text_encoder),
+        pipe, config, params, frozen, PromptEncoder(pipe.tokenizer, pipe.text_encoder, strict=True),
         Path(checkpoint_dir) if checkpoint_dir else None, accelerator, progress, local,
     )  # fmt: skip
     with Meter(unet.device) as meter:

@@ -6,17 +6,22 @@ import torch
 
 
 class PromptEncoder:
-    """Text-encoder outputs per prompt, computed once: erasure loops re-encode the same few prompts every step."""
+    """Text-encoder outputs per prompt, computed once: erasure loops re-encode the same few prompts every step.
 
-    def __init__(self, tokenizer, text_encoder, device: torch.device | str | None = None):
+    `strict` (what methods get): a prompt longer than the tokenizer's limit is an error, not a silent cut. Off, it is
+    cut as a diffusers pipeline cuts it (answer sets follow the pipeline)."""
+
+    def __init__(self, tokenizer, text_encoder, device: torch.device | str | None = None, strict: bool = False):
         self.tokenizer = tokenizer
+        self.strict = strict
         self.text_encoder = text_encoder
         self.device = device
         self._cache: dict[str, torch.Tensor] = {}
 
     def ids(self, prompt: str) -> torch.Tensor:
-        """The prompt's padded token ids; ValueError when it does not fit (the encoder would cut it silently)."""
-        check_fits(self.tokenizer, prompt)
+        """The prompt's padded token ids (ValueError, when strict, if it does not fit)."""
+        if self.strict:
+            check_fits(self.tokenizer, prompt)
         return self.tokenizer(
             prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",

@@ -2,6 +2,8 @@
 
 import copy
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -234,3 +236,21 @@ def test_grad_accumulation_equals_a_larger_batch():
     batched = erase.run(fresh_pipe(), small_esd(batch_size=2), progress=False).delta
     for name, value in batched.tensors.items():
         torch.testing.assert_close(accumulated.tensors[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_a_concept_longer_than_the_tokenizer_limit_is_an_error_not_a_cut():
+    limit = fresh_pipe().tokenizer.model_max_length
+    with pytest.raises(ValueError, match=f"more than the tokenizer's {limit}"):
+        erase.run(fresh_pipe(), small_esd(concepts=["van gogh " * limit], steps=1), progress=False)
+
+
+@pytest.mark.parametrize(
+    "field,value", [("steps", True), ("lr", True), ("seed", "abc"), ("negative_guidance", float("nan")), ("seed", 1.5)]
+)
+def test_config_values_are_checked_by_type(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be .*, got {re.escape(repr(value))}"):
+        small_esd(**{field: value})
+
+
+def test_one_text_is_one_concept():
+    assert small_esd(concepts="Cats").concepts == ["Cats"]

@@ -78,3 +78,26 @@ def test_corrupt_files_are_clear_errors(tmp_path, esd_result):
     save_file({"unet.nope": torch.zeros(1)}, tmp_path / "delta.safetensors")
     with pytest.raises(ValueError, match="no matching parameter"):
         Delta.load(tmp_path).apply(fresh_pipe(), force=True)
+
+
+def test_edited_metadata_and_bad_tensors_are_refused(tmp_path, esd_result):
+    """Deleting base_fingerprint must not switch the base check off; NaN, integer or list metadata are errors."""
+    _, result = esd_result
+    meta = dict(result.delta.metadata)
+    del meta["base_fingerprint"]
+    with pytest.raises(ValueError, match="does not record its base model"):
+        Delta(result.delta.tensors, meta).apply(fresh_pipe())
+    Delta(result.delta.tensors, meta).apply(fresh_pipe(), force=True)
+    name = next(iter(result.delta.tensors))
+    for bad, message in (
+        (torch.full((2,), float("nan")), "NaN or infinite"),
+        (torch.zeros(2, dtype=torch.int64), "not a float"),
+    ):
+        folder = tmp_path / message.split()[0]
+        Delta({name: bad}, result.delta.metadata).save(folder)
+        with pytest.raises(ValueError, match=message):
+            Delta.load(folder)
+    result.delta.save(tmp_path / "list")
+    (tmp_path / "list" / "delta.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        Delta.load(tmp_path / "list")
