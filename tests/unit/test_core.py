@@ -1,7 +1,6 @@
 """The erasure core on a tiny random pipeline: parameter sets, frozen predictions, attention capture, training."""
 
 import copy
-
 import re
 
 import pytest
