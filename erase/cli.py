@@ -7,11 +7,15 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
 
 from .atomic import atomic_dir, write_json
+from .checkpoint import NonFiniteLossError
+from .lock import LockedError, exclusive
+from .paths import cache_dir
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
           "bf16": "bfloat16"}  # fmt: skip
@@ -142,22 +146,60 @@ def cmd_run(args: argparse.Namespace) -> None:
     config = build_config(spec.config_cls, preset, **values)
     out = Path(args.out)
     _check_output_dir(out)
-    pipe = _load(args.model, args.model_config, args.dtype, args.device)
-    pipe.set_progress_bar_config(disable=True)
+    main_process = PartialState().is_main_process
+    with exclusive(out) if main_process else nullcontext():
+        pipe = _load(args.model, args.model_config, args.dtype, args.device)
+        pipe.set_progress_bar_config(disable=True)
 
-    from .runner import run
+        from .delta import fingerprint
+        from .runner import run, run_key
 
-    checkpoints = out.with_name(f".{out.name}.checkpoint")  # kept on a crash, so the same command resumes
-    result = run(pipe, config, checkpoint_dir=checkpoints, progress=not args.no_progress)
-    if PartialState().is_main_process:
+        # The run's own folder, keyed by everything that shapes its result: checkpoints (a killed run resumes from
+        # its last one) and, should --out not be writable once trained, the finished result.
+        work = cache_dir("runs") / run_key(config, fingerprint(pipe))
+        with exclusive(work) if main_process else nullcontext():
+            kept = work / "result"
+            if (kept / "record.json").is_file():
+                _write_out(out, lambda tmp: shutil.copytree(kept, tmp, dirs_exist_ok=True), kept)
+                print(f"{spec.name}: the same run had finished (kept in {kept}); written without retraining -> {out}")
+                shutil.rmtree(work, ignore_errors=True)
+                return
+            result = run(pipe, config, checkpoint_dir=work / "checkpoint", progress=not args.no_progress)
+            if not main_process:
+                return
+            record = {**result.record, "model": args.model}
+
+            def save(folder: Path) -> None:
+                result.delta.save(folder)
+                write_json(folder / "record.json", record)
+
+            _write_out(out, save, kept)
+            shutil.rmtree(work, ignore_errors=True)
+    r = result.record
+    print(f"{spec.name}: {len(r['losses'])} steps in {r['wall_time_s']:.1f} s, peak memory "
+          f"{r['peak_memory_bytes'] / 2**30:.2f} GiB, {r['changed_tensors']} tensors "
+          f"({r['storage_bytes'] / 2**20:.2f} MiB) -> {out}")  # fmt: skip
+
+
+def _write_out(out: Path, save, kept: Path) -> None:
+    """`save(folder)` into `out` atomically; when that fails (disk full, read-only), into `kept` instead, so the
+    rerun writes the result without retraining. Raises OSError saying where the result is, or that it is lost."""
+    try:
         with atomic_dir(out) as tmp:
-            result.delta.save(tmp)
-            write_json(tmp / "record.json", {**result.record, "model": args.model})
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        r = result.record
-        print(f"{spec.name}: {len(r['losses'])} steps in {r['wall_time_s']:.1f} s, peak memory "
-              f"{r['peak_memory_bytes'] / 2**30:.2f} GiB, {r['changed_tensors']} tensors "
-              f"({r['storage_bytes'] / 2**20:.2f} MiB) -> {out}")  # fmt: skip
+            save(tmp)
+        return
+    except OSError as err:
+        failure = f"could not write --out {out} ({err.strerror or err})"
+        if kept.is_dir():  # already the kept result: nothing more to keep
+            raise OSError(f"{failure}; the result stays in {kept}: rerun the same command to write it") from None
+    try:
+        with atomic_dir(kept, replace=True) as tmp:
+            save(tmp)
+    except OSError as err:
+        raise OSError(f"{failure}, nor keep it in {kept} ({err.strerror or err}): the trained result is lost") from None
+    raise OSError(
+        f"{failure}; the trained result is kept in {kept}: rerun the same command to write it without retraining"
+    )
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
@@ -212,18 +254,26 @@ def _quiet_libraries() -> None:
 
 
 USAGE_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError)
+# Work that could not be done, for reasons outside the program: one line, exit code 1.
+FAILURES = (OSError, LockedError, NonFiniteLossError)
 
 
 def dispatch(prog: str, handler, args: argparse.Namespace, usage_errors: tuple[type[BaseException], ...]) -> int:
-    """Run a command's handler: bad input is one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    """Run a command's handler: bad input is one line on stderr and exit code 2, a failure outside the program
+    (disk, locks, a diverged run) one line and exit code 1, Ctrl-C exit code 130. Anything else is a bug in the
+    toolkit and keeps its traceback."""
     _quiet_libraries()
     try:
         handler(args)
     except usage_errors as err:
         print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FAILURES as err:
+        print(f"{prog} {args.command}: failed: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(f"{prog} {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"{prog} {args.command}: interrupted; nothing was written to the output. Rerun the same command: a "
+              "training run resumes after the steps it had finished", file=sys.stderr)  # fmt: skip
         return 130
     return 0
 
@@ -231,7 +281,7 @@ def dispatch(prog: str, handler, args: argparse.Namespace, usage_errors: tuple[t
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"list": cmd_list, "run": cmd_run, "apply": cmd_apply, "backdoor": cmd_backdoor}[args.command]
-    return dispatch("erase", handler, args, (*USAGE_ERRORS, TypeError))
+    return dispatch("erase", handler, args, USAGE_ERRORS)
 
 
 if __name__ == "__main__":

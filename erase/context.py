@@ -13,7 +13,7 @@ from torch import nn
 from .config import MethodConfig, TrainingConfig
 from .frozen import FrozenOriginal
 from .text import PromptEncoder
-from .train import LossFn, train
+from .train import LossFn, TrainOutcome, train
 
 
 @dataclass
@@ -35,9 +35,10 @@ class RunContext:
     progress: bool = True
     local: bool = False  # train in this process alone even under `accelerate launch` (one job per process)
     grad_masks: dict[str, torch.Tensor] | None = None
+    run_key: str | None = None  # the run's identity (erase.runner.run_key): only its own checkpoints are resumed
 
-    def train(self, loss_fn: LossFn) -> list[float]:
-        """Run the shared training loop over the declared parameters with the method's loss; per-step losses."""
+    def train(self, loss_fn: LossFn) -> TrainOutcome:
+        """Run the shared training loop over the declared parameters with the method's loss."""
         if not isinstance(self.config, TrainingConfig):
             raise TypeError(f"{type(self.config).__name__} has no training settings; only fine-tuning methods train")
         outcome = train(
@@ -50,6 +51,7 @@ class RunContext:
             local=self.local,
             progress=self.progress,
             grad_masks=self.grad_masks,
+            checkpoint_key=self.run_key,
         )
         if self.grad_masks is not None:
             moved = restore_outside_masks(self.params, self.frozen.original, self.grad_masks)
@@ -59,7 +61,7 @@ class RunContext:
                     "restored",
                     stacklevel=2,
                 )
-        return outcome.losses
+        return outcome
 
 
 @torch.no_grad()

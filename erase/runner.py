@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from .meter import Meter
 from .methods import method_of
 from .params import select
 from .text import PromptEncoder
+from .train import TrainOutcome
 
 
 @dataclass
@@ -35,6 +38,18 @@ def versions() -> dict[str, str]:
     }  # fmt: skip
 
 
+# Config fields that do not shape the result: runs differing only in them are the same run.
+NOT_IN_KEY = ("checkpoint_every",)
+
+
+def run_key(config, base_fingerprint: str) -> str:
+    """The identity of a run: its method, every config value that shapes the result, the base model and the
+    toolkit version. A checkpoint or cached result is reused only by a run with the same key."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_IN_KEY}
+    payload = {"method": method_of(config).name, "config": values, "base": base_fingerprint, "version": __version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def run(
     pipe,
     config,
@@ -46,8 +61,9 @@ def run(
 ) -> Result:
     """Erase with `config`'s method on `pipe` (modified in place) and return the Delta and the run record.
 
-    With `checkpoint_dir`, training checkpoints there and a rerun with the same arguments resumes. `local=True`
-    trains in this process alone even under `accelerate launch` (one job per process).
+    With `checkpoint_dir`, training checkpoints there (see erase.train for when) and a rerun of the same run
+    (the same `run_key`) resumes; a checkpoint of another run there is refused. `local=True` trains in this process
+    alone even under `accelerate launch` (one job per process). The record's `wall_time_s` counts every segment.
     """
     spec = method_of(config)
     unet = pipe.unet
@@ -57,13 +73,14 @@ def run(
     ctx = RunContext(
         pipe, config, params, frozen, PromptEncoder(pipe.tokenizer, pipe.text_encoder, strict=True),
         Path(checkpoint_dir) if checkpoint_dir else None, accelerator, progress, local,
+        run_key=run_key(config, base_fingerprint),
     )  # fmt: skip
+    outcome = TrainOutcome()
     with Meter(unet.device) as meter:
         if spec.kind == "fine-tune":
-            losses = ctx.train(spec.make_loss(ctx))
+            outcome = ctx.train(spec.make_loss(ctx))
         else:
             spec.edit(ctx)
-            losses = []
     before = {f"unet.{n}": t for n, t in frozen.original.items()}
     after = {f"unet.{n}": p.detach() for n, p in params.items()}
     config_dict = dataclasses.asdict(config)
@@ -74,11 +91,13 @@ def run(
     delta = Delta.from_changes(before, after, metadata)
     record = {
         **metadata,
-        "wall_time_s": meter.wall_time_s,
+        "wall_time_s": meter.wall_time_s + outcome.previous_s,
         "peak_memory_bytes": meter.peak_memory_bytes,
         "memory_kind": meter.memory_kind,
         "storage_bytes": delta.nbytes,
-        "losses": losses,
+        "losses": outcome.losses,
+        "resumed_from_step": outcome.resumed_from,
+        "run_key": ctx.run_key,
         "trained_tensors": len(params),
         "changed_tensors": len(delta.tensors),
         "device": str(unet.device),

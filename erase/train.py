@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import math
+import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -21,11 +21,11 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import atomic_dir
+from . import checkpoint
+from .checkpoint import NonFiniteLossError, TrainState
 from .frozen import unwrap
 from .sampling import sample_seed
 
@@ -34,10 +34,6 @@ LossFn = Callable[[nn.Module, list[torch.Generator]], torch.Tensor]
 
 OPTIMIZERS = ("adam", "adamw", "adam8bit")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped on a NaN/inf loss; the parameters (and checkpoint, if any) hold the last good state."""
 
 
 @dataclass
@@ -89,6 +85,7 @@ def _check_int(settings: TrainSettings, name: str, minimum: int) -> None:
 class TrainOutcome:
     losses: list[float] = field(default_factory=list)  # one per optimizer step, from step 0 (resumed ones included)
     resumed_from: int = 0
+    previous_s: float = 0.0  # training time of the segments before this one (a resumed run)
 
 
 def make_accelerator(settings: TrainSettings, device: torch.device, local: bool = False):
@@ -184,12 +181,17 @@ def train(
     local: bool = False,
     progress: bool = True,
     grad_masks: dict[str, torch.Tensor] | None = None,
+    checkpoint_key: str | None = None,
 ) -> TrainOutcome:
     """Train `params` (names as in `model.named_parameters()`) of `model` in place to minimise `loss_fn`.
 
     The trained tensors are fp32 master weights during the loop (optimizers need them; a half-precision model's
-    tensors are cast back on exit). `grad_masks` (name -> 0/1 tensor) trains only the masked entries: every
-    gradient is multiplied by its mask.
+    tensors are cast back on exit; without `mixed_precision` such a model runs under autocast to its own dtype).
+    `grad_masks` (name -> 0/1 tensor) trains only the masked entries: every gradient is multiplied by its mask.
+
+    With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` steps, on Ctrl-C (one process) and on a
+    non-finite loss (marked failed, so it is never resumed); a checkpoint there is resumed only when it carries
+    `checkpoint_key` (erase.checkpoint).
     """
     device = next(model.parameters()).device
     accelerator = accelerator or make_accelerator(settings, device, local)
@@ -201,6 +203,9 @@ def train(
         )
     model.requires_grad_(False)
     stored_dtypes = {n: p.dtype for n, p in params.items()}
+    half = next((d for d in stored_dtypes.values() if d in (torch.float16, torch.bfloat16)), None)
+    precision = accelerator.autocast if settings.mixed_precision != "no" or half is None else (
+        lambda: torch.autocast(device.type, dtype=half))  # fmt: skip
     for p in params.values():
         p.data = p.data.float()
         p.requires_grad_(True)
@@ -215,17 +220,25 @@ def train(
 
     outcome = TrainOutcome()
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    if ckpt is not None and (ckpt / "state.json").exists():
-        outcome.losses = _load_checkpoint(ckpt, params, optimizer)
+    resumed = checkpoint.load(ckpt, params, optimizer, checkpoint_key) if ckpt is not None else None
+    previous_s = 0.0
+    if resumed is not None:
+        outcome.losses, previous_s = resumed.losses, resumed.elapsed_s
         outcome.resumed_from = len(outcome.losses)
         if outcome.resumed_from > settings.steps:
             raise ValueError(f"checkpoint in {ckpt} is at step {outcome.resumed_from}, past steps={settings.steps}")
+    started = time.perf_counter()
+
+    def keep(failed: str | None = None) -> None:
+        state = TrainState(outcome.losses, previous_s + time.perf_counter() - started, checkpoint_key, failed)
+        checkpoint.save(accelerator, ckpt, params, optimizer, state)
 
     bar = tqdm(
         total=settings.steps, initial=outcome.resumed_from, desc="erase",
         disable=not (progress and accelerator.is_main_process),
     )  # fmt: skip
     rank, world = accelerator.process_index, accelerator.num_processes
+    step, stepped = outcome.resumed_from, -1  # the step being run, and the last one whose optimizer step was taken
     try:
         for step in range(outcome.resumed_from, settings.steps):
             step_loss = torch.zeros((), device=accelerator.device)
@@ -236,27 +249,35 @@ def train(
                     for i in range(first, first + share)
                 ]
                 with accelerator.accumulate(prepared):
-                    with accelerator.autocast():
+                    with precision():
                         loss = loss_fn(prepared, generators)
                     if not _all_finite(accelerator, loss):
+                        failed = f"non-finite loss {loss.item()} at step {step}"
                         if ckpt is not None:
-                            _save_checkpoint(accelerator, ckpt, params, optimizer, outcome.losses)
+                            keep(failed)
                         raise NonFiniteLossError(
-                            f"loss became {loss.item()} at step {step}; parameters hold the state after step "
-                            f"{step - 1}" + (f", saved in {ckpt}" if ckpt else "")
+                            f"{failed}; parameters hold the state after step {step - 1}"
+                            + (f", kept in {ckpt} (marked failed: it is never resumed)" if ckpt else "")
                         )
                     accelerator.backward(loss)
+                    step_loss += loss.detach().float() / settings.grad_accum
                     if settings.max_grad_norm and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(list(params.values()), settings.max_grad_norm)
                     if accelerator.sync_gradients:
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                step_loss += loss.detach().float() / settings.grad_accum
+                        stepped = step
             outcome.losses.append(accelerator.reduce(step_loss, reduction="mean").item())
             bar.update(1)
             bar.set_postfix(loss=f"{outcome.losses[-1]:.4g}")
             if ckpt is not None and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0:
-                _save_checkpoint(accelerator, ckpt, params, optimizer, outcome.losses)
+                keep()
+    except KeyboardInterrupt:
+        if ckpt is not None and world == 1:  # keep the finished steps; the rerun resumes after them
+            if stepped == step and len(outcome.losses) == step:  # stopped between the optimizer step and its loss
+                outcome.losses.append(step_loss.item())
+            keep()
+        raise
     finally:
         bar.close()
         for hook in hooks:
@@ -269,6 +290,7 @@ def train(
         if processors is not None:
             model.set_attn_processor(processors)
         model.eval()
+    outcome.previous_s = previous_s
     return outcome
 
 
@@ -277,26 +299,3 @@ def _all_finite(accelerator, loss: torch.Tensor) -> bool:
     if accelerator.num_processes > 1:  # every process must stop together or the others hang in all-reduce
         finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
     return bool(finite.item() == 1.0)
-
-
-def _save_checkpoint(accelerator, ckpt: Path, params, optimizer, losses: list[float]) -> None:
-    """Trained tensors (safetensors), optimizer state and losses, swapped in atomically as one folder."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with atomic_dir(ckpt, replace=True) as tmp:
-            save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, tmp / "params.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": len(losses), "losses": losses}))
-    accelerator.wait_for_everyone()
-
-
-def _load_checkpoint(ckpt: Path, params, optimizer) -> list[float]:
-    state = json.loads((ckpt / "state.json").read_text())
-    saved = load_file(ckpt / "params.safetensors")
-    if set(saved) != set(params):
-        raise ValueError(f"checkpoint {ckpt} trains other parameters than this run; remove it or change the run")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-    return list(state["losses"])

@@ -1,9 +1,12 @@
 """Test-wide settings: no network, one deliberate torch thread count."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Caches (generated images, run folders) of the test session stay out of the user's own cache.
+os.environ.setdefault("ERASEKIT_CACHE", tempfile.mkdtemp(prefix="erasekit-test-cache-"))
 
 import torch  # noqa: E402
 
