@@ -105,6 +105,9 @@ def _pipeline_class(folder: Path, label: str) -> tuple[type[DiffusionPipeline], 
     cls = getattr(diffusers, str(name), None)
     if not (isinstance(cls, type) and issubclass(cls, DiffusionPipeline)):
         raise ValueError(f"{label!r}: model_index.json names pipeline class {name!r}, which diffusers does not have")
+    if "text_encoder_2" in index or "XL" in str(name):
+        raise ValueError(f"{label!r}: {name} is an SDXL pipeline (two text encoders), which this toolkit does not "
+                         "support yet; accepted: SD 1.x/2.x pipelines")  # fmt: skip
     unet = index.get("unet")
     if not (isinstance(unet, list | tuple) and len(unet) == 2 and unet[1] == UNet2DConditionModel.__name__):
         raise ValueError(
@@ -142,6 +145,11 @@ def _load_folder(folder: Path, label: str, dtype: torch.dtype, device: torch.dev
         pipe = cls.from_pretrained(
             str(folder), local_files_only=True, **{_dtype_kwarg(): dtype}, **_safety_off_kwargs(cls)
         )
+    except pickle.UnpicklingError as err:  # a .bin weights file whose pickle needs code: never run it
+        raise ValueError(
+            f"{label!r} refused: a component's .bin weights are not a weights-only pickle (it needs "
+            "code to load); convert them to .safetensors in an environment you trust"
+        ) from err
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"{label!r}: could not load the diffusers pipeline folder ({err})") from err
     return _finish(pipe, dtype, device)
@@ -160,7 +168,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True, **extra)
     except pickle.UnpicklingError as err:
         message = str(err)
-        needs_code = re.search(r"Unsupported (global|class)[^.\n]*", message)
+        needs_code = re.search(r"Unsupported (global|class)[^.\n]*", message, re.IGNORECASE)
         if needs_code:
             raise ValueError(
                 f"{str(path)!r} refused: only weights-only checkpoints are accepted, and this pickle needs code to "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from erase.convert import ldm_state_dict, to_single_file, unet_key
 from erase.pipeline import load_pipeline
 from erase.testing import tiny_pipeline
+from tests.unit.helpers import save_tiny
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 OPEN_CLIP_NAMES = (
@@ -298,3 +300,28 @@ def test_sd_shaped_unet_layout_matches_diffusers(tmp_path, linear_projection):
         checkpoint, config=str(tmp_path), subfolder="unet", local_files_only=True
     ).state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in unet.state_dict().items())
+
+
+def test_a_folder_with_code_carrying_bin_weights_is_refused_without_running_it(tmp_path):
+    folder = save_tiny(tmp_path / "model")
+    for weights in (folder / "text_encoder").glob("*.safetensors"):
+        weights.unlink()
+    marker = tmp_path / "EXECUTED"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"x": Evil()}, folder / "text_encoder" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="not a weights-only pickle"):
+        load_pipeline(str(folder))
+    assert not marker.exists()
+
+
+def test_an_sdxl_folder_is_refused_up_front(tmp_path):
+    folder = save_tiny(tmp_path / "model")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="SDXL pipeline"):
+        load_pipeline(str(folder))
