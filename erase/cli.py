@@ -208,8 +208,9 @@ def cmd_apply(args: argparse.Namespace) -> None:
     out = Path(args.out)
     delta = Delta.load(args.delta)
     _check_output_dir(out)
-    pipe = _load(args.model, args.model_config, args.dtype)
-    delta.export(pipe, out, force=args.force)
+    with exclusive(out):
+        pipe = _load(args.model, args.model_config, args.dtype)
+        delta.export(pipe, out, force=args.force)
     print(f"applied {len(delta.tensors)} tensors ({delta.metadata.get('method', '?')}) -> {out}")
 
 
@@ -233,11 +234,12 @@ def cmd_backdoor(args: argparse.Namespace) -> None:
             "--out DIR`) or --captions (the model's own generations of them become the images)"
         )
     config = build_config(BackdoorConfig, args.preset or ("toy" if args.model == "toy" else "paper"), **values)
-    pipe = _load(args.model, args.model_config, args.dtype, args.device)
-    pipe.set_progress_bar_config(disable=True)
-    result = run(pipe, config, progress=not args.no_progress)
-    info = {**backdoor_info(pipe, config), "base_model": args.model, "record": result.record}
-    save_backdoored(pipe, out, info)
+    with exclusive(out):
+        pipe = _load(args.model, args.model_config, args.dtype, args.device)
+        pipe.set_progress_bar_config(disable=True)
+        result = run(pipe, config, progress=not args.no_progress)
+        info = {**backdoor_info(pipe, config), "base_model": args.model, "record": result.record}
+        save_backdoored(pipe, out, info)
     r = result.record
     print(f"backdoor ({config.kind}, trigger {config.trigger!r}): {len(r['losses'])} steps in "
           f"{r['wall_time_s']:.1f} s -> {out}")  # fmt: skip
