@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from canvas import answers, metrics
+from canvas import answers, fid, metrics
 from canvas.catalog import Catalog, style_words
 from erase.atomic import save_image, write_json
 from erase.backdoor import default_patch_size, make_patch, triggered_prompt
@@ -179,7 +179,7 @@ def evaluate(pipe, catalog: Catalog, *, trigger: str, kind: str, delta=None, see
         ).item()  # among triggered prompts that showed the backdoor before, the fraction that no longer does
         results["clean_style_acc_ratio"] = after["clean_style_acc"] / max(before["clean_style_acc"], 1e-9)
         results["clean_object_acc_ratio"] = after["clean_object_acc"] / max(before["clean_object_acc"], 1e-9)
-        results["clean_fid_after_vs_before"] = metrics.fid_from_features(
+        results["clean_fid_after_vs_before"] = fid.fid_from_features(
             images_after["features"], images_before["features"]
         )
     final = results.get("after", before)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from canvas import answers, classifiers, metrics, report
+from canvas import answers, classifiers, fid, metrics, report
 from canvas import catalog as catalogs
 from canvas.catalog import Catalog
 from canvas.method_inputs import method_inputs
@@ -142,26 +142,26 @@ class Judge:
         style, obj = self.style(images), self.object(images)
         return style, obj, self.inception(images) if self.inception is not None else self._features[-1]
 
-    def real_bank(self, cache: Path, indices: tuple[int, ...], data_root: Path) -> metrics.FeatureBank:
+    def real_bank(self, cache: Path, indices: tuple[int, ...], data_root: Path) -> fid.FeatureBank:
         """Features of the real FID reference set (every theme x object x `indices`), computed once and cached."""
         meta = {"features": self.feature_space, "catalog": self.catalog.name, "indices": str(list(indices))}
 
-        def compute() -> metrics.FeatureBank:
+        def compute() -> fid.FeatureBank:
             keys = [(t, o, i) for t in self.catalog.themes for o in self.catalog.objects for i in indices]
             feats = []
             for start in range(0, len(keys), 128):
                 chunk = keys[start : start + 128]
                 feats.append(self(load_images([data_root / t / o / f"{i}.jpg" for t, o, i in chunk]))[2])
-            return metrics.FeatureBank(torch.cat(feats).numpy(), [k[0] for k in keys], [k[1] for k in keys])
+            return fid.FeatureBank(torch.cat(feats).numpy(), [k[0] for k in keys], [k[1] for k in keys])
 
-        return metrics.FeatureBank.cached(cache, meta, compute)
+        return fid.FeatureBank.cached(cache, meta, compute)
 
 
-def score(judge: Judge, answer_dir: Path, target: str, real: metrics.FeatureStats, keep=None) -> dict[str, Any]:
+def score(judge: Judge, answer_dir: Path, target: str, real: fid.FeatureStats, keep=None) -> dict[str, Any]:
     """UA / IRA / CRA of one target on an answer set, and FID against the real statistics."""
     items, paths, _ = answers.load_answer_set(answer_dir)
     accuracy = metrics.UnlearningAccuracy(judge.catalog, target)
-    frechet = metrics.FrechetDistance(real.dim, keep=keep, reference=real)
+    frechet = fid.FrechetDistance(real.dim, keep=keep, reference=real)
     for start in range(0, len(items), 128):
         chunk_items, chunk_paths = items[start : start + 128], paths[start : start + 128]
         style, obj, feats = judge(load_images(chunk_paths))
@@ -261,11 +261,11 @@ class Bench:
 
         fid_indices = splits.load().fid_reference
         bank = judge.real_bank(self.out / "cache" / "real_features.npz", fid_indices, self.data_root())
-        keep = metrics.exclude_target(self.catalog, target) if self.config.fid_excludes_target else None
+        keep = fid.exclude_target(self.catalog, target) if self.config.fid_excludes_target else None
         result = score(judge, job / "answers", target, bank.stats(keep), keep)
         record = json.loads((job / "delta" / "record.json").read_text())
         config = record.get("config", {})
-        row = metrics.target_row(
+        row = report.target_row(
             method, result["scores"], result["FID"], metrics.efficiency(record), preset=config.get("preset"),
             steps=config.get("steps"),
         )  # fmt: skip

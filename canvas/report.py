@@ -1,8 +1,9 @@
 """Benchmark report: per-target rows -> the paper's table as JSON, CSV and Markdown, plus a UA-vs-retain plot.
 
-Input rows are `{"method", "target", "kind", "UA", "IRA", "CRA", "FID", "time_s", "memory_gb", "storage_gb"}` with
-UA / IRA / CRA in percent (as `canvas.metrics.target_row` builds them). Every file is written to a temporary name and
-renamed, so a bench killed mid-write never leaves a half report that a resumed run would trust.
+Rows are `{"method", "target", "kind", "UA", "IRA", "CRA", "FID", "time_s", "memory_gb", "storage_gb"}` with
+UA / IRA / CRA in percent, built by `target_row` from the metrics' fractions and averaged by `aggregate` into the
+paper's per-method table. Every file is written to a temporary name and renamed, so a bench killed mid-write never
+leaves a half report that a resumed run would trust.
 """
 
 from __future__ import annotations
@@ -11,16 +12,93 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from canvas.metrics import KINDS, ROW_KEYS, TABLE_KEYS, aggregate, check_rows
+from canvas.metrics import KINDS, Efficiency, UnlearningScores
 from erase.atomic import write_text
 
+ROW_KEYS = ("method", "target", "kind", "UA", "IRA", "CRA", "FID", "time_s", "memory_gb", "storage_gb")
+COST_KEYS = ("FID", "time_s", "memory_gb", "storage_gb")  # averaged over all of a method's targets
+TABLE_KEYS = (
+    "method",
+    *(f"{kind}_{key}" for kind in KINDS for key in ("UA", "IRA", "CRA")),
+    *COST_KEYS,
+    "n_style",
+    "n_object",
+)
 MISSING = "-"
 _Fmt = Callable[[Any], str]
+
+
+def target_row(
+    method: str,
+    scores: UnlearningScores,
+    fid_value: float | None = None,
+    cost: Efficiency | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One per-target row of the report: UA / IRA / CRA in percent (the core keeps fractions), FID, cost.
+
+    `memory_kind` is added when the record says how memory was measured, since CPU peak RSS and GPU peak allocation
+    are not comparable."""
+    cost = cost or Efficiency(None, None, None)
+    row = {"method": method, "target": scores.target, "kind": scores.kind, **scores.percent()}
+    row.update(FID=fid_value, time_s=cost.time_s, memory_gb=cost.memory_gb, storage_gb=cost.storage_gb)
+    if cost.memory_kind:
+        row["memory_kind"] = cost.memory_kind
+    clash = sorted(set(extra) & set(row))
+    if clash:
+        raise ValueError(f"extra row fields {clash} would overwrite metric columns")
+    return {**row, **extra}
+
+
+def check_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as plain dicts after checking each has the report keys, a known kind and numeric (or None) values."""
+    out = []
+    for i, row in enumerate(rows):
+        missing = [k for k in ROW_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"row {i} ({row.get('method')!r}, {row.get('target')!r}) lacks {missing}")
+        if row["kind"] not in KINDS:
+            raise ValueError(f"row {i} has kind {row['kind']!r}; accepted: {', '.join(KINDS)}")
+        clean = dict(row)
+        for key in ROW_KEYS[3:]:
+            value = row[key]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise ValueError(f"row {i} field {key!r} is {value!r}; accepted: a number or None")
+            clean[key] = None if value is None else float(value)  # numpy / torch scalars become plain floats
+        out.append(clean)
+    return out
+
+
+def aggregate(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The paper's table: per method, UA / IRA / CRA averaged over its style targets and over its object targets,
+    and FID / time / memory / storage averaged over all its targets. Methods keep their first-appearance order;
+    a mean over nothing (no object targets, no FID measured) is None."""
+    rows = check_rows(rows)
+    table = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        entry: dict[str, Any] = {"method": method}
+        for kind in KINDS:
+            of_kind = [r for r in mine if r["kind"] == kind]
+            for key in ("UA", "IRA", "CRA"):
+                entry[f"{kind}_{key}"] = _mean(r[key] for r in of_kind)
+        for key in COST_KEYS:
+            entry[key] = _mean(r[key] for r in mine)
+        entry["n_style"] = sum(r["kind"] == "style" for r in mine)
+        entry["n_object"] = sum(r["kind"] == "object" for r in mine)
+        table.append(entry)
+    return table
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [float(v) for v in values if v is not None and not math.isnan(v)]
+    return sum(present) / len(present) if present else None
 
 
 def _fixed(digits: int) -> _Fmt:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from canvas import report
+from canvas import metrics, report
 
 
 def _rows():
@@ -72,3 +72,30 @@ def test_empty_and_bad_input(tmp_path):
         report.markdown_table([{**_rows()[0], "kind": "concept"}])
     with pytest.raises(ValueError, match="field 'UA' is 'high'"):
         report.markdown_targets([{**_rows()[0], "UA": "high"}])
+
+
+def _row(method, target, kind, ua, fid=50.0, time_s=10.0):
+    s = metrics.UnlearningScores(target, kind, ua, 0.9, 0.8, 49 if kind == "style" else 19, 20)
+    return report.target_row(method, s, fid, metrics.Efficiency(time_s, 2.0, None))
+
+
+def test_rows_and_aggregation():
+    rows = [
+        _row("esd", "Monet", "style", 1.0),
+        _row("esd", "Winter", "style", 0.5, fid=70.0),
+        _row("esd", "Cats", "object", 0.2, time_s=30.0),
+        _row("uce", "Monet", "style", 0.9, fid=None),
+    ]
+    assert rows[0]["UA"] == 100.0 and rows[0]["kind"] == "style" and rows[0]["storage_gb"] is None
+    table = report.aggregate(rows)
+    assert [t["method"] for t in table] == ["esd", "uce"]
+    esd, uce = table
+    assert esd["style_UA"] == pytest.approx(75.0) and esd["object_UA"] == pytest.approx(20.0)
+    assert esd["FID"] == pytest.approx(170 / 3) and esd["time_s"] == pytest.approx(50 / 3)
+    assert (esd["n_style"], esd["n_object"]) == (2, 1)
+    assert uce["object_UA"] is None and uce["FID"] is None and uce["storage_gb"] is None
+    assert set(esd) == set(report.TABLE_KEYS)
+    with pytest.raises(ValueError, match="kind 'concept'"):
+        report.aggregate([{**rows[0], "kind": "concept"}])
+    with pytest.raises(ValueError, match=r"lacks \['FID'\]"):
+        report.aggregate([{k: v for k, v in rows[0].items() if k != "FID"}])
