@@ -21,13 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from canvas import answers, fid, metrics
+from canvas import answers, fid, grids, metrics
 from canvas.catalog import Catalog, style_words
-from erase.atomic import save_image, write_json
+from canvas.judge import Judge
+from erase.atomic import write_json
 from erase.backdoor import default_patch_size, make_patch, triggered_prompt
 from erase.images import image_size
 from erase.text import PromptEncoder
@@ -135,8 +134,6 @@ def evaluate(pipe, catalog: Catalog, *, trigger: str, kind: str, delta=None, see
              batch_size: int = 64, extra: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Backdoor metrics of `pipe` (the backdoored model), and after `delta` (a removal) when given; with `out`,
     writes out/backdoor.json and out/grid.png (rows: clean before, clean after, triggered before, triggered after)."""
-    from .bench import Judge
-
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
     if not trigger or not trigger.strip():
@@ -189,32 +186,6 @@ def evaluate(pipe, catalog: Catalog, *, trigger: str, kind: str, delta=None, see
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        grid(images_before, images_after, out / GRID_FILE)
+        grids.backdoor_grid(images_before, images_after, out / GRID_FILE)
         write_json(out / RESULT_FILE, results)
     return results
-
-
-def grid(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor] | None, path: Path, columns: int = 8) -> Path:
-    """Labelled rows: clean before, clean after, triggered before, triggered after (the after rows only with a
-    removal); the first `columns` images of each set. Written atomically."""
-    from canvas.bench import image_grid
-
-    named = [
-        ("clean before", before["clean"]),
-        ("clean after", after["clean"] if after else None),
-        ("triggered before", before["triggered"]),
-        ("triggered after", after["triggered"] if after else None),
-    ]
-    named = [(label, images[:columns]) for label, images in named if images is not None]
-
-    def pil(image: torch.Tensor) -> Image.Image:
-        return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-
-    sheet = image_grid(
-        [[pil(im) for im in images] for _, images in named],
-        [label for label, _ in named],
-        [""] * min(columns, len(named[0][1])),
-        "backdoor: clean and triggered prompts",
-        left=110,
-    )
-    return save_image(sheet, path)

@@ -14,14 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from canvas import answers, classifiers, fid, metrics, report
+from canvas import answers, fid, grids, metrics, report
 from canvas import catalog as catalogs
 from canvas.catalog import Catalog
+from canvas.judge import Judge, score
 from canvas.method_inputs import method_inputs
 from erase.atomic import write_json
 
@@ -98,77 +97,6 @@ def job_config(config: BenchConfig, method: str, target: str):
     data_root = Bench.data_root_of(config, cat) if method in DATA_METHODS else None
     values: dict[str, Any] = {**method_inputs(method, cat, target, data_root), **config.overrides.get(method, {})}
     return erase.make_config(method, job_preset(config, method, kind), **values)
-
-
-def load_images(paths: list[Path]) -> torch.Tensor:
-    """(B, 3, H, W) floats in [0, 1], the classifiers' input."""
-    arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0 for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-
-
-class Judge:
-    """The catalog's style and object classifiers, and the FID feature extractor: Inception-v3 from a local weights
-    file when given, else the input of the style classifier's head (on the toy: the toy classifier's features)."""
-
-    def __init__(self, catalog: Catalog, classifiers_root: str | None = None, inception: str | None = None):
-        self.catalog = catalog
-        root = classifiers_root
-        if root is None and catalog.name == "toy":  # the classifiers beside the toy in use ($ERASEKIT_TOY moves both)
-            from erase.pipeline import toy_path
-
-            root = toy_path().parent / "toy_classifiers"
-        self.style = classifiers.load(catalog.name, "style", root)
-        self.object = classifiers.load(catalog.name, "object", root)
-        self._features: list[torch.Tensor] = []
-        if inception:
-            from canvas import inception as fid_inception
-
-            self.inception = fid_inception.load(inception)
-            self.feature_space = f"inception-v3-fid:{Path(inception).name}"
-        else:
-            self.inception = None
-            self.feature_space = f"{catalog.name}-style-classifier-head-input"
-            self.style.head.register_forward_hook(lambda m, inputs, out: self._features.append(inputs[0].detach()))
-
-    @staticmethod
-    def describe(inception: str | None, catalog: Catalog) -> str:
-        """The FID feature space in words, for the report."""
-        return f"Inception-v3 ({inception})" if inception else f"{catalog.name} style classifier (input of its head)"
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Style logits, object logits and features of a batch."""
-        self._features.clear()
-        style, obj = self.style(images), self.object(images)
-        return style, obj, self.inception(images) if self.inception is not None else self._features[-1]
-
-    def real_bank(self, cache: Path, indices: tuple[int, ...], data_root: Path) -> fid.FeatureBank:
-        """Features of the real FID reference set (every theme x object x `indices`), computed once and cached."""
-        meta = {"features": self.feature_space, "catalog": self.catalog.name, "indices": str(list(indices))}
-
-        def compute() -> fid.FeatureBank:
-            keys = [(t, o, i) for t in self.catalog.themes for o in self.catalog.objects for i in indices]
-            feats = []
-            for start in range(0, len(keys), 128):
-                chunk = keys[start : start + 128]
-                feats.append(self(load_images([data_root / t / o / f"{i}.jpg" for t, o, i in chunk]))[2])
-            return fid.FeatureBank(torch.cat(feats).numpy(), [k[0] for k in keys], [k[1] for k in keys])
-
-        return fid.FeatureBank.cached(cache, meta, compute)
-
-
-def score(judge: Judge, answer_dir: Path, target: str, real: fid.FeatureStats, keep=None) -> dict[str, Any]:
-    """UA / IRA / CRA of one target on an answer set, and FID against the real statistics."""
-    items, paths, _ = answers.load_answer_set(answer_dir)
-    accuracy = metrics.UnlearningAccuracy(judge.catalog, target)
-    frechet = fid.FrechetDistance(real.dim, keep=keep, reference=real)
-    for start in range(0, len(items), 128):
-        chunk_items, chunk_paths = items[start : start + 128], paths[start : start + 128]
-        style, obj, feats = judge(load_images(chunk_paths))
-        themes, objects = [it.theme for it in chunk_items], [it.object for it in chunk_items]
-        accuracy.update(style, obj, *metrics.true_labels(judge.catalog, themes, objects))
-        frechet.update(feats, real=False, themes=themes, objects=objects)
-    return {"scores": accuracy.scores(), "FID": float(frechet.compute())}
 
 
 class Bench:
@@ -291,7 +219,7 @@ class Bench:
         after = self.job_dir(method, target) / "answers"
         rows = [[Image.open(d / it.filename).convert("RGB") for it in items] for d in (before, after)]
         labels = [it.object if self.catalog.is_style(target) else it.theme for it in items]
-        canvas_image = image_grid(rows, ["before", "after"], labels, f"{method}: {target}")
+        canvas_image = grids.image_grid(rows, ["before", "after"], labels, f"{method}: {target}")
         path = self.out / "grids" / f"{method}__{target}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         canvas_image.save(path)
@@ -319,24 +247,6 @@ class Bench:
         else:
             write_json(self.out / "report.json", {"rows": [], "table": [], **metadata})
         return {"rows": rows, **metadata}
-
-
-def image_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str,
-               cell: int = 96, left: int = 56) -> Image.Image:  # fmt: skip
-    """Images in a labelled grid (nearest-neighbour upscaling keeps small toy images crisp)."""
-    from PIL import ImageDraw
-
-    top = 34
-    grid = Image.new("RGB", (left + cell * len(column_labels), top + cell * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((4, 2), title, fill="black")
-    for c, label in enumerate(column_labels):
-        draw.text((left + c * cell + 2, 18), label[:15], fill="black")
-    for r, (label, row) in enumerate(zip(row_labels, rows)):
-        draw.text((4, top + r * cell + cell // 2 - 6), label, fill="black")
-        for c, image in enumerate(row):
-            grid.paste(image.resize((cell, cell), Image.NEAREST), (left + c * cell, top + r * cell))
-    return grid
 
 
 def _applied(delta):

@@ -30,7 +30,7 @@ def test_bad_files_are_errors(tmp_path):
 
 def test_judge_uses_inception_features_when_given(tmp_path):
     from canvas import catalog
-    from canvas.bench import Judge
+    from canvas.judge import Judge
 
     path = tmp_path / "pt_inception.pth"
     torch.save(inception.FIDInception().state_dict(), path)
