@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from canvas import answers, fid, grids, metrics, report
 from canvas import catalog as catalogs
 from canvas.catalog import Catalog
-from canvas.judge import Judge, score
+from canvas.judge import Judge, feature_space, score
 from canvas.method_inputs import method_inputs
 from erase.atomic import write_json
 
@@ -195,7 +195,7 @@ class Bench:
         config = record.get("config", {})
         row = report.target_row(
             method, result["scores"], result["FID"], metrics.efficiency(record), preset=config.get("preset"),
-            steps=config.get("steps"),
+            steps=config.get("steps"), fid_features=judge.feature_space,
         )  # fmt: skip
         write_json(job / "metrics.json", row)
 
@@ -238,12 +238,12 @@ class Bench:
                               "target": target, "error": "not finished"})  # fmt: skip
         metadata = {
             "model": self.config.model, "catalog": self.catalog.name, "sampler": asdict(self.sampler),
-            "seeds": self.config.seeds, "fid_features": Judge.describe(self.config.inception, self.catalog),
+            "seeds": self.config.seeds, "fid_features": feature_space(self.catalog, self.config.inception),
             "fid_excludes_target": self.config.fid_excludes_target,
             "failed": [{k: f[k] for k in ("method", "target", "error")} for f in failed],
         }  # fmt: skip
         if rows:
-            report.write_report(self.out, rows, metadata)
+            report.write_report(self.out, rows, metadata, fid_features=metadata["fid_features"])
         else:
             write_json(self.out / "report.json", {"rows": [], "table": [], **metadata})
         return {"rows": rows, **metadata}

@@ -99,7 +99,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     result = Bench(config, progress=not args.no_progress).run()
     if result is not None:
         if result["rows"]:
-            print(markdown_table(result["rows"]))
+            print(markdown_table(result["rows"], fid_features=result["fid_features"]))
         for failure in result["failed"]:
             print(f"FAILED {failure['method']} / {failure['target']}: {failure['error']}")
         print(f"report: {Path(config.out) / 'report.md'}")

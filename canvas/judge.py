@@ -34,6 +34,11 @@ def load_images(paths: Sequence[str | os.PathLike[str]]) -> torch.Tensor:
     return to_unit_tensor(pictures)
 
 
+def feature_space(catalog: Catalog, inception: str | None = None) -> str:
+    """The one name of the FID feature space: cache key of the real features and the report's FID column name."""
+    return f"inception-v3-fid:{Path(inception).name}" if inception else f"{catalog.name}-style-classifier-head-input"
+
+
 class Judge:
     """The catalog's style and object classifiers, and the FID feature extractor: Inception-v3 from a local weights
     file when given, else the input of the style classifier's head (on the toy: the toy classifier's features)."""
@@ -48,20 +53,14 @@ class Judge:
         self.style = classifiers.load(catalog.name, "style", root)
         self.object = classifiers.load(catalog.name, "object", root)
         self._features: list[torch.Tensor] = []
+        self.feature_space = feature_space(catalog, inception)
         if inception:
             from canvas import inception as fid_inception
 
             self.inception = fid_inception.load(inception)
-            self.feature_space = f"inception-v3-fid:{Path(inception).name}"
         else:
             self.inception = None
-            self.feature_space = f"{catalog.name}-style-classifier-head-input"
             self.style.head.register_forward_hook(lambda m, inputs, out: self._features.append(inputs[0].detach()))
-
-    @staticmethod
-    def describe(inception: str | None, catalog: Catalog) -> str:
-        """The FID feature space in words, for the report."""
-        return f"Inception-v3 ({inception})" if inception else f"{catalog.name} style classifier (input of its head)"
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

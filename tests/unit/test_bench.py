@@ -51,6 +51,19 @@ def test_bench_writes_the_report_and_resumes_after_a_kill(tmp_path, model_dir, m
         assert 0 <= row["UA"] <= 100 and row["FID"] is not None and row["time_s"] > 0 and row["storage_gb"] > 0
     written = json.loads((tmp_path / "report.json").read_text())
     assert {r["target"] for r in written["rows"]} == {"Pop_Art", "Cats"} and written["table"][0]["method"] == "esd"
+    space = "toy-style-classifier-head-input"  # no --inception: the toy classifier's features, named as the judge does
+    assert (
+        written["fid_features"]
+        == result["fid_features"]
+        == space
+        == bench.Judge(bench.catalogs.get("toy")).feature_space
+    )
+    column = f"FID[{space}]"
+    assert written["table"][0][column] == pytest.approx(sum(r["FID"] for r in rows.values()) / 2)
+    assert all(r[column] == rows[r["target"]]["FID"] and r["fid_features"] == space for r in written["rows"])
+    assert column in (tmp_path / "report.csv").read_text().splitlines()[0].split(",")
+    assert column in (tmp_path / "rows.csv").read_text().splitlines()[0].split(",")
+    assert (tmp_path / "report.md").read_text().count(f"| {column} |") == 2
     assert (tmp_path / "report.md").is_file() and (tmp_path / "ua_vs_retain.png").is_file()
     assert {p.name for p in (tmp_path / "grids").iterdir()} == {"esd__Pop_Art.png", "esd__Cats.png"}
 
