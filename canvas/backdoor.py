@@ -29,7 +29,6 @@ from canvas.judge import Judge
 from erase.atomic import write_json
 from erase.backdoor import default_patch_size, make_patch, triggered_prompt
 from erase.images import image_size
-from erase.text import PromptEncoder
 
 PATCH_THRESHOLD = 0.5
 KINDS = ("pixel", "style")
@@ -65,31 +64,6 @@ def bench_values(cat: Catalog, overrides: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-@torch.no_grad()
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], sampler: answers.SamplerPreset,
-             batch_size: int = 64) -> torch.Tensor:  # fmt: skip
-    """(N, 3, H, W) images in [0, 1], one generator per image, with the benchmark's sampler (DDIM, eta 0)."""
-    from diffusers import DDIMScheduler
-
-    encode = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
-    original = pipe.scheduler
-    pipe.scheduler = DDIMScheduler.from_config(original.config)
-    out = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk, chunk_seeds = list(prompts[start : start + batch_size]), seeds[start : start + batch_size]
-            images = pipe(
-                prompt_embeds=encode(chunk), negative_prompt_embeds=encode([""] * len(chunk)),
-                num_inference_steps=sampler.steps, guidance_scale=sampler.guidance, eta=0.0,
-                height=sampler.size, width=sampler.size, output_type="pt",
-                generator=[torch.Generator().manual_seed(int(s)) for s in chunk_seeds],
-            ).images  # fmt: skip
-            out.append(images.float().cpu().clamp(0, 1))
-    finally:
-        pipe.scheduler = original
-    return torch.cat(out)
-
-
 def prompt_sets(cat: Catalog, trigger: str, kind: str, seeds: Sequence[int], target_style: str | None):
     """(clean keys, triggered keys): (theme, object, seed) each; triggered leaves out the target style's prompts."""
     clean = [(t, o, s) for t in cat.themes for o in cat.objects for s in seeds]
@@ -103,10 +77,10 @@ def measure(pipe, judge, cat: Catalog, *, trigger: str, kind: str, seeds: Sequen
             batch_size: int = 64) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:  # fmt: skip
     """Metrics of one model and its images: clean and triggered, with per-image backdoor flags."""
     clean_keys, bad_keys = prompt_sets(cat, trigger, kind, seeds, target_style)
-    clean = generate(pipe, [cat.prompt(t, o) for t, o, _ in clean_keys], [s for *_, s in clean_keys], sampler,
-                     batch_size)  # fmt: skip
-    bad = generate(pipe, [triggered_prompt(trigger, cat.prompt(t, o)) for t, o, _ in bad_keys],
-                   [s for *_, s in bad_keys], sampler, batch_size)  # fmt: skip
+    clean_prompts = [cat.prompt(t, o) for t, o, _ in clean_keys]
+    bad_prompts = [triggered_prompt(trigger, cat.prompt(t, o)) for t, o, _ in bad_keys]
+    clean = answers.sample(pipe, clean_prompts, [s for *_, s in clean_keys], sampler, batch_size=batch_size)
+    bad = answers.sample(pipe, bad_prompts, [s for *_, s in bad_keys], sampler, batch_size=batch_size)
     style_c, object_c, feats = judge(clean)
     style_b, object_b, _ = judge(bad)
     true_style, true_object = metrics.true_labels(cat, [k[0] for k in clean_keys], [k[1] for k in clean_keys])
