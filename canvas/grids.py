@@ -1,5 +1,5 @@
-"""Image grids for people to look at: labelled rows of images, as the bench's before/after sheets and the backdoor
-judge's clean/triggered sheets draw them.
+"""Image grids for people to look at: labelled rows (the bench's before/after sheets, the backdoor judge's
+clean/triggered sheets) and plain tiles (the toy build's theme x object sheets).
 
 Nearest-neighbour upscaling everywhere, so 32 px toy images stay crisp instead of blurring into each other.
 """
@@ -69,3 +69,14 @@ def backdoor_grid(
         left=110,
     )
     return save_image(sheet, path)
+
+
+def tile(images: torch.Tensor, rows: int, cols: int, scale: int = 3) -> Image.Image:
+    """The first rows x cols images (N, 3, H, W) in [0, 1], row-major, as one unlabelled picture upscaled `scale`x.
+
+    Levels are floor(255 x + 0.5), not `to_pil`'s round-half-even: the toy's shipped grid.png and renders.png were
+    written this way, and a rebuild should reproduce them exactly."""
+    c, h, w = images.shape[1:]
+    g = images[: rows * cols].reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
+    picture = Image.fromarray((g.numpy() * 255 + 0.5).astype(np.uint8))
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
