@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from canvas import answers, fid, grids, metrics, report
+from canvas import answers, data, fid, grids, metrics, report, splits, toy, validation
 from canvas import catalog as catalogs
 from canvas.catalog import Catalog
 from canvas.judge import Judge, feature_space, score
@@ -36,7 +36,9 @@ class BenchConfig:
     catalog: str | None = None  # default: "toy" for the toy model, else "unlearncanvas-50"
     sampler: str | None = None  # default: "toy" for the toy model, else "unlearncanvas"
     seeds: list[int] = field(default_factory=lambda: list(answers.SEEDS))
-    data: str | None = None  # dataset root for data-driven methods; the toy renders its own
+    data: str | None = (
+        None  # the dataset (folder layout or parquet shards) for methods and FID; the toy renders its own
+    )
     presets: dict[str, str] = field(default_factory=dict)  # method -> preset name (default: see job_preset)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> config fields
     fid_excludes_target: bool = False
@@ -64,6 +66,25 @@ class BenchConfig:
 
 
 DATA_METHODS = ("fmn", "salun")  # methods that read dataset images
+
+
+def method_indices(roles: splits.Splits) -> list[int]:
+    """Image indices data-driven methods read: forget/retain and FMN reference."""
+    return sorted(set(roles.forget_retain) | set(roles.fmn_reference))
+
+
+def bench_indices(roles: splits.Splits) -> list[int]:
+    """Every image index the bench reads: the methods' and the FID reference set's."""
+    return sorted(set(method_indices(roles)) | set(roles.fid_reference))
+
+
+def open_data(config: BenchConfig, cat: Catalog) -> data.Dataset:
+    """`--data` opened (folder layout or parquet shards) after checking it holds every image the bench reads, each
+    theme x object at `bench_indices` (extra styles and indices are fine). The check reads the layout and captions,
+    not the pixels, so it costs seconds; an undecodable image fails where it is read."""
+    indices = bench_indices(splits.load())
+    validation.validate(config.data, cat, indices, check_images=False, allow_extra=True, raise_on_error=True)
+    return data.open_dataset(config.data, cat)
 
 
 def job_preset(config: BenchConfig, method: str, kind: str) -> str | None:
@@ -120,15 +141,26 @@ class Bench:
 
     @staticmethod
     def data_root_of(config: BenchConfig, cat: Catalog) -> Path:
-        """The dataset folder data-driven methods and FID read; the toy's renders are written on first use."""
-        if config.data:
-            return Path(config.data)
-        if cat.name != "toy":
-            raise ValueError("--data is required for a non-toy catalog (the UnlearnCanvas dataset folder)")
-        from canvas import splits, toy
+        """The folder `<Theme>/<Object>/<idx>.jpg` whose files data-driven methods read: a folder dataset's own root;
+        for parquet shards, the images at `method_indices` written once under out/data/ (`data.as_folder`); on the
+        toy without --data, its renders."""
+        if not config.data:
+            return Bench.toy_renders(config, cat)
+        keys = [data.ItemKey(t, o, i) for t in cat.themes for o in cat.objects for i in method_indices(splits.load())]
+        return data.as_folder(open_data(config, cat), keys, Path(config.out) / "data")
 
-        roles = splits.load()
-        indices = sorted(set(roles.fid_reference) | set(roles.forget_retain) | set(roles.fmn_reference))
+    def dataset(self) -> data.Dataset:
+        """The dataset FID's real set is read from: --data, else the toy's renders."""
+        if self.config.data:
+            return open_data(self.config, self.catalog)
+        return data.FolderDataset(self.toy_renders(self.config, self.catalog), self.catalog)
+
+    @staticmethod
+    def toy_renders(config: BenchConfig, cat: Catalog) -> Path:
+        """The toy's renders at `bench_indices`, written on first use under out/data/toy."""
+        if cat.name != "toy":
+            raise ValueError("--data is required for a non-toy catalog: the UnlearnCanvas folder or parquet shards")
+        indices = bench_indices(splits.load())
         root = Path(config.out) / "data" / "toy"
         if not (root / "done").is_file():
             toy.export(root, cat, indices=indices)
@@ -185,10 +217,8 @@ class Bench:
 
     def score_job(self, method: str, target: str, job: Path) -> None:
         judge = Judge(self.catalog, self.config.classifiers, self.config.inception)
-        from canvas import splits
-
         fid_indices = splits.load().fid_reference
-        bank = judge.real_bank(self.out / "cache" / "real_features.npz", fid_indices, self.data_root())
+        bank = judge.real_bank(self.out / "cache" / "real_features.npz", fid_indices, self.dataset())
         keep = fid.exclude_target(self.catalog, target) if self.config.fid_excludes_target else None
         result = score(judge, job / "answers", target, bank.stats(keep), keep)
         record = json.loads((job / "delta" / "record.json").read_text())

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from canvas import answers, classifiers, fid, metrics
+from canvas import answers, classifiers, data, fid, metrics
 from canvas.catalog import Catalog
 
 CHUNK = 128  # images per classifier call
@@ -69,17 +69,29 @@ class Judge:
         style, obj = self.style(images), self.object(images)
         return style, obj, self.inception(images) if self.inception is not None else self._features[-1]
 
-    def real_bank(self, cache: Path, indices: tuple[int, ...], data_root: Path) -> fid.FeatureBank:
-        """Features of the real FID reference set (every theme x object x `indices`), computed once and cached."""
-        meta = {"features": self.feature_space, "catalog": self.catalog.name, "indices": str(list(indices))}
+    def real_bank(self, cache: Path, indices: Sequence[int], dataset: data.Dataset) -> fid.FeatureBank:
+        """Features of the real FID reference set (every theme x object x `indices` of `dataset`, either layout),
+        computed once and cached under the feature space, catalog, indices and the dataset's identity.
+
+        Images are read in the dataset's cheapest order (parquet: storage order, each row group once) and the rows
+        put back in (theme, object, index) order, so the bank does not depend on how the copy is stored."""
+        meta = {
+            "features": self.feature_space,
+            "catalog": self.catalog.name,
+            "indices": str(list(indices)),
+            "data": dataset.identity,
+        }
 
         def compute() -> fid.FeatureBank:
-            keys = [(t, o, i) for t in self.catalog.themes for o in self.catalog.objects for i in indices]
-            feats = []
-            for start in range(0, len(keys), CHUNK):
-                chunk = keys[start : start + CHUNK]
-                feats.append(self(load_images([data_root / t / o / f"{i}.jpg" for t, o, i in chunk]))[2])
-            return fid.FeatureBank(torch.cat(feats).numpy(), [k[0] for k in keys], [k[1] for k in keys])
+            keys = [data.ItemKey(t, o, i) for t in self.catalog.themes for o in self.catalog.objects for i in indices]
+            order = dataset.read_order(keys)
+            features: dict[data.ItemKey, torch.Tensor] = {}
+            for start in range(0, len(order), CHUNK):
+                chunk = order[start : start + CHUNK]
+                images = to_unit_tensor([dataset.load(k.theme, k.object, k.index) for k in chunk])
+                features.update(zip(chunk, self(images)[2]))
+            rows = torch.stack([features[k] for k in keys]).numpy()
+            return fid.FeatureBank(rows, [k.theme for k in keys], [k.object for k in keys])
 
         return fid.FeatureBank.cached(cache, meta, compute)
 
