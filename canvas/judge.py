@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 from canvas import answers, classifiers, data, fid, metrics
+from canvas import inception as fid_inception
 from canvas.catalog import Catalog
+from erase.pipeline import toy_path
 
 CHUNK = 128  # images per classifier call
 
@@ -47,16 +49,12 @@ class Judge:
         self.catalog = catalog
         root = classifiers_root
         if root is None and catalog.name == "toy":  # the classifiers beside the toy in use ($ERASEKIT_TOY moves both)
-            from erase.pipeline import toy_path
-
             root = toy_path().parent / "toy_classifiers"
         self.style = classifiers.load(catalog.name, "style", root)
         self.object = classifiers.load(catalog.name, "object", root)
         self._features: list[torch.Tensor] = []
         self.feature_space = feature_space(catalog, inception)
         if inception:
-            from canvas import inception as fid_inception
-
             self.inception = fid_inception.load(inception)
         else:
             self.inception = None
