@@ -2,7 +2,9 @@
 
 Images are named `{theme}_{object}_seed{seed}.jpg` as in UnlearnCanvas. Each image has its own generator seed, and
 batches are fixed slices of the global item order, so any sharding or resumption reproduces identical pixels:
-shards take whole batches, and a batch with any missing or unreadable image is regenerated as a whole.
+shards take whole batches, and a batch with any missing or unreadable image is regenerated as a whole. `sample` is
+the protocol (DDIM, eta 0, the preset's steps, guidance and size) on top of `erase.sampling.generate`; answer sets
+and the backdoor judge both draw through it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from canvas.catalog import Catalog
+from erase import sampling
 from erase.atomic import save_image, write_json
+from erase.text import PromptEncoder
 
 SEEDS = (188, 288, 588, 688, 888)
 MANIFEST = "manifest.json"
@@ -57,6 +61,34 @@ def preset(name: str) -> SamplerPreset:
     if name not in PRESETS:
         raise ValueError(f"unknown sampler preset {name!r}; accepted: toy, {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def sample(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    sampler: SamplerPreset,
+    *,
+    batch_size: int,
+    output_type: sampling.OutputType = "pt",
+    encoder: PromptEncoder | None = None,
+):
+    """Images of (prompt, seed) pairs with the benchmark's protocol: DDIM on the pipeline's own noise schedule, eta 0,
+    the preset's steps, guidance and size, one generator per image. `encoder` (default: a new caching one) can be
+    shared across calls so each prompt is encoded once. See `erase.sampling.generate` for the output types."""
+    return sampling.generate(
+        pipe,
+        prompts,
+        seeds,
+        steps=sampler.steps,
+        guidance=sampler.guidance,
+        eta=0.0,
+        size=sampler.size,
+        scheduler=sampling.ddim_scheduler(pipe.scheduler.config),
+        encoder=encoder if encoder is not None else PromptEncoder(pipe.tokenizer, pipe.text_encoder),
+        batch_size=batch_size,
+        output_type=output_type,
+    )
 
 
 @dataclass(frozen=True)
@@ -125,10 +157,6 @@ def generate(
     `apply` is a context-manager factory run around generation (e.g. applying a Delta or an inference-time hook).
     Under `accelerate launch` with no explicit `shard`, each process takes its own shard.
     """
-    from diffusers import DDIMScheduler
-
-    from erase.text import PromptEncoder
-
     if shard is None:
         from accelerate import PartialState
 
@@ -141,21 +169,14 @@ def generate(
     mine = [b for n, b in enumerate(batches) if n % count == index]
     todo = [b for b in mine if not all(_readable(out / it.filename) for it in b)]
     encode = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
-    original_scheduler = pipe.scheduler
-    pipe.scheduler = DDIMScheduler.from_config(original_scheduler.config)
-    size = sampler.size
     bar = tqdm(total=sum(map(len, mine)), initial=sum(map(len, mine)) - sum(map(len, todo)), desc="answer set",
                disable=not progress)  # fmt: skip
     try:
         with apply(pipe) if apply else nullcontext():
             for batch in todo:
                 prompts = [catalog.prompt(it.theme, it.object) for it in batch]
-                images = pipe(
-                    prompt_embeds=encode(prompts), negative_prompt_embeds=encode([""] * len(batch)),
-                    num_inference_steps=sampler.steps, guidance_scale=sampler.guidance, eta=0.0,
-                    height=size, width=size, output_type="np",
-                    generator=[torch.Generator().manual_seed(it.seed) for it in batch],
-                ).images  # fmt: skip
+                seeds = [it.seed for it in batch]
+                images = sample(pipe, prompts, seeds, sampler, batch_size=len(batch), output_type="np", encoder=encode)
                 for it, image in zip(batch, images):
                     path = out / it.filename
                     if not _readable(path):
@@ -164,7 +185,6 @@ def generate(
                         )
                 bar.update(len(batch))
     finally:
-        pipe.scheduler = original_scheduler
         bar.close()
     manifest = {
         "catalog": catalog.name, "sampler": asdict(sampler), "scheduler": "DDIM", "eta": 0.0,

@@ -21,16 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from canvas import answers, metrics
+from canvas import answers, fid, grids, metrics
 from canvas.catalog import Catalog, style_words
-from erase.atomic import save_image, write_json
+from canvas.judge import Judge
+from erase.atomic import write_json
 from erase.backdoor import default_patch_size, make_patch, triggered_prompt
 from erase.images import image_size
-from erase.text import PromptEncoder
 
 PATCH_THRESHOLD = 0.5
 KINDS = ("pixel", "style")
@@ -51,31 +49,6 @@ def patch_present(images: torch.Tensor, patch: torch.Tensor, threshold: float = 
     return patch_distance(images, patch) < threshold
 
 
-@torch.no_grad()
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], sampler: answers.SamplerPreset,
-             batch_size: int = 64) -> torch.Tensor:  # fmt: skip
-    """(N, 3, H, W) images in [0, 1], one generator per image, with the benchmark's sampler (DDIM, eta 0)."""
-    from diffusers import DDIMScheduler
-
-    encode = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
-    original = pipe.scheduler
-    pipe.scheduler = DDIMScheduler.from_config(original.config)
-    out = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk, chunk_seeds = list(prompts[start : start + batch_size]), seeds[start : start + batch_size]
-            images = pipe(
-                prompt_embeds=encode(chunk), negative_prompt_embeds=encode([""] * len(chunk)),
-                num_inference_steps=sampler.steps, guidance_scale=sampler.guidance, eta=0.0,
-                height=sampler.size, width=sampler.size, output_type="pt",
-                generator=[torch.Generator().manual_seed(int(s)) for s in chunk_seeds],
-            ).images  # fmt: skip
-            out.append(images.float().cpu().clamp(0, 1))
-    finally:
-        pipe.scheduler = original
-    return torch.cat(out)
-
-
 def prompt_sets(cat: Catalog, trigger: str, kind: str, seeds: Sequence[int], target_style: str | None):
     """(clean keys, triggered keys): (theme, object, seed) each; triggered leaves out the target style's prompts."""
     clean = [(t, o, s) for t in cat.themes for o in cat.objects for s in seeds]
@@ -89,10 +62,10 @@ def measure(pipe, judge, cat: Catalog, *, trigger: str, kind: str, seeds: Sequen
             batch_size: int = 64) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:  # fmt: skip
     """Metrics of one model and its images: clean and triggered, with per-image backdoor flags."""
     clean_keys, bad_keys = prompt_sets(cat, trigger, kind, seeds, target_style)
-    clean = generate(pipe, [cat.prompt(t, o) for t, o, _ in clean_keys], [s for *_, s in clean_keys], sampler,
-                     batch_size)  # fmt: skip
-    bad = generate(pipe, [triggered_prompt(trigger, cat.prompt(t, o)) for t, o, _ in bad_keys],
-                   [s for *_, s in bad_keys], sampler, batch_size)  # fmt: skip
+    clean_prompts = [cat.prompt(t, o) for t, o, _ in clean_keys]
+    bad_prompts = [triggered_prompt(trigger, cat.prompt(t, o)) for t, o, _ in bad_keys]
+    clean = answers.sample(pipe, clean_prompts, [s for *_, s in clean_keys], sampler, batch_size=batch_size)
+    bad = answers.sample(pipe, bad_prompts, [s for *_, s in bad_keys], sampler, batch_size=batch_size)
     style_c, object_c, feats = judge(clean)
     style_b, object_b, _ = judge(bad)
     true_style, true_object = metrics.true_labels(cat, [k[0] for k in clean_keys], [k[1] for k in clean_keys])
@@ -120,8 +93,6 @@ def evaluate(pipe, catalog: Catalog, *, trigger: str, kind: str, delta=None, see
              batch_size: int = 64, extra: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Backdoor metrics of `pipe` (the backdoored model), and after `delta` (a removal) when given; with `out`,
     writes out/backdoor.json and out/grid.png (rows: clean before, clean after, triggered before, triggered after)."""
-    from .bench import Judge
-
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
     if not trigger or not trigger.strip():
@@ -164,7 +135,7 @@ def evaluate(pipe, catalog: Catalog, *, trigger: str, kind: str, delta=None, see
         ).item()  # among triggered prompts that showed the backdoor before, the fraction that no longer does
         results["clean_style_acc_ratio"] = after["clean_style_acc"] / max(before["clean_style_acc"], 1e-9)
         results["clean_object_acc_ratio"] = after["clean_object_acc"] / max(before["clean_object_acc"], 1e-9)
-        results["clean_fid_after_vs_before"] = metrics.fid_from_features(
+        results["clean_fid_after_vs_before"] = fid.fid_from_features(
             images_after["features"], images_before["features"]
         )
     final = results.get("after", before)
@@ -174,32 +145,6 @@ def evaluate(pipe, catalog: Catalog, *, trigger: str, kind: str, delta=None, see
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        grid(images_before, images_after, out / GRID_FILE)
+        grids.backdoor_grid(images_before, images_after, out / GRID_FILE)
         write_json(out / RESULT_FILE, results)
     return results
-
-
-def grid(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor] | None, path: Path, columns: int = 8) -> Path:
-    """Labelled rows: clean before, clean after, triggered before, triggered after (the after rows only with a
-    removal); the first `columns` images of each set. Written atomically."""
-    from canvas.bench import image_grid
-
-    named = [
-        ("clean before", before["clean"]),
-        ("clean after", after["clean"] if after else None),
-        ("triggered before", before["triggered"]),
-        ("triggered after", after["triggered"] if after else None),
-    ]
-    named = [(label, images[:columns]) for label, images in named if images is not None]
-
-    def pil(image: torch.Tensor) -> Image.Image:
-        return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-
-    sheet = image_grid(
-        [[pil(im) for im in images] for _, images in named],
-        [label for label, _ in named],
-        [""] * min(columns, len(named[0][1])),
-        "backdoor: clean and triggered prompts",
-        left=110,
-    )
-    return save_image(sheet, path)

@@ -14,14 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from canvas import answers, classifiers, metrics, report
+from canvas import answers, data, fid, grids, metrics, report, splits, toy, validation
 from canvas import catalog as catalogs
 from canvas.catalog import Catalog
+from canvas.judge import Judge, feature_space, score
 from canvas.method_inputs import method_inputs
 from erase import get_method, make_config
 from erase.atomic import write_json
@@ -38,7 +37,9 @@ class BenchConfig:
     catalog: str | None = None  # default: "toy" for the toy model, else "unlearncanvas-50"
     sampler: str | None = None  # default: "toy" for the toy model, else "unlearncanvas"
     seeds: list[int] = field(default_factory=lambda: list(answers.SEEDS))
-    data: str | None = None  # dataset root for data-driven methods; the toy renders its own
+    data: str | None = (
+        None  # the dataset (folder layout or parquet shards) for methods and FID; the toy renders its own
+    )
     presets: dict[str, str] = field(default_factory=dict)  # method -> preset name (default: see job_preset)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> config fields
     fid_excludes_target: bool = False
@@ -65,6 +66,25 @@ class BenchConfig:
         answers.preset(self.sampler)
 
 
+def method_indices(roles: splits.Splits) -> list[int]:
+    """Image indices data-driven methods read: forget/retain and FMN reference."""
+    return sorted(set(roles.forget_retain) | set(roles.fmn_reference))
+
+
+def bench_indices(roles: splits.Splits) -> list[int]:
+    """Every image index the bench reads: the methods' and the FID reference set's."""
+    return sorted(set(method_indices(roles)) | set(roles.fid_reference))
+
+
+def open_data(config: BenchConfig, cat: Catalog) -> data.Dataset:
+    """`--data` opened (folder layout or parquet shards) after checking it holds every image the bench reads, each
+    theme x object at `bench_indices` (extra styles and indices are fine). The check reads the layout and captions,
+    not the pixels, so it costs seconds; an undecodable image fails where it is read."""
+    indices = bench_indices(splits.load())
+    validation.validate(config.data, cat, indices, check_images=False, allow_extra=True, raise_on_error=True)
+    return data.open_dataset(config.data, cat)
+
+
 def job_preset(config: BenchConfig, method: str, kind: str) -> str | None:
     """The preset a job uses: the bench's choice, else `toy` on the toy, else the method's UnlearnCanvas preset."""
     presets = get_method(method).config_cls.PRESETS
@@ -84,77 +104,6 @@ def job_config(config: BenchConfig, method: str, target: str):
     data_root = Bench.data_root_of(config, cat) if get_method(method).reads_images else None
     values = method_inputs(method, cat, target, data_root, config.overrides.get(method, {}))
     return make_config(method, job_preset(config, method, kind), **values)
-
-
-def load_images(paths: list[Path]) -> torch.Tensor:
-    """(B, 3, H, W) floats in [0, 1], the classifiers' input."""
-    arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0 for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-
-
-class Judge:
-    """The catalog's style and object classifiers, and the FID feature extractor: Inception-v3 from a local weights
-    file when given, else the input of the style classifier's head (on the toy: the toy classifier's features)."""
-
-    def __init__(self, catalog: Catalog, classifiers_root: str | None = None, inception: str | None = None):
-        self.catalog = catalog
-        root = classifiers_root
-        if root is None and catalog.name == "toy":  # the classifiers beside the toy in use ($ERASEKIT_TOY moves both)
-            from erase.pipeline import toy_path
-
-            root = toy_path().parent / "toy_classifiers"
-        self.style = classifiers.load(catalog.name, "style", root)
-        self.object = classifiers.load(catalog.name, "object", root)
-        self._features: list[torch.Tensor] = []
-        if inception:
-            from canvas import inception as fid_inception
-
-            self.inception = fid_inception.load(inception)
-            self.feature_space = f"inception-v3-fid:{Path(inception).name}"
-        else:
-            self.inception = None
-            self.feature_space = f"{catalog.name}-style-classifier-head-input"
-            self.style.head.register_forward_hook(lambda m, inputs, out: self._features.append(inputs[0].detach()))
-
-    @staticmethod
-    def describe(inception: str | None, catalog: Catalog) -> str:
-        """The FID feature space in words, for the report."""
-        return f"Inception-v3 ({inception})" if inception else f"{catalog.name} style classifier (input of its head)"
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Style logits, object logits and features of a batch."""
-        self._features.clear()
-        style, obj = self.style(images), self.object(images)
-        return style, obj, self.inception(images) if self.inception is not None else self._features[-1]
-
-    def real_bank(self, cache: Path, indices: tuple[int, ...], data_root: Path) -> metrics.FeatureBank:
-        """Features of the real FID reference set (every theme x object x `indices`), computed once and cached."""
-        meta = {"features": self.feature_space, "catalog": self.catalog.name, "indices": str(list(indices))}
-
-        def compute() -> metrics.FeatureBank:
-            keys = [(t, o, i) for t in self.catalog.themes for o in self.catalog.objects for i in indices]
-            feats = []
-            for start in range(0, len(keys), 128):
-                chunk = keys[start : start + 128]
-                feats.append(self(load_images([data_root / t / o / f"{i}.jpg" for t, o, i in chunk]))[2])
-            return metrics.FeatureBank(torch.cat(feats).numpy(), [k[0] for k in keys], [k[1] for k in keys])
-
-        return metrics.FeatureBank.cached(cache, meta, compute)
-
-
-def score(judge: Judge, answer_dir: Path, target: str, real: metrics.FeatureStats, keep=None) -> dict[str, Any]:
-    """UA / IRA / CRA of one target on an answer set, and FID against the real statistics."""
-    items, paths, _ = answers.load_answer_set(answer_dir)
-    accuracy = metrics.UnlearningAccuracy(judge.catalog, target)
-    frechet = metrics.FrechetDistance(real.dim, keep=keep, reference=real)
-    for start in range(0, len(items), 128):
-        chunk_items, chunk_paths = items[start : start + 128], paths[start : start + 128]
-        style, obj, feats = judge(load_images(chunk_paths))
-        themes, objects = [it.theme for it in chunk_items], [it.object for it in chunk_items]
-        accuracy.update(style, obj, *metrics.true_labels(judge.catalog, themes, objects))
-        frechet.update(feats, real=False, themes=themes, objects=objects)
-    return {"scores": accuracy.scores(), "FID": float(frechet.compute())}
 
 
 class Bench:
@@ -178,15 +127,26 @@ class Bench:
 
     @staticmethod
     def data_root_of(config: BenchConfig, cat: Catalog) -> Path:
-        """The dataset folder data-driven methods and FID read; the toy's renders are written on first use."""
-        if config.data:
-            return Path(config.data)
-        if cat.name != "toy":
-            raise ValueError("--data is required for a non-toy catalog (the UnlearnCanvas dataset folder)")
-        from canvas import splits, toy
+        """The folder `<Theme>/<Object>/<idx>.jpg` whose files data-driven methods read: a folder dataset's own root;
+        for parquet shards, the images at `method_indices` written once under out/data/ (`data.as_folder`); on the
+        toy without --data, its renders."""
+        if not config.data:
+            return Bench.toy_renders(config, cat)
+        keys = [data.ItemKey(t, o, i) for t in cat.themes for o in cat.objects for i in method_indices(splits.load())]
+        return data.as_folder(open_data(config, cat), keys, Path(config.out) / "data")
 
-        roles = splits.load()
-        indices = sorted(set(roles.fid_reference) | set(roles.forget_retain) | set(roles.fmn_reference))
+    def dataset(self) -> data.Dataset:
+        """The dataset FID's real set is read from: --data, else the toy's renders."""
+        if self.config.data:
+            return open_data(self.config, self.catalog)
+        return data.FolderDataset(self.toy_renders(self.config, self.catalog), self.catalog)
+
+    @staticmethod
+    def toy_renders(config: BenchConfig, cat: Catalog) -> Path:
+        """The toy's renders at `bench_indices`, written on first use under out/data/toy."""
+        if cat.name != "toy":
+            raise ValueError("--data is required for a non-toy catalog: the UnlearnCanvas folder or parquet shards")
+        indices = bench_indices(splits.load())
         root = Path(config.out) / "data" / "toy"
         if not (root / "done").is_file():
             toy.export(root, cat, indices=indices)
@@ -243,17 +203,15 @@ class Bench:
 
     def score_job(self, method: str, target: str, job: Path) -> None:
         judge = Judge(self.catalog, self.config.classifiers, self.config.inception)
-        from canvas import splits
-
         fid_indices = splits.load().fid_reference
-        bank = judge.real_bank(self.out / "cache" / "real_features.npz", fid_indices, self.data_root())
-        keep = metrics.exclude_target(self.catalog, target) if self.config.fid_excludes_target else None
+        bank = judge.real_bank(self.out / "cache" / "real_features.npz", fid_indices, self.dataset())
+        keep = fid.exclude_target(self.catalog, target) if self.config.fid_excludes_target else None
         result = score(judge, job / "answers", target, bank.stats(keep), keep)
         record = json.loads((job / "delta" / "record.json").read_text())
         config = record.get("config", {})
-        row = metrics.target_row(
+        row = report.target_row(
             method, result["scores"], result["FID"], metrics.efficiency(record), preset=config.get("preset"),
-            steps=config.get("steps"),
+            steps=config.get("steps"), fid_features=judge.feature_space,
         )  # fmt: skip
         write_json(job / "metrics.json", row)
 
@@ -277,7 +235,7 @@ class Bench:
         after = self.job_dir(method, target) / "answers"
         rows = [[Image.open(d / it.filename).convert("RGB") for it in items] for d in (before, after)]
         labels = [it.object if self.catalog.is_style(target) else it.theme for it in items]
-        canvas_image = image_grid(rows, ["before", "after"], labels, f"{method}: {target}")
+        canvas_image = grids.image_grid(rows, ["before", "after"], labels, f"{method}: {target}")
         path = self.out / "grids" / f"{method}__{target}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         canvas_image.save(path)
@@ -296,33 +254,15 @@ class Bench:
                               "target": target, "error": "not finished"})  # fmt: skip
         metadata = {
             "model": self.config.model, "catalog": self.catalog.name, "sampler": asdict(self.sampler),
-            "seeds": self.config.seeds, "fid_features": Judge.describe(self.config.inception, self.catalog),
+            "seeds": self.config.seeds, "fid_features": feature_space(self.catalog, self.config.inception),
             "fid_excludes_target": self.config.fid_excludes_target,
             "failed": [{k: f[k] for k in ("method", "target", "error")} for f in failed],
         }  # fmt: skip
         if rows:
-            report.write_report(self.out, rows, metadata)
+            report.write_report(self.out, rows, metadata, fid_features=metadata["fid_features"])
         else:
             write_json(self.out / "report.json", {"rows": [], "table": [], **metadata})
         return {"rows": rows, **metadata}
-
-
-def image_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str], title: str,
-               cell: int = 96, left: int = 56) -> Image.Image:  # fmt: skip
-    """Images in a labelled grid (nearest-neighbour upscaling keeps small toy images crisp)."""
-    from PIL import ImageDraw
-
-    top = 34
-    grid = Image.new("RGB", (left + cell * len(column_labels), top + cell * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((4, 2), title, fill="black")
-    for c, label in enumerate(column_labels):
-        draw.text((left + c * cell + 2, 18), label[:15], fill="black")
-    for r, (label, row) in enumerate(zip(row_labels, rows)):
-        draw.text((4, top + r * cell + cell // 2 - 6), label, fill="black")
-        for c, image in enumerate(row):
-            grid.paste(image.resize((cell, cell), Image.NEAREST), (left + c * cell, top + r * cell))
-    return grid
 
 
 def _applied(delta):

@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", help="YAML file with any of the bench fields (command-line values win)")
     bench.add_argument("--catalog", help="catalog name (default: toy for the toy model, else unlearncanvas-50)")
     bench.add_argument("--sampler", help="sampler preset (toy or unlearncanvas)")
-    bench.add_argument("--data", help="dataset folder for data-driven methods and FID (not needed for the toy)")
+    bench.add_argument("--data", help="dataset folder or parquet shards, for data-driven methods and FID (toy: none)")
     bench.add_argument("--fid-excludes-target", action="store_true", help="leave the target out of both FID sets")
     bench.add_argument("--classifiers", help="folder of the style/object classifier checkpoints (<kind>.pth)")
     bench.add_argument("--inception", help="local FID Inception-v3 weights (default: the classifier's features)")
@@ -109,7 +109,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     result = Bench(config, progress=not args.no_progress).run()
     if result is not None:
         if result["rows"]:
-            print(markdown_table(result["rows"]))
+            print(markdown_table(result["rows"], fid_features=result["fid_features"]))
         for failure in result["failed"]:
             print(f"FAILED {failure['method']} / {failure['target']}: {failure['error']}")
         print(f"report: {Path(config.out) / 'report.md'}")

@@ -1,31 +1,33 @@
-"""Read UnlearnCanvas images from the folder layout or from parquet shards, and validate a copy of the dataset.
+"""Read UnlearnCanvas images from the folder layout or from parquet shards (`canvas.validation` checks a copy).
 
 Folder layout: `<root>/<Theme>/<Object>/<idx>.jpg` (the photo class is the theme `Seed_Images`).
 Parquet layout (the Hugging Face copy): columns `image` (bytes, or a `{"bytes": ...}` struct) and `text`, the caption
 `A {object} image in {style words} style.`; theme and object are parsed back from the caption, and the index is the
 row's position among rows of the same (theme, object), 1-based, in shard-name then row order (the copy keeps no file
-names). Both readers answer `dataset[theme, object, idx] -> PIL.Image` so everything downstream ignores the layout.
-
-`validate` reports every problem (missing or extra folder, wrong image count, unreadable image, bad caption) in one
-pass instead of stopping at the first, because a 24,000-image download is expensive to re-check one fix at a time.
+names). Both readers answer `dataset[theme, object, idx] -> PIL.Image` so everything downstream ignores the layout;
+`as_folder` gives consumers that take image file paths (data-driven methods) a folder of either layout's images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 
 from canvas.catalog import Catalog, style_words
+from erase.atomic import atomic_dir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SOURCE_RECORD = "source.json"  # in an `as_folder` copy: what it was written from
 _CAPTION = re.compile(r"^\s*an?\s+(?P<object>.+?)\s+image\s+in\s+(?P<style>.+?)\s+style\s*\.?\s*$", re.IGNORECASE)
 
 
@@ -47,9 +49,9 @@ class ItemKey:
 
 def parse_caption(caption: str, catalog: Catalog) -> tuple[str, str]:
     """(theme, object) named by a benchmark caption; a ValueError says whether the form or a name is wrong."""
-    theme_words, obj_words = _caption_words(caption)
-    theme = _themes_by_words(catalog).get(_norm(theme_words))
-    obj = {_norm(o): o for o in catalog.objects}.get(_norm(obj_words))
+    theme_words, obj_words = caption_words(caption)
+    theme = themes_by_words(catalog).get(norm_words(theme_words))
+    obj = {norm_words(o): o for o in catalog.objects}.get(norm_words(obj_words))
     if theme is None:
         raise ValueError(f"caption {caption!r} names style {theme_words!r}, not a theme of catalog {catalog.name!r}")
     if obj is None:
@@ -57,20 +59,23 @@ def parse_caption(caption: str, catalog: Catalog) -> tuple[str, str]:
     return theme, obj
 
 
-def _caption_words(caption: Any) -> tuple[str, str]:
+def caption_words(caption: Any) -> tuple[str, str]:
+    """(style words, object words) of a caption of the benchmark's form; a ValueError otherwise."""
     match = _CAPTION.match(caption) if isinstance(caption, str) else None
     if match is None:
         raise ValueError(f"caption {caption!r} is not of the form 'A {{object}} image in {{style}} style.'")
     return match["style"], match["object"]
 
 
-def _norm(words: str) -> str:
+def norm_words(words: str) -> str:
+    """Words compared case- and spacing-blind, underscores as spaces (`Pop_Art` = `pop art`)."""
     return " ".join(words.replace("_", " ").split()).casefold()
 
 
-def _themes_by_words(catalog: Catalog) -> dict[str, str]:
-    table = {_norm(style_words(t, catalog.photo)): t for t in catalog.themes}
-    table.update({_norm(t): t for t in catalog.themes})  # `Seed Images` is accepted for the photo class too
+def themes_by_words(catalog: Catalog) -> dict[str, str]:
+    """Normalised style words (and theme names) -> theme."""
+    table = {norm_words(style_words(t, catalog.photo)): t for t in catalog.themes}
+    table.update({norm_words(t): t for t in catalog.themes})  # `Seed Images` is accepted for the photo class too
     return table
 
 
@@ -88,6 +93,15 @@ class FolderDataset:
         if not self.root.is_dir():
             raise DatasetError(f"dataset folder {self.root} does not exist")
 
+    @property
+    def identity(self) -> str:
+        """What the images are read from, for cache keys: the resolved root folder."""
+        return f"folder:{self.root.resolve()}"
+
+    def read_order(self, keys: Iterable[ItemKey]) -> list[ItemKey]:
+        """`keys` in the order cheapest to read: files cost the same in any order, so as given."""
+        return list(keys)
+
     def path(self, theme: str, obj: str, idx: int) -> Path:
         """The file of one image (`.jpg` unless only a `.jpeg`/`.png` of that index exists)."""
         _check_key(self.catalog, theme, obj, idx)
@@ -102,14 +116,14 @@ class FolderDataset:
         keys = []
         for theme in self.catalog.themes:
             for obj in self.catalog.objects:
-                keys.extend(ItemKey(theme, obj, i) for i in _folder_indices(self.root / theme / obj)[0])
+                keys.extend(ItemKey(theme, obj, i) for i in folder_indices(self.root / theme / obj)[0])
         return sorted(set(keys))
 
     def load(self, theme: str, obj: str, idx: int) -> Image.Image:
         path = self.path(theme, obj, idx)
         if not path.is_file():
             raise KeyError(f"no image {path}")
-        return _open_rgb(path)
+        return open_rgb(path)
 
     def __getitem__(self, key: tuple[str, str, int] | ItemKey) -> Image.Image:
         return self.load(*_as_tuple(key))
@@ -135,14 +149,15 @@ class ParquetDataset:
         import pyarrow.parquet as pq
 
         self.catalog = catalog
-        self.files = _parquet_files(source)
+        self.files = parquet_files(source)
+        self._sources = [_source_record(path) for path in self.files]  # before indexing: a later rewrite is noticed
         self._index: dict[ItemKey, tuple[int, int, int]] = {}
         self.skipped: list[tuple[str, int, str]] = []
         self._cached: tuple[tuple[int, int], list[Any]] | None = None
         counters: Counter[tuple[str, str]] = Counter()
         for f, path in enumerate(self.files):
             shard = pq.ParquetFile(path)
-            _check_columns(shard, path)
+            check_columns(shard, path)
             row = 0
             for group in range(shard.num_row_groups):
                 texts = shard.read_row_group(group, columns=["text"]).column("text").to_pylist()
@@ -158,6 +173,26 @@ class ParquetDataset:
 
     def keys(self) -> list[ItemKey]:
         return sorted(self._index)
+
+    def sources(self) -> list[dict[str, Any]]:
+        """Each shard's resolved path, size and modification time when it was indexed: a rewritten shard reads as a
+        new source without hashing gigabytes of images."""
+        return [dict(record) for record in self._sources]
+
+    @property
+    def identity(self) -> str:
+        """What the images are read from, for cache keys: the shards (`sources`) and the catalog numbering the rows."""
+        record = json.dumps({"sources": self.sources(), "catalog": self.catalog.name}, sort_keys=True)
+        return "parquet:" + hashlib.sha256(record.encode()).hexdigest()[:16]
+
+    def read_order(self, keys: Iterable[ItemKey]) -> list[ItemKey]:
+        """`keys` in storage order, so each row group is read and decompressed once."""
+        return sorted(keys, key=lambda k: self._locate(k.theme, k.object, k.index))
+
+    def raw(self, theme: str, obj: str, idx: int) -> bytes:
+        """The image's bytes as stored (usually a JPEG file), for writing it out without re-encoding."""
+        f, group, row = self._locate(theme, obj, idx)
+        return cell_bytes(self._row_group_images(f, group)[row], f"{self.files[f]} row group {group} row {row}")
 
     def location(self, theme: str, obj: str, idx: int) -> tuple[Path, int, int]:
         """(shard, row group, row within the group) of one image."""
@@ -195,219 +230,83 @@ class ParquetDataset:
         return len(self._index)
 
 
-def open_dataset(source: str | os.PathLike[str], catalog: Catalog) -> FolderDataset | ParquetDataset:
-    """A reader for `source`: a parquet file, or a folder of parquet shards, or the folder layout."""
+Dataset = FolderDataset | ParquetDataset
+
+
+def _source_record(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def layout_of(source: str | os.PathLike[str], catalog: Catalog) -> Literal["folder", "parquet"]:
+    """`parquet` for a parquet file or a folder of shards without theme folders, else `folder`."""
     path = Path(source)
-    if path.is_file() or (path.is_dir() and any(path.glob("*.parquet")) and not _has_theme_folder(path, catalog)):
-        return ParquetDataset(path, catalog)
-    return FolderDataset(path, catalog)
+    shards = path.is_dir() and any(path.glob("*.parquet")) and not any((path / t).is_dir() for t in catalog.themes)
+    return "parquet" if path.is_file() or shards else "folder"
+
+
+def open_dataset(source: str | os.PathLike[str], catalog: Catalog) -> Dataset:
+    """A reader for `source`: a parquet file, or a folder of parquet shards, or the folder layout."""
+    if layout_of(source, catalog) == "parquet":
+        return ParquetDataset(source, catalog)
+    return FolderDataset(source, catalog)
+
+
+def as_folder(dataset: Dataset, keys: Iterable[ItemKey], cache_root: str | os.PathLike[str]) -> Path:
+    """A root `<root>/<Theme>/<Object>/<idx>.jpg` holding the images `keys`, for consumers of image file paths.
+
+    A folder dataset is its own root. Parquet images are written once into `cache_root/parquet-<digest>`, the digest
+    of the shards (`sources`), the catalog and the keys: byte for byte as stored, not re-encoded (a non-JPEG cell
+    keeps its format under the `.jpg` name; PIL reads files by content), atomically, and reused only when the
+    folder's record says it was written from the same shards and keys. Concurrent writers (one per process) agree:
+    the first to finish wins and the others use its folder.
+    """
+    if isinstance(dataset, FolderDataset):
+        return dataset.root
+    wanted = sorted(set(keys))
+    record = {"sources": dataset.sources(), "catalog": dataset.catalog.name, "keys": [astuple(k) for k in wanted]}
+    record = json.loads(json.dumps(record))  # tuples as lists, as read back from the file
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_root) / f"parquet-{digest}"
+    if _written_from(folder, record):
+        return folder
+    try:
+        with atomic_dir(folder, replace=folder.exists()) as tmp:
+            for key in dataset.read_order(wanted):
+                path = tmp / key.theme / key.object / f"{key.index}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(dataset.raw(key.theme, key.object, key.index))
+            (tmp / SOURCE_RECORD).write_text(json.dumps(record, sort_keys=True))
+    except OSError:
+        if not _written_from(folder, record):  # not another process's finished copy: a real failure
+            raise
+    return folder
+
+
+def _written_from(folder: Path, record: dict[str, Any]) -> bool:
+    try:
+        return json.loads((folder / SOURCE_RECORD).read_text()) == record
+    except (OSError, ValueError):
+        return False
+
+
+def cell_bytes(cell: Any, where: str = "image") -> bytes:
+    """The bytes of a parquet `image` cell (raw bytes, or a struct with `bytes`); errors name the cell."""
+    data = cell.get("bytes") if isinstance(cell, dict) else cell
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DatasetError(f"{where}: image cell holds {type(data).__name__}; accepted: bytes or {{'bytes': ...}}")
+    return bytes(data)
 
 
 def decode_image(cell: Any, where: str = "image") -> Image.Image:
     """A parquet `image` cell (raw bytes, or a struct with `bytes`) as an RGB image; errors name the cell."""
-    data = cell.get("bytes") if isinstance(cell, dict) else cell
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise DatasetError(f"{where}: image cell holds {type(data).__name__}; accepted: bytes or {{'bytes': ...}}")
-    return _open_rgb(io.BytesIO(bytes(data)))
-
-
-# ---------------------------------------------------------------------------------------------------- validation
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding of `validate`: its kind (see `Problem.KINDS`), where, and what."""
-
-    kind: str
-    where: str
-    detail: str = ""
-
-    KINDS = ("missing folder", "extra folder", "wrong count", "unreadable image", "bad caption", "bad file")
-
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.where}" + (f" ({self.detail})" if self.detail else "")
-
-
-@dataclass
-class ValidationReport:
-    """Everything `validate` found; `ok` ignores extras when they were allowed."""
-
-    root: str
-    layout: str
-    expected_images: int
-    found_images: int = 0
-    problems: list[Problem] = field(default_factory=list)
-    allow_extra: bool = False
-
-    def of_kind(self, kind: str) -> list[Problem]:
-        if kind not in Problem.KINDS:
-            raise ValueError(f"unknown problem kind {kind!r}; accepted: {', '.join(Problem.KINDS)}")
-        return [p for p in self.problems if p.kind == kind]
-
-    @property
-    def errors(self) -> list[Problem]:
-        """Problems that make the copy unusable (extras count only when not allowed)."""
-        return [p for p in self.problems if not (self.allow_extra and p.kind == "extra folder")]
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def __str__(self) -> str:
-        head = (
-            f"{self.layout} dataset {self.root}: {self.found_images}/{self.expected_images} expected images found, "
-            f"{len(self.errors)} problem(s)"
-        )
-        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
-
-    def raise_if_failed(self) -> ValidationReport:
-        if not self.ok:
-            raise DatasetError(str(self))
-        return self
-
-
-def validate(
-    source: str | os.PathLike[str],
-    catalog: Catalog,
-    indices: Iterable[int] | None = None,
-    *,
-    check_images: bool = True,
-    allow_extra: bool = False,
-    raise_on_error: bool = False,
-) -> ValidationReport:
-    """Check a dataset copy against a catalog and an index set (default: every index of the v1 splits).
-
-    Names every missing or extra theme/object folder, every (theme, object) whose images are not exactly `indices`,
-    every image that does not decode (when `check_images`), and every parquet caption that does not parse. Extra
-    folders or images (e.g. the 10 styles UnlearnCanvas-60 adds, when checking against UnlearnCanvas-50) are listed
-    but tolerated with `allow_extra`.
-    """
-    if indices is None:
-        from canvas.splits import load
-
-        indices = load().indices
-    wanted = sorted(set(indices))
-    path = Path(source)
-    expected = len(catalog.themes) * len(catalog.objects) * len(wanted)
-    parquet = path.is_file() or (path.is_dir() and any(path.glob("*.parquet")) and not _has_theme_folder(path, catalog))
-    report = ValidationReport(str(path), "parquet" if parquet else "folder", expected, allow_extra=allow_extra)
-    if not path.exists():
-        report.problems.append(Problem("missing folder", str(path), "dataset root does not exist"))
-    elif parquet:
-        _validate_parquet(path, catalog, wanted, check_images, report)
-    else:
-        _validate_folder(path, catalog, wanted, check_images, report)
-    if raise_on_error:
-        report.raise_if_failed()
-    return report
-
-
-def _validate_folder(root: Path, catalog: Catalog, wanted: list[int], check: bool, report: ValidationReport) -> None:
-    add = report.problems.append
-    for theme in _compare_dirs(root, catalog.themes, report):
-        for obj in _compare_dirs(root / theme, catalog.objects, report):
-            folder = root / theme / obj
-            found, strays = _folder_indices(folder)
-            missing = sorted(set(wanted) - set(found))
-            extra = sorted(set(found) - set(wanted))
-            duplicates = sorted(i for i, n in Counter(found).items() if n > 1)
-            if missing or duplicates or ((extra or strays) and not report.allow_extra):
-                add(
-                    Problem(
-                        "wrong count",
-                        str(folder),
-                        _count_detail(len(found), wanted, missing, extra, duplicates, strays),
-                    )
-                )
-            for idx in sorted(set(found) & set(wanted)):
-                report.found_images += 1
-                if check:
-                    for suffix in IMAGE_SUFFIXES:
-                        file = folder / f"{idx}{suffix}"
-                        if file.is_file():
-                            _check_decodes(lambda file=file: _open_rgb(file), str(file), report)
-
-
-def _compare_dirs(parent: Path, names: Sequence[str], report: ValidationReport) -> list[str]:
-    """Expected sub-folders present in `parent`; missing and extra ones go into the report."""
-    present = {p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    for name in names:
-        if name not in present:
-            report.problems.append(Problem("missing folder", str(parent / name)))
-    for name in sorted(present - set(names)):
-        report.problems.append(Problem("extra folder", str(parent / name), "not in the catalog"))
-    return [n for n in names if n in present]
-
-
-def _validate_parquet(path: Path, catalog: Catalog, wanted: list[int], check: bool, report: ValidationReport) -> None:
-    import pyarrow.parquet as pq
-
-    add = report.problems.append
-    counts: Counter[tuple[str, str]] = Counter()
-    extras: Counter[str] = Counter()
-    themes, objects = _themes_by_words(catalog), {_norm(o): o for o in catalog.objects}
-    wanted_set = set(wanted)
-    for file in _parquet_files(path):
-        try:
-            shard = pq.ParquetFile(file)
-            _check_columns(shard, file)
-        except Exception as err:  # any unreadable shard is a finding, not a crash
-            add(Problem("bad file", str(file), str(err)))
-            continue
-        row = 0
-        for group in range(shard.num_row_groups):
-            columns = ["text", "image"] if check else ["text"]
-            table = shard.read_row_group(group, columns=columns)
-            cells = table.column("image").to_pylist() if check else [None] * table.num_rows
-            for text, cell in zip(table.column("text").to_pylist(), cells):
-                where = f"{file} row {row}"
-                row += 1
-                try:
-                    theme_words, obj_words = _caption_words(text)
-                except ValueError as err:
-                    add(Problem("bad caption", where, str(err)))
-                    continue
-                theme, obj = themes.get(_norm(theme_words)), objects.get(_norm(obj_words))
-                if theme is None or obj is None:
-                    extras[f"{theme or theme_words}/{obj or obj_words}"] += 1
-                    continue
-                counts[theme, obj] += 1
-                report.found_images += counts[theme, obj] in wanted_set
-                if check:
-                    _check_decodes(lambda cell=cell, where=where: decode_image(cell, where), where, report)
-    for theme in catalog.themes:
-        for obj in catalog.objects:
-            n = counts[theme, obj]
-            missing, extra = sorted(wanted_set - set(range(1, n + 1))), sorted(set(range(1, n + 1)) - wanted_set)
-            if n == 0:
-                add(Problem("missing folder", f"{theme}/{obj}", "no rows with this caption"))
-            elif missing or (extra and not report.allow_extra):
-                add(Problem("wrong count", f"{theme}/{obj}", _count_detail(n, wanted, missing, extra, [])))
-    for name, n in sorted(extras.items()):
-        add(Problem("extra folder", name, f"{n} rows; not in catalog {catalog.name!r}"))
-
-
-def _count_detail(
-    n: int, wanted: list[int], missing: list[int], extra: list[int], dup: list[int], strays: Sequence[str] = ()
-) -> str:
-    parts = [f"{n} images, expected {len(wanted)}"]
-    parts += [f"{label} {_ranges(v)}" for label, v in (("missing", missing), ("extra", extra), ("duplicate", dup)) if v]
-    if strays:
-        parts.append(f"stray files {', '.join(sorted(strays))}")
-    return "; ".join(parts)
-
-
-def _check_decodes(open_fn: Any, where: str, report: ValidationReport) -> None:
-    try:
-        open_fn()
-    except Exception as err:  # PIL raises many types for broken files; all are findings
-        report.problems.append(Problem("unreadable image", where, f"{type(err).__name__}: {err}"))
+    return open_rgb(io.BytesIO(cell_bytes(cell, where)))
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def _folder_indices(folder: Path) -> tuple[list[int], list[str]]:
+def folder_indices(folder: Path) -> tuple[list[int], list[str]]:
     """Indices of the images in one object folder (repeats kept, so duplicates show) and the stray file names."""
     if not folder.is_dir():
         return [], []
@@ -422,13 +321,15 @@ def _folder_indices(folder: Path) -> tuple[list[int], list[str]]:
     return found, strays
 
 
-def _open_rgb(source: Path | io.BytesIO) -> Image.Image:
+def open_rgb(source: Path | io.BytesIO) -> Image.Image:
+    """An RGB image decoded in full now: a truncated file must fail here, not in a later batch."""
     with Image.open(source) as image:
         image.load()  # decode fully now: a truncated file must fail here, not in a later batch
         return image.convert("RGB")
 
 
-def _parquet_files(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+def parquet_files(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The shards of a parquet file, a folder (searched recursively, sorted) or a list; missing ones are an error."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         files = sorted(path.glob("**/*.parquet")) if path.is_dir() else [path]
@@ -442,14 +343,11 @@ def _parquet_files(source: str | os.PathLike[str] | Sequence[str | os.PathLike[s
     return files
 
 
-def _check_columns(shard: Any, path: Path) -> None:
+def check_columns(shard: Any, path: Path) -> None:
+    """A shard must have the `image` and `text` columns."""
     names = set(shard.schema_arrow.names)
     if not {"image", "text"} <= names:
         raise DatasetError(f"{path} has columns {sorted(names)}; required: 'image' and 'text'")
-
-
-def _has_theme_folder(path: Path, catalog: Catalog) -> bool:
-    return any((path / theme).is_dir() for theme in catalog.themes)
 
 
 def _check_key(catalog: Catalog, theme: str, obj: str, idx: int) -> None:
@@ -465,15 +363,3 @@ def _as_tuple(key: tuple[str, str, int] | ItemKey) -> tuple[str, str, int]:
     if not (isinstance(key, tuple) and len(key) == 3):
         raise KeyError(f"a dataset item is (theme, object, index), got {key!r}")
     return key
-
-
-def _ranges(values: Iterable[int]) -> str:
-    """`[1, 2, 3, 7]` -> `1-3, 7`, so long index lists stay readable in a report."""
-    values = sorted(values)
-    spans: list[list[int]] = []
-    for v in values:
-        if spans and v == spans[-1][1] + 1:
-            spans[-1][1] = v
-        else:
-            spans.append([v, v])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)

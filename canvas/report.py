@@ -1,8 +1,11 @@
 """Benchmark report: per-target rows -> the paper's table as JSON, CSV and Markdown, plus a UA-vs-retain plot.
 
-Input rows are `{"method", "target", "kind", "UA", "IRA", "CRA", "FID", "time_s", "memory_gb", "storage_gb"}` with
-UA / IRA / CRA in percent (as `canvas.metrics.target_row` builds them). Every file is written to a temporary name and
-renamed, so a bench killed mid-write never leaves a half report that a resumed run would trust.
+Rows are `{"method", "target", "kind", "UA", "IRA", "CRA", "FID", "time_s", "memory_gb", "storage_gb"}` with
+UA / IRA / CRA in percent, built by `target_row` from the metrics' fractions and averaged by `aggregate` into the
+paper's per-method table. FID figures of different feature spaces are not comparable, so every written format names
+the FID column with its space (`fid_column`: `FID[inception-v3-fid:pt_inception-2015-12-05.pth]`). Every file is
+written to a temporary name and renamed, so a bench killed mid-write never leaves a half report that a resumed run
+would trust.
 """
 
 from __future__ import annotations
@@ -11,16 +14,118 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from canvas.metrics import KINDS, ROW_KEYS, TABLE_KEYS, aggregate, check_rows
+from canvas.metrics import KINDS, Efficiency, UnlearningScores
 from erase.atomic import write_text
 
+ROW_KEYS = ("method", "target", "kind", "UA", "IRA", "CRA", "FID", "time_s", "memory_gb", "storage_gb")
+COST_KEYS = ("FID", "time_s", "memory_gb", "storage_gb")  # averaged over all of a method's targets
+TABLE_KEYS = (
+    "method",
+    *(f"{kind}_{key}" for kind in KINDS for key in ("UA", "IRA", "CRA")),
+    *COST_KEYS,
+    "n_style",
+    "n_object",
+)
 MISSING = "-"
 _Fmt = Callable[[Any], str]
+
+
+def target_row(
+    method: str,
+    scores: UnlearningScores,
+    fid_value: float | None = None,
+    cost: Efficiency | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One per-target row of the report: UA / IRA / CRA in percent (the core keeps fractions), FID, cost.
+
+    `memory_kind` is added when the record says how memory was measured, since CPU peak RSS and GPU peak allocation
+    are not comparable."""
+    cost = cost or Efficiency(None, None, None)
+    row = {"method": method, "target": scores.target, "kind": scores.kind, **scores.percent()}
+    row.update(FID=fid_value, time_s=cost.time_s, memory_gb=cost.memory_gb, storage_gb=cost.storage_gb)
+    if cost.memory_kind:
+        row["memory_kind"] = cost.memory_kind
+    clash = sorted(set(extra) & set(row))
+    if clash:
+        raise ValueError(f"extra row fields {clash} would overwrite metric columns")
+    return {**row, **extra}
+
+
+def check_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as plain dicts after checking each has the report keys, a known kind and numeric (or None) values."""
+    out = []
+    for i, row in enumerate(rows):
+        missing = [k for k in ROW_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"row {i} ({row.get('method')!r}, {row.get('target')!r}) lacks {missing}")
+        if row["kind"] not in KINDS:
+            raise ValueError(f"row {i} has kind {row['kind']!r}; accepted: {', '.join(KINDS)}")
+        clean = dict(row)
+        for key in ROW_KEYS[3:]:
+            value = row[key]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise ValueError(f"row {i} field {key!r} is {value!r}; accepted: a number or None")
+            clean[key] = None if value is None else float(value)  # numpy / torch scalars become plain floats
+        out.append(clean)
+    return out
+
+
+def aggregate(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The paper's table: per method, UA / IRA / CRA averaged over its style targets and over its object targets,
+    and FID / time / memory / storage averaged over all its targets. Methods keep their first-appearance order;
+    a mean over nothing (no object targets, no FID measured) is None."""
+    rows = check_rows(rows)
+    table = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        entry: dict[str, Any] = {"method": method}
+        for kind in KINDS:
+            of_kind = [r for r in mine if r["kind"] == kind]
+            for key in ("UA", "IRA", "CRA"):
+                entry[f"{kind}_{key}"] = _mean(r[key] for r in of_kind)
+        for key in COST_KEYS:
+            entry[key] = _mean(r[key] for r in mine)
+        entry["n_style"] = sum(r["kind"] == "style" for r in mine)
+        entry["n_object"] = sum(r["kind"] == "object" for r in mine)
+        table.append(entry)
+    return table
+
+
+def fid_column(fid_features: str) -> str:
+    """The name of the FID column in every report format: `FID[<feature space>]`."""
+    if not isinstance(fid_features, str) or not fid_features.strip():
+        raise ValueError(f"the FID feature space must be a non-empty name (e.g. the judge's), got {fid_features!r}")
+    return f"FID[{fid_features}]"
+
+
+def _check_feature_space(rows: Sequence[Mapping[str, Any]], fid_features: str) -> str:
+    """The column name, after checking that no row says its FID was measured in another feature space."""
+    column = fid_column(fid_features)
+    for i, row in enumerate(rows):
+        space = row.get("fid_features")
+        if space is not None and space != fid_features:
+            raise ValueError(
+                f"row {i} ({row['method']!r}, {row['target']!r}) has FID in feature space {space!r}, the report's "
+                f"is {fid_features!r}; FIDs of different spaces cannot share a column (rerun that job)"
+            )
+    return column
+
+
+def _named(entries: Sequence[Mapping[str, Any]], column: str) -> list[dict[str, Any]]:
+    """Entries with the FID key renamed to the report's column name, other keys in place."""
+    return [{(column if key == "FID" else key): value for key, value in entry.items()} for entry in entries]
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [float(v) for v in values if v is not None and not math.isnan(v)]
+    return sum(present) / len(present) if present else None
 
 
 def _fixed(digits: int) -> _Fmt:
@@ -63,19 +168,24 @@ TARGET_COLUMNS: tuple[tuple[str, str, _Fmt], ...] = (
 )
 
 
-def markdown_table(rows: Iterable[Mapping[str, Any]]) -> str:
+def markdown_table(rows: Iterable[Mapping[str, Any]], *, fid_features: str) -> str:
     """The paper's table, one line per method (means over its targets); a kind without targets shows `-`."""
-    return _markdown(aggregate(rows), SUMMARY_COLUMNS)
+    rows = check_rows(rows)
+    return _markdown(aggregate(rows), SUMMARY_COLUMNS, _check_feature_space(rows, fid_features))
 
 
-def markdown_targets(rows: Iterable[Mapping[str, Any]]) -> str:
+def markdown_targets(rows: Iterable[Mapping[str, Any]], *, fid_features: str) -> str:
     """One line per (method, target)."""
-    return _markdown(check_rows(rows), TARGET_COLUMNS)
+    rows = check_rows(rows)
+    return _markdown(rows, TARGET_COLUMNS, _check_feature_space(rows, fid_features))
 
 
-def markdown_report(rows: Iterable[Mapping[str, Any]], metadata: Mapping[str, Any] | None = None) -> str:
+def markdown_report(
+    rows: Iterable[Mapping[str, Any]], metadata: Mapping[str, Any] | None = None, *, fid_features: str
+) -> str:
     """The whole `report.md`: metadata, the summary table, the per-target rows and the plot."""
     rows = check_rows(rows)
+    column = _check_feature_space(rows, fid_features)
     table = aggregate(rows)
     lines = ["# UnlearnCanvas benchmark", ""]
     for key, value in (metadata or {}).items():
@@ -89,11 +199,11 @@ def markdown_report(rows: Iterable[Mapping[str, Any]], metadata: Mapping[str, An
         "UA / IRA / CRA in percent, means over each method's targets of that kind; FID, time, memory and storage",
         f"are means over all its targets; GB = 10^9 bytes. Targets per method: {counts or 'none'}.",
         "",
-        _markdown(table, SUMMARY_COLUMNS),
+        _markdown(table, SUMMARY_COLUMNS, column),
         "",
         "## Per target",
         "",
-        _markdown(rows, TARGET_COLUMNS),
+        _markdown(rows, TARGET_COLUMNS, column),
         "",
         "![UA against IRA and CRA](ua_vs_retain.png)",
         "",
@@ -106,24 +216,32 @@ def write_report(
     rows: Iterable[Mapping[str, Any]],
     metadata: Mapping[str, Any] | None = None,
     *,
+    fid_features: str,
     plot: bool = True,
 ) -> dict[str, Path]:
     """Write report.json, report.md, report.csv (the per-method table), rows.csv (per target) and
-    ua_vs_retain.png into `out_dir`; returns their paths by name. `metadata` goes into report.json at top level."""
+    ua_vs_retain.png into `out_dir`; returns their paths by name. `metadata` goes into report.json at top level,
+    with `fid_features`, the feature space that names the FID column (`fid_column`) in every file."""
     rows = check_rows(rows)
+    column = _check_feature_space(rows, fid_features)
     metadata = dict(metadata or {})
     clash = sorted({"rows", "table"} & set(metadata))
     if clash:
         raise ValueError(f"metadata keys {clash} are reserved for the report's own rows and table")
+    if metadata.setdefault("fid_features", fid_features) != fid_features:
+        raise ValueError(f"metadata names FID features {metadata['fid_features']!r}, the report {fid_features!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = aggregate(rows)
-    document = {"rows": rows, "table": table, **metadata}
+    document = {"rows": _named(rows, column), "table": _named(table, column), **metadata}
+    named = {"FID": column}
     paths = {
         "json": write_text(out / "report.json", json.dumps(_finite(document), indent=2, default=str) + "\n"),
-        "md": write_text(out / "report.md", markdown_report(rows, metadata)),
-        "csv": write_text(out / "report.csv", _csv(table, TABLE_KEYS)),
-        "rows_csv": write_text(out / "rows.csv", _csv(rows, _row_fields(rows))),
+        "md": write_text(out / "report.md", markdown_report(rows, metadata, fid_features=fid_features)),
+        "csv": write_text(out / "report.csv", _csv(_named(table, column), [named.get(k, k) for k in TABLE_KEYS])),
+        "rows_csv": write_text(
+            out / "rows.csv", _csv(_named(rows, column), [named.get(k, k) for k in _row_fields(rows)])
+        ),
     }
     if plot:
         paths["plot"] = plot_ua_vs_retain(rows, out / "ua_vs_retain.png")
@@ -181,8 +299,9 @@ def plot_ua_vs_retain(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike
     return write_text(Path(path), buffer.getvalue())
 
 
-def _markdown(entries: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, _Fmt]]) -> str:
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |"]
+def _markdown(entries: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, _Fmt]], fid: str) -> str:
+    """A Markdown table; `fid` is the FID column's header (`fid_column`)."""
+    lines = ["| " + " | ".join(fid if key == "FID" else h for key, h, _ in columns) + " |"]
     lines.append(
         "|" + "|".join("---" if key in ("method", "target", "kind") else "---:" for key, _, _ in columns) + "|"
     )

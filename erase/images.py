@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .atomic import save_image
-from .sampling import randn
+from .sampling import generate, randn
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -101,8 +101,9 @@ def generate_images(
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 8,
 ) -> list[Image.Image]:
-    """Images of `pipe` for (prompt, seed) pairs, one generator per image; with `cache_dir`, each image is stored
-    as PNG under a key of (model fingerprint, prompt, seed, steps, guidance) and reused by later runs."""
+    """Images of `pipe` for (prompt, seed) pairs (`erase.sampling.generate`, the pipeline's own scheduler); with
+    `cache_dir`, each image is stored as PNG under a key of (model fingerprint, prompt, seed, steps, guidance) and
+    reused by later runs, and only the missing ones are generated (in batches of `batch_size`)."""
     from .delta import fingerprint
 
     if len(prompts) != len(seeds):
@@ -114,12 +115,12 @@ def generate_images(
         paths.append(Path(cache_dir) / f"{key}.png" if cache_dir else None)
     images: list[Image.Image | None] = [Image.open(p).convert("RGB") if p and p.is_file() else None for p in paths]
     todo = [i for i, im in enumerate(images) if im is None]
-    for start in range(0, len(todo), batch_size):
+    for start in range(0, len(todo), batch_size):  # saved batch by batch, so an interrupted run keeps its images
         chunk = todo[start : start + batch_size]
-        out = pipe(
-            [prompts[i] for i in chunk], num_inference_steps=steps, guidance_scale=guidance,
-            generator=[torch.Generator().manual_seed(int(seeds[i])) for i in chunk], output_type="pil",
-        ).images  # fmt: skip
+        chunk_prompts, chunk_seeds = [prompts[i] for i in chunk], [seeds[i] for i in chunk]
+        out = generate(
+            pipe, chunk_prompts, chunk_seeds, steps=steps, guidance=guidance, batch_size=len(chunk), output_type="pil"
+        )
         for i, image in zip(chunk, out):
             images[i] = image
             if paths[i] is not None:

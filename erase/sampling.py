@@ -1,12 +1,18 @@
-"""Sampling helpers shared by methods: seeded noise, guided noise prediction, partial DDIM trajectories."""
+"""Sampling helpers: seeded noise, guided noise prediction, partial DDIM trajectories, and `generate`, the one way
+the toolkit samples images of (prompt, seed) pairs (answer sets, backdoor judging, generated training images, the toy
+build)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
+from PIL import Image
 
 # (latents, timestep, text embeddings) -> predicted noise
 NoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,11 +40,99 @@ def guided_noise(
     return e_uncond + guidance * (e_cond - e_uncond)
 
 
-def ddim_scheduler(scheduler_config: dict, num_steps: int) -> DDIMScheduler:
-    """A DDIM scheduler with `num_steps` timesteps set; build once per run, it holds no per-trajectory state."""
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(num_steps)
+# Stable Diffusion v1's released DDIM settings: its noise schedule, and x0 never clipped (clipping collapses
+# latents of std 1 and washes images out).
+SD_V1_DDIM = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
+def ddim_scheduler(scheduler_config: Mapping[str, Any], num_steps: int | None = None) -> DDIMScheduler:
+    """A DDIM scheduler on the noise schedule of `scheduler_config` (any scheduler's config, or `SD_V1_DDIM`), with
+    `num_steps` timesteps set when given; build once per run, it holds no per-trajectory state."""
+    scheduler = DDIMScheduler.from_config(dict(scheduler_config))
+    if num_steps is not None:
+        scheduler.set_timesteps(num_steps)
     return scheduler
+
+
+OutputType = Literal["pt", "np", "pil"]
+Images = torch.Tensor | np.ndarray | list[Image.Image]
+
+
+@contextmanager
+def _scheduler(pipe, scheduler) -> Iterator[None]:
+    """`pipe` samples with `scheduler` inside the block (None: its own); its own scheduler is restored after."""
+    original = pipe.scheduler
+    if scheduler is not None:
+        pipe.scheduler = scheduler
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    guidance: float,
+    eta: float = 0.0,
+    size: int | None = None,
+    scheduler=None,
+    encoder: Callable[[list[str]], torch.Tensor] | None = None,
+    batch_size: int = 8,
+    output_type: OutputType = "pt",
+) -> Images:
+    """Images of `pipe` for (prompt, seed) pairs: one CPU `torch.Generator` per image, so an image depends only on
+    its prompt, its seed and the batch it is drawn in; batches are consecutive slices of `batch_size`.
+
+    `scheduler` replaces the pipeline's own for the call (e.g. `ddim_scheduler(pipe.scheduler.config)` for the
+    benchmark's DDIM protocol). `encoder` (e.g. a caching `erase.text.PromptEncoder`, one text encoder only) gives
+    the text embeddings, the empty prompt's as the unconditional ones; without it the pipeline encodes the prompts.
+    `size` is the pixel height and width (None: the model's default). Returns, by `output_type`, a float32 CPU
+    tensor (N, 3, H, W) in [0, 1] ("pt"), an array (N, H, W, 3) in [0, 1] ("np") or a list of PIL images ("pil").
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; each image needs one of each")
+    if output_type not in ("pt", "np", "pil"):
+        raise ValueError(f"output_type {output_type!r} is not one of pt, np, pil")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batches = []
+    with _scheduler(pipe, scheduler):
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            text = (
+                {"prompt_embeds": encoder(chunk), "negative_prompt_embeds": encoder([""] * len(chunk))}
+                if encoder is not None
+                else {"prompt": chunk}
+            )
+            images = pipe(
+                **text,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                eta=eta,
+                height=size,
+                width=size,
+                output_type=output_type,
+                generator=[torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]],
+            ).images
+            batches.append(images.float().cpu() if output_type == "pt" else images)
+    if output_type == "pt":
+        return torch.cat(batches) if batches else torch.empty(0, 3, 0, 0)
+    if output_type == "np":
+        return np.concatenate(batches) if batches else np.empty((0, 0, 0, 3), dtype=np.float32)
+    return [image for batch in batches for image in batch]
 
 
 @torch.no_grad()

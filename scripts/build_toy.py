@@ -42,7 +42,6 @@ from diffusers import (  # noqa: E402
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
@@ -51,7 +50,9 @@ from canvas import toy  # noqa: E402
 from canvas.backdoor import patch_distance  # noqa: E402
 from canvas.classifiers import ToyClassifier  # noqa: E402
 from canvas.classifiers import load as load_classifier  # noqa: E402
+from canvas.grids import tile  # noqa: E402
 from erase.backdoor import default_patch_size, make_patch, paste_patch  # noqa: E402
+from erase.sampling import SD_V1_DDIM, ddim_scheduler, generate  # noqa: E402
 from erase.testing import clip_text_encoder, word_tokenizer  # noqa: E402
 
 ANSWER_SEEDS = (188, 288, 588, 688, 888)
@@ -137,16 +138,8 @@ def make_text_encoder(tokenizer) -> CLIPTextModel:
 
 
 def sampler() -> DDIMScheduler:
-    """SD v1's noise schedule; x0 is never clipped (clipping collapses latents of std 1 and washes images out)."""
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    """The toy's scheduler: DDIM with SD v1's released settings (its noise schedule, x0 never clipped)."""
+    return ddim_scheduler(SD_V1_DDIM)
 
 
 # -------------------------------------------------------------------------------------------------------- training
@@ -334,18 +327,12 @@ def train_unet(cfg: Config, latents_mean, latents_std, prompt_ids, tokenizer, sc
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def generate(pipe, cat, seeds, steps: int, guidance: float) -> tuple[torch.Tensor, list[tuple[str, str, int]]]:
-    """Every theme x object x seed in one batched call, one generator per image; float (N, 3, H, W) in [0, 1]."""
+def catalog_images(pipe, cat, seeds, steps: int, guidance: float) -> tuple[torch.Tensor, list[tuple[str, str, int]]]:
+    """Every theme x object x seed in one batch (the build's measurements were taken that way), the pipeline's own
+    DDIM scheduler; float (N, 3, H, W) in [0, 1] and the (theme, object, seed) of each image."""
     keys = [(t, o, s) for t in cat.themes for o in cat.objects for s in seeds]
-    out = pipe(
-        prompt=[cat.prompt(t, o) for t, o, _ in keys],
-        generator=[torch.Generator().manual_seed(s) for *_, s in keys],
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        output_type="pt",
-    ).images
-    return out.float().clamp(0, 1), keys
+    prompts, key_seeds = [cat.prompt(t, o) for t, o, _ in keys], [s for *_, s in keys]
+    return generate(pipe, prompts, key_seeds, steps=steps, guidance=guidance, batch_size=len(keys)), keys
 
 
 @torch.no_grad()
@@ -355,35 +342,27 @@ def match_rates(images, keys, cat, style_clf, object_clf) -> tuple[float, float]
     return accuracy(style_clf, images, styles), accuracy(object_clf, images, objects)
 
 
-def grid_image(images: torch.Tensor, rows: int, cols: int, scale: int = 3) -> Image.Image:
-    """Images in row-major order -> one picture, upscaled with nearest neighbours so pixels stay visible."""
-    c, h, w = images.shape[1:]
-    g = images[: rows * cols].reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
-    img = Image.fromarray((g.numpy() * 255 + 0.5).astype(np.uint8))
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-
-
 def measure(pipe, cat, classifiers, steps: int, guidance_choices, folder: Path) -> dict:
     """Choose the preset's guidance on seeds outside the answer set, then measure the answer set with it (style and
     object match, images/s); writes grid.png (themes x objects, first answer seed) and renders.png into `folder`."""
     best, tried = None, {}
     for guidance in guidance_choices:
-        imgs, k = generate(pipe, cat, PRESET_SEEDS, steps, guidance)
+        imgs, k = catalog_images(pipe, cat, PRESET_SEEDS, steps, guidance)
         s, o = match_rates(imgs, k, cat, classifiers["style"], classifiers["object"])
         tried[str(guidance)] = {"style": round(s, 4), "object": round(o, 4)}
         log(f"guidance {guidance}: style {s:.3f} object {o:.3f} (preset seeds {PRESET_SEEDS})")
         if best is None or min(s, o) > min(tried[str(best)].values()):
             best = guidance
     t0 = time.time()
-    answers, answer_keys = generate(pipe, cat, ANSWER_SEEDS, steps, best)
+    answers, answer_keys = catalog_images(pipe, cat, ANSWER_SEEDS, steps, best)
     seconds = time.time() - t0
     style_match, object_match = match_rates(answers, answer_keys, cat, classifiers["style"], classifiers["object"])
     log(f"answer set ({len(answers)} images, {seconds:.1f} s): style {style_match:.3f} object {object_match:.3f}")
 
     first_seed = answers.reshape(len(cat.themes), len(cat.objects), len(ANSWER_SEEDS), *answers.shape[1:])[:, :, 0]
-    grid_image(first_seed.flatten(0, 1), len(cat.themes), len(cat.objects)).save(folder / "grid.png")
+    tile(first_seed.flatten(0, 1), len(cat.themes), len(cat.objects)).save(folder / "grid.png")
     renders_grid = to_tensor(toy.render_array(cat.themes, cat.objects, [1])[0])
-    grid_image(renders_grid, len(cat.themes), len(cat.objects)).save(folder / "renders.png")
+    tile(renders_grid, len(cat.themes), len(cat.objects)).save(folder / "renders.png")
     return {
         "sampler": {"scheduler": "DDIMScheduler", "steps": steps, "guidance": best, "eta": 0.0},
         "guidance_search": {"seeds": list(PRESET_SEEDS), "results": tried},

@@ -26,7 +26,7 @@ import torch
 import erase
 from canvas import answers, catalog, toy
 from canvas.backdoor import evaluate
-from canvas.bench import Judge
+from canvas.judge import Judge
 from erase.backdoor import BackdoorConfig
 from erase.config import build_config
 

@@ -1,11 +1,19 @@
 """The bench on a tiny pipeline with the toy catalog: report layout, resume after a kill, failing jobs recorded."""
 
+import io
 import json
+import random
+from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
+from PIL import Image
 
 import erase
-from canvas import bench
+from canvas import bench, data, fid, splits
 from canvas.cli import main
 from tests.unit.helpers import save_tiny
 
@@ -51,6 +59,19 @@ def test_bench_writes_the_report_and_resumes_after_a_kill(tmp_path, model_dir, m
         assert 0 <= row["UA"] <= 100 and row["FID"] is not None and row["time_s"] > 0 and row["storage_gb"] > 0
     written = json.loads((tmp_path / "report.json").read_text())
     assert {r["target"] for r in written["rows"]} == {"Pop_Art", "Cats"} and written["table"][0]["method"] == "esd"
+    space = "toy-style-classifier-head-input"  # no --inception: the toy classifier's features, named as the judge does
+    assert (
+        written["fid_features"]
+        == result["fid_features"]
+        == space
+        == bench.Judge(bench.catalogs.get("toy")).feature_space
+    )
+    column = f"FID[{space}]"
+    assert written["table"][0][column] == pytest.approx(sum(r["FID"] for r in rows.values()) / 2)
+    assert all(r[column] == rows[r["target"]]["FID"] and r["fid_features"] == space for r in written["rows"])
+    assert column in (tmp_path / "report.csv").read_text().splitlines()[0].split(",")
+    assert column in (tmp_path / "rows.csv").read_text().splitlines()[0].split(",")
+    assert (tmp_path / "report.md").read_text().count(f"| {column} |") == 2
     assert (tmp_path / "report.md").is_file() and (tmp_path / "ua_vs_retain.png").is_file()
     assert {p.name for p in (tmp_path / "grids").iterdir()} == {"esd__Pop_Art.png", "esd__Cats.png"}
 
@@ -104,3 +125,93 @@ def test_accelerate_launch_runs_one_job_per_process(tmp_path, model_dir):
     records = [json.loads((tmp_path / "jobs" / f"esd__{t}" / "delta" / "record.json").read_text())
                for t in ("Pop_Art", "Cats")]  # fmt: skip
     assert all(len(r["losses"]) == 2 for r in records)
+
+
+def _parquet_dataset(folder, cat, indices):
+    """A tiny parquet copy of the toy catalog in two shards: a distinct 32 px JPEG per image, the (theme, object)
+    groups in shuffled order, so storage order is not the bench's (theme, object, index) order."""
+    groups = [(t, o) for t in cat.themes for o in cat.objects]
+    random.Random(0).shuffle(groups)
+    stored = {}
+    for t, o in groups:
+        for i in indices:
+            buffer = io.BytesIO()
+            colour = (cat.style_label(t) * 23, cat.object_label(o) * 31, i * 50)
+            Image.new("RGB", (32, 32), colour).save(buffer, format="JPEG", quality=95)
+            stored[t, o, i] = buffer.getvalue()
+    folder.mkdir()
+    keys = list(stored)
+    for n, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        column = pa.array([stored[k] for k in part], pa.binary())
+        table = pa.table({"image": column, "text": [cat.prompt(t, o) for t, o, _ in part]})
+        pq.write_table(table, folder / f"train-0000{n}.parquet", row_group_size=40)
+    return stored
+
+
+def test_the_bench_reads_a_parquet_dataset(tmp_path, model_dir):
+    """--data as parquet shards: methods get files written once from the shards, FID's real set is read from them."""
+    from canvas.judge import to_unit_tensor
+
+    cat = bench.catalogs.get("toy")
+    roles = splits.load()
+    stored = _parquet_dataset(tmp_path / "shards", cat, bench.bench_indices(roles))
+    shards = str(tmp_path / "shards")
+    config = _config(model_dir, tmp_path / "out", targets=["Pop_Art"])
+    config = bench.BenchConfig(**{**vars(config), "methods": ["fmn", "salun"], "data": shards, "presets": {}})
+    config.overrides = {"fmn": {"steps": 2}, "salun": {"steps": 2}}
+    fmn = bench.job_config(config, "fmn", "Pop_Art")
+    salun = bench.job_config(config, "salun", "Pop_Art")
+    cache = tmp_path / "out" / "data"
+    (copy,) = cache.iterdir()
+    assert copy.name.startswith("parquet-") and not (cache / "toy").exists()
+    assert len(fmn.images) == len(cat.objects) * len(roles.fmn_reference)
+    files = [*fmn.images, *salun.forget_images, *salun.retain_images]
+    assert len(salun.forget_images) == len(cat.objects) * len(roles.forget_retain)
+    for file in files:
+        path = Path(file)
+        assert path.parent.parent.parent == copy
+        assert path.read_bytes() == stored[path.parent.parent.name, path.parent.name, int(path.stem)]
+    assert {Path(f).parent.parent.name for f in fmn.images} == {"Pop_Art"}
+
+    config.methods = ["salun"]  # FMN's token positions need the real tokenizer's words; its inputs were checked above
+    # The tiny tokenizer (16 tokens) cannot hold the benchmark prompts, and methods refuse a prompt they would cut.
+    short = {"forget_prompts": "a van gogh painting", "pseudo_prompts": "a photo", "retain_prompts": "a photo"}
+    config.overrides["salun"].update(short)
+    run = bench.Bench(config, progress=False)
+    dataset = run.dataset()
+    assert isinstance(dataset, data.ParquetDataset)
+    judge = bench.Judge(cat)
+    bank = judge.real_bank(tmp_path / "bank.npz", roles.fid_reference, dataset)
+    keys = [(t, o, i) for t in cat.themes for o in cat.objects for i in roles.fid_reference]
+    assert list(zip(bank.themes, bank.objects)) == [(t, o) for t, o, _ in keys]
+    assert bank.meta["data"] == dataset.identity
+    decoded = [data.decode_image(stored[k]) for k in keys]
+    expected = torch.cat([judge(to_unit_tensor(decoded[s : s + 128]))[2] for s in range(0, len(keys), 128)])
+    assert torch.allclose(torch.from_numpy(bank.features), expected, atol=1e-5), "rows follow (theme, object, index)"
+
+    result = run.run()
+    assert not result["failed"], result["failed"]
+    assert [r["method"] for r in result["rows"]] == ["salun"]
+    real = fid.FeatureBank.load(tmp_path / "out" / "cache" / "real_features.npz")
+    np.testing.assert_array_equal(real.features, bank.features)
+    assert list(cache.iterdir()) == [copy], "the copy is written once and reused by every job"
+
+
+def test_a_parquet_dataset_missing_images_is_refused(tmp_path, model_dir):
+    cat = bench.catalogs.get("toy")
+    _parquet_dataset(tmp_path / "shards", cat, bench.method_indices(splits.load()))  # no FID reference indices 4-5
+    config = bench.BenchConfig(**{**vars(_config(model_dir, tmp_path / "out")), "data": str(tmp_path / "shards")})
+    with pytest.raises(data.DatasetError, match="wrong count.*missing 4-5"):
+        bench.job_config(config, "fmn", "Pop_Art")
+
+
+def test_a_folder_dataset_gives_the_methods_its_own_files(tmp_path, model_dir):
+    from canvas import toy
+
+    cat = bench.catalogs.get("toy")
+    root = toy.export(tmp_path / "canvas", cat, indices=bench.bench_indices(splits.load()))
+    config = bench.BenchConfig(**{**vars(_config(model_dir, tmp_path / "out")), "data": str(root)})
+    images = bench.job_config(config, "fmn", "Pop_Art").images
+    assert images and all(Path(f).parent.parent == root / "Pop_Art" and Path(f).is_file() for f in images)
+    assert isinstance(bench.Bench(config, progress=False).dataset(), data.FolderDataset)
+    assert not (tmp_path / "out" / "data").exists(), "nothing copied for a folder dataset"

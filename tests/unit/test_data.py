@@ -1,4 +1,6 @@
 import io
+from dataclasses import astuple
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -6,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from canvas import catalog, data
+from canvas import catalog, data, validation
 
 TOY = catalog.get("toy")
 UC50 = catalog.get("unlearncanvas-50")
@@ -39,7 +41,7 @@ def tree(tmp_path):
 
 
 def test_folder_reader_and_clean_validation(tree):
-    report = data.validate(tree, TOY, INDICES)
+    report = validation.validate(tree, TOY, INDICES)
     assert report.ok and report.layout == "folder", str(report)
     assert report.found_images == report.expected_images == 11 * 8 * 2
     ds = data.open_dataset(tree, TOY)
@@ -65,9 +67,9 @@ def test_folder_validation_names_every_problem(tree):
     good = (tree / "Crayon" / "Towers" / "2.jpg").read_bytes()
     (tree / "Crayon" / "Towers" / "2.jpg").write_bytes(good[: len(good) // 2])  # truncated
 
-    report = data.validate(tree, TOY, INDICES)
+    report = validation.validate(tree, TOY, INDICES)
     assert not report.ok
-    where = {kind: sorted(p.where for p in report.of_kind(kind)) for kind in data.Problem.KINDS}
+    where = {kind: sorted(p.where for p in report.of_kind(kind)) for kind in validation.Problem.KINDS}
     assert where["missing folder"] == [str(tree / "Pastel"), str(tree / "Winter" / "Cats")]
     assert where["extra folder"] == [str(tree / "Impasto"), str(tree / "Sketch" / "Dogs")]
     assert where["wrong count"] == [str(tree / "Mosaic" / "Birds"), str(tree / "Mosaic" / "Trees")]
@@ -79,13 +81,13 @@ def test_folder_validation_names_every_problem(tree):
     assert len(report.problems) == 8
     assert report.found_images == 176 - 16 - 2 - 1
     with pytest.raises(data.DatasetError, match="8 problem"):
-        data.validate(tree, TOY, INDICES, raise_on_error=True)
-    tolerant = data.validate(tree, TOY, INDICES, allow_extra=True, check_images=False)
+        validation.validate(tree, TOY, INDICES, raise_on_error=True)
+    tolerant = validation.validate(tree, TOY, INDICES, allow_extra=True, check_images=False)
     assert len(tolerant.errors) == 3  # two missing folders, one short folder; extras tolerated, images unchecked
 
 
 def test_missing_root(tmp_path):
-    report = data.validate(tmp_path / "nowhere", TOY, INDICES)
+    report = validation.validate(tmp_path / "nowhere", TOY, INDICES)
     assert [p.kind for p in report.problems] == ["missing folder"]
 
 
@@ -114,7 +116,7 @@ def test_parquet_reader_two_shard_kinds(tmp_path):
         assert _close(ds[theme, obj, idx], _colour(theme, obj, idx))
     assert ds.location("Winter", "Trees", 2)[0].name == "train-00001.parquet"
     assert sum(1 for _ in ds) == 176
-    report = data.validate(tmp_path, TOY, INDICES)
+    report = validation.validate(tmp_path, TOY, INDICES)
     assert report.ok and report.layout == "parquet" and report.found_images == 176, str(report)
 
 
@@ -126,7 +128,7 @@ def test_parquet_validation_names_every_problem(tmp_path):
     rows += [(TOY.prompt("Pastel", "Fishes"), b"broken")]  # unreadable; also makes Pastel/Fishes 3 rows
     path = tmp_path / "one.parquet"
     _write_parquet(path, rows)
-    report = data.validate(path, TOY, INDICES)
+    report = validation.validate(path, TOY, INDICES)
     kinds = sorted(p.kind for p in report.problems)
     assert kinds == ["bad caption", "extra folder", "missing folder", "unreadable image", "wrong count", "wrong count"]
     assert {p.where for p in report.of_kind("wrong count")} == {"Mosaic/Birds", "Pastel/Fishes"}
@@ -141,7 +143,7 @@ def test_parquet_validation_names_every_problem(tmp_path):
 
 def test_parquet_without_required_columns(tmp_path):
     pq.write_table(pa.table({"img": [b"x"], "caption": ["A Cats image in Winter style."]}), tmp_path / "x.parquet")
-    report = data.validate(tmp_path / "x.parquet", TOY, INDICES)
+    report = validation.validate(tmp_path / "x.parquet", TOY, INDICES)
     assert report.of_kind("bad file") and "required: 'image' and 'text'" in report.of_kind("bad file")[0].detail
     with pytest.raises(data.DatasetError, match="required"):
         data.ParquetDataset(tmp_path / "x.parquet", TOY)
@@ -159,3 +161,30 @@ def test_parse_caption():
         data.parse_caption("A Cats image in Impasto style.", UC50)
     with pytest.raises(ValueError, match="object 'Cows', not an object"):
         data.parse_caption("A Cows image in Monet style.", UC50)
+
+
+def test_as_folder_writes_parquet_images_once_byte_for_byte(tmp_path):
+    rows = _rows()
+    _write_parquet(tmp_path / "train-00000.parquet", rows[:100])
+    _write_parquet(tmp_path / "train-00001.parquet", rows[100:], as_struct=True)
+    ds = data.open_dataset(tmp_path, TOY)
+    keys = [data.ItemKey(t, o, i) for t in ("Winter", "Bricks") for o in ("Cats", "Trees") for i in INDICES]
+    assert ds.read_order(keys) == sorted(keys, key=lambda k: ds.location(k.theme, k.object, k.index))
+    cache = tmp_path / "out" / "data"
+    root = data.as_folder(ds, keys, cache)
+    assert root.parent == cache and root.name.startswith("parquet-")
+    written = sorted(p.relative_to(root) for p in root.rglob("*.jpg"))
+    assert written == sorted(Path(k.theme, k.object, f"{k.index}.jpg") for k in keys)
+    for key in keys:
+        assert (root / key.theme / key.object / f"{key.index}.jpg").read_bytes() == ds.raw(*astuple(key))
+        assert ds.raw(*astuple(key)) == _jpeg(_colour(*astuple(key)))  # as stored, not re-encoded
+    stamp = (root / "Winter" / "Cats" / "1.jpg").stat().st_mtime_ns
+    assert data.as_folder(data.open_dataset(tmp_path, TOY), keys, cache) == root
+    assert (root / "Winter" / "Cats" / "1.jpg").stat().st_mtime_ns == stamp, "a matching copy is reused"
+    assert data.as_folder(ds, keys[:2], cache) != root, "other keys: another copy"
+    _write_parquet(tmp_path / "train-00001.parquet", rows[100:])  # rewritten shard: a new identity
+    again = data.open_dataset(tmp_path, TOY)
+    assert again.identity != ds.identity and data.as_folder(again, keys, cache) != root
+    folder = data.open_dataset(root, TOY)
+    assert isinstance(folder, data.FolderDataset) and data.as_folder(folder, keys, cache) == root
+    assert not list(cache.glob(".*")), "no temporary folders left behind"

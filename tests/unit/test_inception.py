@@ -30,11 +30,11 @@ def test_bad_files_are_errors(tmp_path):
 
 def test_judge_uses_inception_features_when_given(tmp_path):
     from canvas import catalog
-    from canvas.bench import Judge
+    from canvas.judge import Judge, feature_space
 
     path = tmp_path / "pt_inception.pth"
     torch.save(inception.FIDInception().state_dict(), path)
     judge = Judge(catalog.get("toy"), inception=str(path))
     style, obj, features = judge(torch.rand(2, 3, 32, 32))
     assert features.shape == (2, 2048) and style.shape == (2, 11) and obj.shape == (2, 8)
-    assert judge.feature_space.startswith("inception-v3-fid")
+    assert judge.feature_space == "inception-v3-fid:pt_inception.pth" == feature_space(catalog.get("toy"), str(path))

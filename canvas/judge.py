@@ -1,0 +1,110 @@
+"""The judge of an answer set: the catalog's style and object classifiers, the FID feature extractor, and the image
+loading that feeds them ([0, 1] tensors), so every score of the benchmark sees images the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from canvas import answers, classifiers, data, fid, metrics
+from canvas import inception as fid_inception
+from canvas.catalog import Catalog
+from erase.pipeline import toy_path
+
+CHUNK = 128  # images per classifier call
+
+
+def to_unit_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """(B, 3, H, W) floats in [0, 1] of RGB pictures, the classifiers' input."""
+    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def load_images(paths: Sequence[str | os.PathLike[str]]) -> torch.Tensor:
+    """(B, 3, H, W) floats in [0, 1] of image files."""
+    pictures = []
+    for path in paths:
+        with Image.open(path) as image:
+            pictures.append(image.convert("RGB"))
+    return to_unit_tensor(pictures)
+
+
+def feature_space(catalog: Catalog, inception: str | None = None) -> str:
+    """The one name of the FID feature space: cache key of the real features and the report's FID column name."""
+    return f"inception-v3-fid:{Path(inception).name}" if inception else f"{catalog.name}-style-classifier-head-input"
+
+
+class Judge:
+    """The catalog's style and object classifiers, and the FID feature extractor: Inception-v3 from a local weights
+    file when given, else the input of the style classifier's head (on the toy: the toy classifier's features)."""
+
+    def __init__(self, catalog: Catalog, classifiers_root: str | None = None, inception: str | None = None):
+        self.catalog = catalog
+        root = classifiers_root
+        if root is None and catalog.name == "toy":  # the classifiers beside the toy in use ($ERASEKIT_TOY moves both)
+            root = toy_path().parent / "toy_classifiers"
+        self.style = classifiers.load(catalog.name, "style", root)
+        self.object = classifiers.load(catalog.name, "object", root)
+        self._features: list[torch.Tensor] = []
+        self.feature_space = feature_space(catalog, inception)
+        if inception:
+            self.inception = fid_inception.load(inception)
+        else:
+            self.inception = None
+            self.style.head.register_forward_hook(lambda m, inputs, out: self._features.append(inputs[0].detach()))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Style logits, object logits and features of a batch."""
+        self._features.clear()
+        style, obj = self.style(images), self.object(images)
+        return style, obj, self.inception(images) if self.inception is not None else self._features[-1]
+
+    def real_bank(self, cache: Path, indices: Sequence[int], dataset: data.Dataset) -> fid.FeatureBank:
+        """Features of the real FID reference set (every theme x object x `indices` of `dataset`, either layout),
+        computed once and cached under the feature space, catalog, indices and the dataset's identity.
+
+        Images are read in the dataset's cheapest order (parquet: storage order, each row group once) and the rows
+        put back in (theme, object, index) order, so the bank does not depend on how the copy is stored."""
+        meta = {
+            "features": self.feature_space,
+            "catalog": self.catalog.name,
+            "indices": str(list(indices)),
+            "data": dataset.identity,
+        }
+
+        def compute() -> fid.FeatureBank:
+            keys = [data.ItemKey(t, o, i) for t in self.catalog.themes for o in self.catalog.objects for i in indices]
+            order = dataset.read_order(keys)
+            features: dict[data.ItemKey, torch.Tensor] = {}
+            for start in range(0, len(order), CHUNK):
+                chunk = order[start : start + CHUNK]
+                images = to_unit_tensor([dataset.load(k.theme, k.object, k.index) for k in chunk])
+                features.update(zip(chunk, self(images)[2]))
+            rows = torch.stack([features[k] for k in keys]).numpy()
+            return fid.FeatureBank(rows, [k.theme for k in keys], [k.object for k in keys])
+
+        return fid.FeatureBank.cached(cache, meta, compute)
+
+
+def score(
+    judge: Judge, answer_dir: Path, target: str, real: fid.FeatureStats, keep: fid.KeepFn | None = None
+) -> dict[str, Any]:
+    """UA / IRA / CRA of one target on an answer set, and FID against the real statistics."""
+    items, paths, _ = answers.load_answer_set(answer_dir)
+    accuracy = metrics.UnlearningAccuracy(judge.catalog, target)
+    frechet = fid.FrechetDistance(real.dim, keep=keep, reference=real)
+    for start in range(0, len(items), CHUNK):
+        chunk_items, chunk_paths = items[start : start + CHUNK], paths[start : start + CHUNK]
+        style, obj, feats = judge(load_images(chunk_paths))
+        themes, objects = [it.theme for it in chunk_items], [it.object for it in chunk_items]
+        accuracy.update(style, obj, *metrics.true_labels(judge.catalog, themes, objects))
+        frechet.update(feats, real=False, themes=themes, objects=objects)
+    return {"scores": accuracy.scores(), "FID": float(frechet.compute())}
