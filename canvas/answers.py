@@ -19,12 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
 from canvas.catalog import Catalog
 from erase import sampling
 from erase.atomic import save_image, write_json
+from erase.paths import toy_path
 from erase.text import PromptEncoder
 
 SEEDS = (188, 288, 588, 688, 888)
@@ -48,8 +50,6 @@ PRESETS = {
 
 def toy_preset() -> SamplerPreset:
     """The toy model's sampler, as its build measured it (assets/toy/card.json)."""
-    from erase.pipeline import toy_path
-
     card = toy_path() / "card.json"
     sampler = json.loads(card.read_text())["sampler"] if card.is_file() else {"steps": 25, "guidance": 3.0}
     return SamplerPreset("toy", steps=int(sampler["steps"]), guidance=float(sampler["guidance"]))
@@ -158,8 +158,6 @@ def generate(
     Under `accelerate launch` with no explicit `shard`, each process takes its own shard.
     """
     if shard is None:
-        from accelerate import PartialState
-
         state = PartialState()
         shard = (state.process_index, state.num_processes)
     index, count = shard

@@ -14,16 +14,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
+import erase
 from canvas import answers, data, fid, grids, metrics, report, splits, toy, validation
 from canvas import catalog as catalogs
 from canvas.catalog import Catalog
 from canvas.judge import Judge, feature_space, score
 from canvas.method_inputs import method_inputs
-from erase import get_method, make_config
+from erase import available_methods, get_method, make_config
 from erase.atomic import write_json
+from erase.delta import Delta
 
 
 @dataclass
@@ -49,8 +52,6 @@ class BenchConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        from erase import available_methods
-
         self.catalog = self.catalog or ("toy" if self.model == "toy" else "unlearncanvas-50")
         self.sampler = self.sampler or ("toy" if self.model == "toy" else "unlearncanvas")
         cat = catalogs.get(self.catalog)
@@ -110,8 +111,6 @@ class Bench:
     """One bench run over `config`; `run()` executes this process's jobs and, on the main process, the report."""
 
     def __init__(self, config: BenchConfig, progress: bool = True):
-        from accelerate import PartialState
-
         self.config, self.progress = config, progress
         self.out = Path(config.out)
         self.catalog = catalogs.get(config.catalog)
@@ -154,8 +153,6 @@ class Bench:
         return root
 
     def load_base(self):
-        import erase
-
         pipe = erase.load_pipeline(self.config.model, device=self.config.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -173,9 +170,6 @@ class Bench:
 
     def run_job(self, method: str, target: str) -> None:
         """Erase -> Delta -> answer set -> metrics, skipping stages already on disk; errors go to error.json."""
-        import erase
-        from erase.delta import Delta
-
         job = self.job_dir(method, target)
         if (job / "metrics.json").is_file():
             return

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from canvas.vit import load_checkpoint
 from erase import catalog as _catalog
 from erase.paths import toy_classifiers_path
 
@@ -88,8 +89,6 @@ def _load_unlearncanvas(catalog_name: str) -> Callable[..., nn.Module]:
     """The authors' ViT-L/16 checkpoints: `root` is the `.pth` file, or a folder holding `<kind>.pth`."""
 
     def load_vit(kind: str, root: str | os.PathLike | None = None) -> nn.Module:
-        from canvas.vit import load_checkpoint
-
         if root is None:
             raise ValueError(f"the {catalog_name} {kind} classifier needs its checkpoint: pass root=<file or folder>")
         path = Path(root) / f"{kind}.pth" if Path(root).is_dir() else Path(root)

@@ -11,6 +11,7 @@ names). Both readers answer `dataset[theme, object, idx] -> PIL.Image` so everyt
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -136,6 +137,14 @@ class FolderDataset:
         return len(self.keys())
 
 
+def parquet_module():
+    """pyarrow.parquet, an optional dependency that only parquet data sets need."""
+    try:
+        return importlib.import_module("pyarrow.parquet")
+    except ImportError:
+        raise ValueError("reading parquet shards needs pyarrow: pip install 'erasekit[canvas]'") from None
+
+
 class ParquetDataset:
     """Parquet shards with `image` and `text` columns; rows are indexed once from the captions, images load lazily.
 
@@ -146,8 +155,7 @@ class ParquetDataset:
     layout = "parquet"
 
     def __init__(self, source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], catalog: Catalog) -> None:
-        import pyarrow.parquet as pq
-
+        pq = parquet_module()
         self.catalog = catalog
         self.files = parquet_files(source)
         self._sources = [_source_record(path) for path in self.files]  # before indexing: a later rewrite is noticed
@@ -212,8 +220,7 @@ class ParquetDataset:
 
     def _row_group_images(self, f: int, group: int) -> list[Any]:
         """The `image` column of one row group; the last one read is kept, so reading in order decodes each once."""
-        import pyarrow.parquet as pq
-
+        pq = parquet_module()
         if self._cached is None or self._cached[0] != (f, group):
             table = pq.ParquetFile(self.files[f]).read_row_group(group, columns=["image"])
             self._cached = ((f, group), table.column("image").to_pylist())

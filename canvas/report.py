@@ -20,6 +20,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
 from canvas.metrics import KINDS, Efficiency, UnlearningScores
 from erase.atomic import write_text
 
@@ -251,17 +255,12 @@ def write_report(
 def plot_ua_vs_retain(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """UA against IRA (left) and CRA (right): one colour per method, circles for style and triangles for object
     targets; faint points are single targets, outlined ones the method's mean. Top right is best."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
     rows = check_rows(rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    colours = plt.get_cmap("tab10")
+    colours = colormaps["tab10"]
     markers = {"style": "o", "object": "^"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
+    fig = Figure(figsize=(10, 4.6))  # no pyplot: a report never changes the caller's matplotlib backend
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, retain in zip(axes, ("IRA", "CRA")):
         for m, method in enumerate(methods):
             for kind in KINDS:
@@ -295,7 +294,6 @@ def plot_ua_vs_retain(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
     return write_text(Path(path), buffer.getvalue())
 
 

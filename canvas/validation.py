@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from canvas import splits
 from canvas.catalog import Catalog
 from canvas.data import (
     IMAGE_SUFFIXES,
@@ -25,6 +26,7 @@ from canvas.data import (
     norm_words,
     open_rgb,
     parquet_files,
+    parquet_module,
     themes_by_words,
 )
 
@@ -98,9 +100,7 @@ def validate(
     but tolerated with `allow_extra`.
     """
     if indices is None:
-        from canvas.splits import load
-
-        indices = load().indices
+        indices = splits.load().indices
     wanted = sorted(set(indices))
     path = Path(source)
     expected = len(catalog.themes) * len(catalog.objects) * len(wanted)
@@ -155,8 +155,7 @@ def _compare_dirs(parent: Path, names: Sequence[str], report: ValidationReport) 
 
 
 def _validate_parquet(path: Path, catalog: Catalog, wanted: list[int], check: bool, report: ValidationReport) -> None:
-    import pyarrow.parquet as pq
-
+    pq = parquet_module()
     add = report.problems.append
     counts: Counter[tuple[str, str]] = Counter()
     extras: Counter[str] = Counter()

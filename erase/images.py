@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .atomic import save_image
+from .delta import fingerprint
 from .sampling import generate, randn
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -104,8 +105,6 @@ def generate_images(
     """Images of `pipe` for (prompt, seed) pairs (`erase.sampling.generate`, the pipeline's own scheduler); with
     `cache_dir`, each image is stored as PNG under a key of (model fingerprint, prompt, seed, steps, guidance) and
     reused by later runs, and only the missing ones are generated (in batches of `batch_size`)."""
-    from .delta import fingerprint
-
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     model_id = fingerprint(pipe) if cache_dir else ""
