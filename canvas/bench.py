@@ -40,9 +40,7 @@ class BenchConfig:
     catalog: str | None = None  # default: "toy" for the toy model, else "unlearncanvas-50"
     sampler: str | None = None  # default: "toy" for the toy model, else "unlearncanvas"
     seeds: list[int] = field(default_factory=lambda: list(answers.SEEDS))
-    data: str | None = (
-        None  # the dataset (folder layout or parquet shards) for methods and FID; the toy renders its own
-    )
+    data: str | None = None  # dataset folder or parquet shards, for methods and FID; the toy renders its own
     presets: dict[str, str] = field(default_factory=dict)  # method -> preset name (default: see job_preset)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> config fields
     fid_excludes_target: bool = False
