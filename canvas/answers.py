@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from canvas.catalog import Catalog
 from erase import sampling
 from erase.atomic import save_image, write_json
+from erase.delta import fingerprint
 from erase.paths import toy_path
 from erase.text import PromptEncoder
 
@@ -151,18 +152,23 @@ def generate(
     apply: Callable[[Any], Any] | None = None,
     progress: bool = True,
     manifest_extra: dict[str, Any] | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> Path:
     """Generate the answer set `items` of `pipe` into `out_dir` (resumable, shardable).
 
     `apply` is a context-manager factory run around generation (e.g. applying a Delta or an inference-time hook).
-    Under `accelerate launch` with no explicit `shard`, each process takes its own shard.
+    Under `accelerate launch` with no explicit `shard`, each process takes its own shard. `identity` (what makes
+    the images: model, delta, ...; see `answer_identity`) is written into the folder before any image, and a folder
+    holding images of another identity is refused rather than completed or relabelled.
     """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     if shard is None:
         state = PartialState()
         shard = (state.process_index, state.num_processes)
     index, count = shard
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out, {"catalog": catalog.name, "sampler": asdict(sampler), **(identity or {})})
     batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
     mine = [b for n, b in enumerate(batches) if n % count == index]
     todo = [b for b in mine if not all(_readable(out / it.filename) for it in b)]
@@ -191,6 +197,32 @@ def generate(
     }  # fmt: skip
     write_json(out / MANIFEST, manifest)
     return out
+
+
+IDENTITY = "identity.json"
+
+
+def answer_identity(pipe, delta=None) -> dict[str, str]:
+    """What makes an answer set's images beyond the protocol: the base model and the exact delta applied."""
+    return {"base_fingerprint": fingerprint(pipe), "delta": delta.digest() if delta is not None else "none"}
+
+
+def claim(out: Path, identity: dict[str, Any]) -> None:
+    """Make `out` the folder of `identity`'s images: a new folder gets the identity written first; an existing one
+    must hold the same identity (or be empty), else ValueError naming what differs."""
+    path = out / IDENTITY
+    if path.is_file():
+        held = json.loads(path.read_text())
+        differs = sorted(k for k in set(held) | set(identity) if held.get(k) != identity.get(k))
+        if differs:
+            raise ValueError(f"{out} holds images of other inputs ({', '.join(differs)} differ: "
+                             f"{', '.join(f'{held.get(k)!r} != {identity.get(k)!r}' for k in differs)}); use a new "
+                             "folder, or remove it")  # fmt: skip
+        return
+    if out.is_dir() and any(out.glob("*.jpg")):
+        raise ValueError(f"{out} holds images of unknown origin (no {IDENTITY}); use a new folder, or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, identity)
 
 
 def load_answer_set(directory: str | os.PathLike) -> tuple[list[AnswerItem], list[Path], dict]:

@@ -8,8 +8,9 @@ i mod n (each job alone on its process), and the main process writes the report 
 from __future__ import annotations
 
 import json
+import shutil
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from canvas.judge import Judge, feature_space, score
 from canvas.method_inputs import method_inputs
 from erase import available_methods, get_method, make_config
 from erase.atomic import write_json
-from erase.delta import Delta
+from erase.delta import Delta, fingerprint
+from erase.lock import exclusive
+from erase.runner import run_key
 
 
 @dataclass
@@ -63,6 +66,39 @@ class BenchConfig:
         for target in self.targets:
             metrics.target_kind(cat, target)  # clear error for unknown targets or the photo class
         answers.preset(self.sampler)
+        if not isinstance(self.seeds, list) or not self.seeds or not all(_is_int(s) for s in self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        for name in ("presets", "overrides"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not set(value) <= set(available_methods()):
+                raise ValueError(f"{name} must map method names ({', '.join(available_methods())}) to values, "
+                                 f"got {value!r}")  # fmt: skip
+        for method, preset in self.presets.items():
+            accepted = get_method(method).config_cls.PRESETS
+            if preset not in accepted:
+                raise ValueError(f"unknown preset {preset!r} for {method}; accepted: {', '.join(accepted)}")
+        if not all(isinstance(v, dict) for v in self.overrides.values()):
+            raise ValueError(f"overrides must map each method to a mapping of config fields, got {self.overrides!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class BenchFailed(RuntimeError):
+    """Some jobs of a bench failed (the others finished, and the report lists both)."""
+
+
+def bench_identity(config: BenchConfig, base_fingerprint: str) -> dict[str, Any]:
+    """What shapes every result of a bench folder: a folder is resumed only by a bench of the same identity."""
+    return {
+        "base_fingerprint": base_fingerprint, "catalog": config.catalog,
+        "sampler": asdict(answers.preset(config.sampler)), "seeds": list(config.seeds), "data": config.data,
+        "fid_excludes_target": config.fid_excludes_target, "classifiers": config.classifiers,
+        "inception": config.inception, "version": erase.__version__,
+    }  # fmt: skip
 
 
 def method_indices(roles: splits.Splits) -> list[int]:
@@ -156,26 +192,41 @@ class Bench:
         return pipe
 
     def run(self) -> dict[str, Any] | None:
-        (self.out / "jobs").mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "bench.json", asdict(self.config))
-        mine = [job for n, job in enumerate(self.jobs) if n % self.state.num_processes == self.state.process_index]
-        for method, target in mine:
-            self.run_job(method, target)
-        self.state.wait_for_everyone()
-        if not self.state.is_main_process:
-            return None
-        return self.write_report()
+        """Validate everything that can be checked before the first job (the model loads, the classifiers match
+        the catalog, --data holds what the jobs read, the folder is this bench's), then run the jobs."""
+        with exclusive(self.out) if self.state.is_main_process else nullcontext():
+            self.base_fingerprint = fingerprint(self.load_base())
+            Judge(self.catalog, self.config.classifiers, self.config.inception)
+            if self.config.data:
+                self.dataset()
+            answers.claim(self.out, bench_identity(self.config, self.base_fingerprint))
+            (self.out / "jobs").mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "bench.json", asdict(self.config))
+            mine = [j for n, j in enumerate(self.jobs) if n % self.state.num_processes == self.state.process_index]
+            for method, target in mine:
+                self.run_job(method, target)
+            self.state.wait_for_everyone()
+            if not self.state.is_main_process:
+                return None
+            return self.write_report()
 
     def run_job(self, method: str, target: str) -> None:
         """Erase -> Delta -> answer set -> metrics, skipping stages already on disk; errors go to error.json."""
         job = self.job_dir(method, target)
-        if (job / "metrics.json").is_file():
-            return
         (job / "error.json").unlink(missing_ok=True)
         try:
             config = job_config(self.config, method, target)
-            if not (job / "delta" / "record.json").is_file():
-                result = erase.run(self.load_base(), config, checkpoint_dir=job / "checkpoint",
+            record_path = job / "delta" / "record.json"
+            key = run_key(config, self.base_fingerprint)
+            if record_path.is_file() and json.loads(record_path.read_text()).get("run_key") != key:
+                # the stored erasure came from other inputs (e.g. changed overrides): redo the whole job
+                print(f"job {method} / {target}: its stored stages came from other inputs; redoing it")
+                shutil.rmtree(job)
+                job.mkdir(parents=True)
+            if (job / "metrics.json").is_file():
+                return
+            if not record_path.is_file():
+                result = erase.run(self.load_base(), config, checkpoint_dir=job / "checkpoint" / key,
                                    progress=self.progress, local=self.state.num_processes > 1)  # fmt: skip
                 result.delta.save(job / "delta")
                 write_json(job / "delta" / "record.json", result.record)
@@ -186,6 +237,7 @@ class Bench:
                     self.load_base(), items, self.catalog, job / "answers", self.sampler,
                     batch_size=self.config.batch_size, shard=(0, 1), apply=_applied(delta), progress=self.progress,
                     manifest_extra={"model": self.config.model, "delta": str(job / "delta"), "method": method},
+                    identity={"base_fingerprint": self.base_fingerprint, "delta": delta.digest()},
                 )  # fmt: skip
             self.score_job(method, target, job)
         except Exception as err:  # one failing job must not stop the others

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from erase.cli import dispatch
+from canvas.bench import BenchFailed
+from erase.cli import FAILURES, USAGE_ERRORS, dispatch
 
 
 def _csv(text: str | None) -> list[str]:
@@ -107,12 +108,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
     except TypeError as err:
         raise ValueError(f"bad bench config: {err}") from None
     result = Bench(config, progress=not args.no_progress).run()
-    if result is not None:
-        if result["rows"]:
-            print(markdown_table(result["rows"], fid_features=result["fid_features"]))
-        for failure in result["failed"]:
-            print(f"FAILED {failure['method']} / {failure['target']}: {failure['error']}")
+    if result is None:  # not the main process
+        return
+    if result["rows"]:
+        print(markdown_table(result["rows"], fid_features=result["fid_features"]))
         print(f"report: {Path(config.out) / 'report.md'}")
+    for failure in result["failed"]:
+        print(f"FAILED {failure['method']} / {failure['target']}: {failure['error']}")
+    if result["failed"]:
+        jobs = len(result["rows"]) + len(result["failed"])
+        raise BenchFailed(
+            f"{len(result['failed'])} of {jobs} jobs failed (listed above; each job's error.json under "
+            f"{Path(config.out) / 'jobs'}); finished jobs are in {Path(config.out) / 'report.json'}"
+        )
 
 
 def cmd_answers(args: argparse.Namespace) -> None:
@@ -131,6 +139,7 @@ def cmd_answers(args: argparse.Namespace) -> None:
     out = answers.generate(
         pipe, answers.answer_items(cat), cat, args.out, sampler, batch_size=args.batch_size, shard=shard,
         apply=_applied(delta) if delta else None, manifest_extra={"model": args.model, "delta": args.delta},
+        identity=answers.answer_identity(pipe, delta),
     )  # fmt: skip
     print(f"answer set -> {out}")
 
@@ -202,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "backdoor-eval": cmd_backdoor_eval,
         "toy-renders": cmd_toy_renders,
     }[args.command]
-    return dispatch("canvas", handler, args, (ValueError, FileNotFoundError, FileExistsError))
+    return dispatch("canvas", handler, args, USAGE_ERRORS, (*FAILURES, BenchFailed))
 
 
 if __name__ == "__main__":

@@ -260,7 +260,13 @@ USAGE_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError)
 FAILURES = (OSError, LockedError, NonFiniteLossError)
 
 
-def dispatch(prog: str, handler, args: argparse.Namespace, usage_errors: tuple[type[BaseException], ...]) -> int:
+def dispatch(
+    prog: str,
+    handler,
+    args: argparse.Namespace,
+    usage_errors: tuple[type[BaseException], ...],
+    failures: tuple[type[BaseException], ...] = FAILURES,
+) -> int:
     """Run a command's handler: bad input is one line on stderr and exit code 2, a failure outside the program
     (disk, locks, a diverged run) one line and exit code 1, Ctrl-C exit code 130. Anything else is a bug in the
     toolkit and keeps its traceback."""
@@ -270,7 +276,7 @@ def dispatch(prog: str, handler, args: argparse.Namespace, usage_errors: tuple[t
     except usage_errors as err:
         print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except FAILURES as err:
+    except failures as err:
         print(f"{prog} {args.command}: failed: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

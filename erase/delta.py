@@ -68,6 +68,15 @@ class Delta:
         changed = {n: after[n].detach().cpu().clone() for n in after if not torch.equal(before[n], after[n])}
         return cls(changed, metadata)
 
+    def digest(self) -> str:
+        """A hash of the tensors' names, shapes, dtypes and bytes: what a delta changes, exactly."""
+        h = hashlib.sha256()
+        for name in sorted(self.tensors):
+            tensor = self.tensors[name].detach().cpu().contiguous()
+            h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return h.hexdigest()[:16]
+
     @property
     def nbytes(self) -> int:
         """Storage of the tensors, the UnlearnCanvas storage figure (the JSON metadata aside)."""
