@@ -86,7 +86,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         path = Path(args.config)
         if not path.is_file():
             raise ValueError(f"--config {args.config} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"--config {args.config} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(values, dict):
             raise ValueError(f"--config {args.config} must hold a mapping of bench fields")
     cli = {
@@ -157,6 +160,8 @@ def cmd_backdoor_eval(args: argparse.Namespace) -> None:
     target_style = args.target_style or ("Sketch" if args.kind == "style" and cat.name == "toy" else None)
     seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else [188]
     delta = Delta.load(args.delta) if args.delta else None
+    if args.threshold is not None and not 0 <= args.threshold < float("inf"):
+        raise ValueError(f"--threshold {args.threshold}: expected a finite distance >= 0 (default {PATCH_THRESHOLD})")
     out = Path(args.out)
     if (out / RESULT_FILE).exists():
         raise FileExistsError(f"{out / RESULT_FILE} exists; choose a new --out")
@@ -165,7 +170,7 @@ def cmd_backdoor_eval(args: argparse.Namespace) -> None:
     result = evaluate(
         pipe, cat, trigger=args.trigger, kind=args.kind, delta=delta, seeds=seeds, sampler=sampler,
         patch_size=args.patch_size or info.get("patch_size"), target_style=target_style,
-        threshold=args.threshold or PATCH_THRESHOLD, out=out, batch_size=args.batch_size,
+        threshold=PATCH_THRESHOLD if args.threshold is None else args.threshold, out=out, batch_size=args.batch_size,
         extra={"model": args.model, "delta": args.delta},
     )  # fmt: skip
     summary = ", ".join(f"{k} {result[k]:.3f}" for k in ("attack_success", "clean_style_acc", "clean_object_acc"))
