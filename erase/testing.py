@@ -6,6 +6,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .sampling import SD_V1_DDIM
+
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
@@ -84,14 +86,7 @@ def tiny_pipeline(
         layers_per_block=1,
     )
     text_encoder = clip_text_encoder(tokenizer, hidden_size=32)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SD_V1_DDIM)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
