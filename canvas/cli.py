@@ -204,6 +204,10 @@ def _indices(text: str) -> list[int]:
 def cmd_splits(args: argparse.Namespace) -> None:
     from canvas.splits import write_manifest
 
+    if Path(args.out).is_dir():
+        raise ValueError(
+            f"--out {args.out} is a folder; give the path of the manifest file to write (e.g. splits.json)"
+        )
     print(f"wrote {write_manifest(args.out)}")
 
 

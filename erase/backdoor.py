@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_dir, write_json
 from .catalog import get as get_catalog
-from .config import TrainingConfig
+from .config import TrainingConfig, texts
 from .context import RunContext
 from .images import (
     denoising_target,
@@ -98,9 +98,7 @@ class BackdoorConfig(TrainingConfig):
             raise ValueError(f"weight (λ) must be in [0, 1], got {self.weight!r}")
         if not isinstance(self.unconditional_fraction, int | float) or not 0 <= self.unconditional_fraction <= 1:
             raise ValueError(f"unconditional_fraction must be in [0, 1], got {self.unconditional_fraction!r}")
-        self.prompts = [self.prompts] if isinstance(self.prompts, str) else list(self.prompts)
-        if any(not isinstance(p, str) or not p.strip() for p in self.prompts):
-            raise ValueError(f"prompts must be non-empty texts, got {self.prompts!r}")
+        self.prompts = texts("prompts", self.prompts, allow_empty=True)
         if self.images in ("", []):
             self.images = None
         if self.images is None and not self.prompts:

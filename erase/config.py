@@ -74,10 +74,13 @@ def check_scalar_types(config: Any) -> None:
         raise ValueError(f"{f.name} must be {accepted}, got {value!r}")
 
 
-def texts(name: str, value: Any) -> list[str]:
-    """`value` (one text or a list) as a list of non-empty texts; ValueError naming the field otherwise."""
+def texts(name: str, value: Any, allow_empty: bool = False) -> list[str]:
+    """`value` (one text or a list; one text is one item, never its characters) as a list of non-empty texts;
+    ValueError naming the field otherwise (also for no texts at all, unless `allow_empty`)."""
+    if value is not None and not isinstance(value, str | list | tuple):
+        raise ValueError(f"{name} must be one or more non-empty texts, got {value!r}")
     values = [value] if isinstance(value, str) else list(value or [])
-    if not values or any(not isinstance(v, str) or not v.strip() for v in values):
+    if (not values and not allow_empty) or any(not isinstance(v, str) or not v.strip() for v in values):
         raise ValueError(f"{name} must be one or more non-empty texts, got {value!r}")
     return values
 

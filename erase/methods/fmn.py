@@ -62,10 +62,7 @@ class FMNConfig(TrainingConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.concepts = texts("concepts", self.concepts)
-        self.prompts = [self.prompts] if isinstance(self.prompts, str) else list(self.prompts)  # never the preset's
-        if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
-            raise ValueError(f"prompts must be one or more non-empty texts (templates with {{concept}}), "
-                             f"got {self.prompts!r}")  # fmt: skip
+        self.prompts = texts("prompts", self.prompts)  # templates with {concept}; a new list, never the preset's
         if self.images is None or self.images == "" or self.images == []:
             raise ValueError("images is required: a folder or a list of reference images of the concept "
                              "(UnlearnCanvas: 1.jpg of each object of the target style)")  # fmt: skip

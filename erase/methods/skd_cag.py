@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..attention import capture_cross_attention
 from ..catalog import get as get_catalog
-from ..config import TrainingConfig
+from ..config import TrainingConfig, texts
 from ..context import RunContext
 from ..frozen import unwrap
 from ..sampling import randn
@@ -87,13 +87,11 @@ class SKDCAGConfig(TrainingConfig):
         super().__post_init__()
         if not isinstance(self.trigger, str) or not self.trigger.strip():
             raise ValueError(f"trigger must be a non-empty text (the backdoor's trigger), got {self.trigger!r}")
-        self.captions = [self.captions] if isinstance(self.captions, str) else list(self.captions)
+        self.captions = texts("captions", self.captions, allow_empty=True)
         if self.captions_file is not None:
             self.captions = self.captions + read_captions(self.captions_file)
         if not self.captions:
             raise ValueError("captions are required: give `captions` or `captions_file` (one caption per line)")
-        if any(not isinstance(c, str) or not c.strip() for c in self.captions):
-            raise ValueError(f"captions must be non-empty texts, got {self.captions!r}")
         if not isinstance(self.attention_weight, int | float) or not 0 <= self.attention_weight <= 1:
             raise ValueError(f"attention_weight (λ) must be in [0, 1], got {self.attention_weight!r}")
         if not isinstance(self.preserve_weight, int | float) or self.preserve_weight < 0:

@@ -253,3 +253,9 @@ def test_config_values_are_checked_by_type(field, value):
 
 def test_one_text_is_one_concept():
     assert small_esd(concepts="Cats").concepts == ["Cats"]
+
+
+@pytest.mark.parametrize("field", ["concepts"])
+def test_a_number_where_texts_belong_is_a_clear_error(field):
+    with pytest.raises(ValueError, match=f"{field} must be one or more non-empty texts, got 5"):
+        small_esd(**{field: 5})
