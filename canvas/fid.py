@@ -142,15 +142,7 @@ class FeatureStats:
         cls, path: str | os.PathLike[str], meta: Mapping[str, str], compute: Callable[[], FeatureStats]
     ) -> FeatureStats:
         """Load `path` if it was saved with exactly `meta`, else `compute()`, save and return (the real-set cache)."""
-        path, meta = Path(path), {str(k): str(v) for k, v in meta.items()}
-        if path.exists():
-            stats = cls.load(path)
-            if stats.meta == meta:
-                return stats
-        stats = compute()
-        stats.meta = meta
-        stats.save(path)
-        return stats
+        return _cached(cls, path, meta, compute)
 
 
 def _features(features: Tensor | np.ndarray) -> np.ndarray:
@@ -257,15 +249,7 @@ class FeatureBank:
         cls, path: str | os.PathLike[str], meta: Mapping[str, str], compute: Callable[[], FeatureBank]
     ) -> FeatureBank:
         """Load `path` if saved with exactly `meta`, else `compute()`, save and return: real features extracted once."""
-        path, meta = Path(path), {str(k): str(v) for k, v in meta.items()}
-        if path.exists():
-            bank = cls.load(path)
-            if bank.meta == meta:
-                return bank
-        bank = compute()
-        bank.meta = meta
-        bank.save(path)
-        return bank
+        return _cached(cls, path, meta, compute)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FeatureBank:
@@ -335,3 +319,16 @@ def _save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) ->
             np.savez(f, **arrays)
 
     return atomic_write(path, write)
+
+
+def _cached(cls, path: str | os.PathLike[str], meta: Mapping[str, str], compute: Callable[[], Any]):
+    """`cls.load(path)` when it was saved with exactly `meta` (the cache key), else `compute()` saved under it."""
+    path, meta = Path(path), {str(k): str(v) for k, v in meta.items()}
+    if path.exists():
+        value = cls.load(path)
+        if value.meta == meta:
+            return value
+    value = compute()
+    value.meta = meta
+    value.save(path)
+    return value
