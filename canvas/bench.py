@@ -196,7 +196,7 @@ class Bench:
         the catalog, --data holds what the jobs read, the folder is this bench's), then run the jobs."""
         with exclusive(self.out) if self.state.is_main_process else nullcontext():
             self.base_fingerprint = fingerprint(self.load_base())
-            Judge(self.catalog, self.config.classifiers, self.config.inception)
+            self.judge = Judge(self.catalog, self.config.classifiers, self.config.inception)  # loaded once
             if self.config.data:
                 self.dataset()
             answers.claim(self.out, bench_identity(self.config, self.base_fingerprint))
@@ -246,7 +246,7 @@ class Bench:
             print(f"job {method} / {target} failed: {type(err).__name__}: {err}")
 
     def score_job(self, method: str, target: str, job: Path) -> None:
-        judge = Judge(self.catalog, self.config.classifiers, self.config.inception)
+        judge = self.judge
         fid_indices = splits.load().fid_reference
         bank = judge.real_bank(self.out / "cache" / "real_features.npz", fid_indices, self.dataset())
         keep = fid.exclude_target(self.catalog, target) if self.config.fid_excludes_target else None
