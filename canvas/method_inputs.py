@@ -50,6 +50,11 @@ def concept_inputs(cat: Catalog, target: str, data_root: Path | None, given: Map
     return {"concepts": [concept_text(cat, target)]}
 
 
+def esd_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """ESD as UnlearnCanvas prompts it: `{Style} Style` for a style, `An image of {Object}.` for an object."""
+    return {"concepts": [concept_text(cat, target) if cat.is_style(target) else f"An image of {target}."]}
+
+
 def fmn_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
     """FMN: the target's words inside every benchmark prompt, and its reference images (split role fmn_reference)."""
     if cat.is_style(target):
@@ -106,7 +111,7 @@ InputsFn = Callable[[Catalog, str, Path | None, Mapping[str, Any]], dict[str, An
 
 # One entry per registered method (tests/unit/test_method_inputs.py checks that none is missing).
 INPUTS: dict[str, InputsFn] = {
-    "esd": concept_inputs,
+    "esd": esd_inputs,
     "uce": concept_inputs,
     "fmn": fmn_inputs,
     "ca": ca_inputs,

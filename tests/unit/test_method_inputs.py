@@ -31,6 +31,9 @@ def test_inputs_make_valid_configs(method, target, data_root):
 
 def test_concept_words():
     assert method_inputs("esd", CAT, "Pop_Art", None) == {"concepts": ["Pop Art style"]}
+    # UnlearnCanvas's ESD object prompt (mu_erasing_concepts_esd): `An image of {Object}.`
+    assert method_inputs("esd", CAT, "Cats", None) == {"concepts": ["An image of Cats."]}
+    assert method_inputs("uce", CAT, "Cats", None) == {"concepts": ["Cats"]}
     assert method_inputs("ca", CAT, "Pop_Art", None)["concepts"] == ["Pop Art"]
 
 
