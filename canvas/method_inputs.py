@@ -66,12 +66,14 @@ def fmn_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping
 
 
 def ca_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
-    """CA: styles map to the photo class (the benchmark prompt with "Photo"), objects to the next object."""
+    """CA: styles map to the photo class, objects to the next object; the anchor captions are CA's `anchor_form`
+    over the catalog (the photo class with every object, the anchor object in every theme), not the benchmark
+    prompts the answer set is generated from (a caption file or list given in `overrides` wins)."""
     if cat.is_style(target):
-        anchor_prompts = [cat.prompt(cat.photo, o) for o in cat.objects]
-        return {"concepts": [target_words(cat, target)], "anchors": ["Photo"], "anchor_prompts": anchor_prompts}
-    anchor = _other_object(cat, target)
-    return {"concepts": [target], "anchors": [anchor], "anchor_prompts": [cat.prompt(t, anchor) for t in cat.themes]}
+        inputs = {"concepts": [target_words(cat, target)], "anchors": [style_words(cat.photo, cat.photo)]}
+    else:
+        inputs = {"concepts": [target], "anchors": [_other_object(cat, target)]}
+    return {**inputs, "anchor_catalog": cat.name}
 
 
 def salun_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,9 +25,14 @@ Which token vectors count (`token_choice`), the two versions of the public code:
   cut so both spans end together (span length = T − max(last_concept, last_guide), T the padded length), exactly
   the public code's slicing. Preserved prompts contribute every token of their padded sequence (BOS, words, EOS,
   padding), as the older code does.
-Not implemented: the older code's `technique="tensor"` (project the guide output off the concept output) and its
-automatic prompt augmentation ("painting by {concept}", ...): give augmented prompts as further concepts instead.
-The older code's preservation weight max(0.1, 1/|P|) is `preserve_scale=None`.
+Prompt augmentation (`augment`): templates with `{concept}`; each adds one erased prompt per concept, with that
+concept's guide (the public codes' `--add_prompts`; their template lists are `ART_AUGMENT`, `OBJECT_AUGMENT` and
+UnlearnCanvas's `UNLEARNCANVAS_STYLE_AUGMENT`).
+Preserved prompts: `preserve`, after `""` when `prepend_empty` (the older code's `retain = [''] + preserve`), and,
+with `catalog` set, UnlearnCanvas's preserve set: `preserve_template` for every theme x object of that catalog
+(erase.catalog) other than the erased ones; concepts then name catalog entries (see `UCEConfig.catalog_names`).
+`preserve_scale=None` is the public codes' max(0.1, 1/|P|), P every preserved prompt ("" included).
+Not implemented: the older code's `technique="tensor"` (project the guide output off the concept output).
 Public-code differences we do not copy: an explicit `torch.inverse` per layer, and fp16 solves when the model is fp16.
 """
 
@@ -38,10 +43,23 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import MethodConfig
+from .. import catalog as catalogs
+from ..config import MethodConfig, texts
 from ..context import RunContext
 
 TOKEN_CHOICES = ("last_word", "through_eos")
+
+# The public codes' `--add_prompts` templates: the older official code (concept_type art / object; train_erase.py)
+# and UnlearnCanvas's style list (mu_unified_concept_editing_uce/train_erase.py), whose object list is OBJECT_AUGMENT.
+ART_AUGMENT = ("painting by {concept}", "art by {concept}", "artwork by {concept}", "picture by {concept}",
+               "style of {concept}")  # fmt: skip
+UNLEARNCANVAS_STYLE_AUGMENT = ("image in {concept} Style", "art by {concept}", "artwork by {concept}",
+                               "picture by {concept}", "style of {concept}")  # fmt: skip
+OBJECT_AUGMENT = ("image of {concept}", "photo of {concept}", "portrait of {concept}", "picture of {concept}",
+                  "painting of {concept}")  # fmt: skip
+# UnlearnCanvas's preserve prompt: the theme as its script spells it (the catalog name; the photo class `Photo`), no
+# full stop. `{style}` gives the benchmark prompt's words instead ("Van Gogh").
+UNLEARNCANVAS_PRESERVE = "A {object} image in {theme} style"
 
 
 def statistics_dtype(device: torch.device) -> torch.dtype:
@@ -63,15 +81,26 @@ class UCEConfig(MethodConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # The paper's values (λ 0.5, η_e 1, η_p 1), with the current official code's token choice.
         "paper": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "token_choice": "last_word"},
-        # The older public code: last word through EOS/padding, all tokens of preserved prompts, η_p = max(0.1, 1/|P|).
-        "original-code": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": None, "token_choice": "through_eos"},
-        # UnlearnCanvas, style targets (give concepts as "An image in <Style> style").
-        "unlearncanvas-style": {"lam": 1.0, "erase_scale": 0.05, "guides": ["An image in Photo style"],
-                                "token_choice": "through_eos"},
-        # UnlearnCanvas, object targets: the reference gives only η_e and λ; the guide is the paper's '' for objects.
-        "unlearncanvas-object": {"lam": 10.0, "erase_scale": 0.01, "guides": [""], "token_choice": "through_eos"},
-        # The toy: as UnlearnCanvas styles (guided to the photo class) with the paper's strengths; measured on the
-        # toy (scripts/tune_toy.py, concept "Pop Art style"): UA 100 / IRA 88.
+        # The older public code (train-scripts/train_erase.py): last word through EOS/padding, all tokens of
+        # preserved prompts, "" always preserved first, η_p = max(0.1, 1/(|preserve| + 1)). Its default preserve
+        # list for concept_type art (all artists of its data/artists1734_prompts.csv) is not shipped: give one.
+        "original-code": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": None, "token_choice": "through_eos",
+                          "prepend_empty": True},
+        # UnlearnCanvas (machine_unlearning/mu_unified_concept_editing_uce: README command, train_erase.py), styles:
+        # concepts=["Van_Gogh"] (or "Van Gogh", "Van Gogh style"); erased: the name + its 5 --add_prompts; preserved:
+        # "" + "A {obj} image in {theme} style" of the 50 other themes (1,001 prompts); η_p = max(0.1, 1/1001).
+        "unlearncanvas-style": {"lam": 1.0, "erase_scale": 0.05, "preserve_scale": None,
+                                "guides": ["An image in Photo style"], "token_choice": "through_eos",
+                                "prepend_empty": True, "catalog": "unlearncanvas-50",
+                                "augment": list(UNLEARNCANVAS_STYLE_AUGMENT)},
+        # UnlearnCanvas, objects: as styles with the object templates; preserved: "" + every theme x the 19 other
+        # objects (970 prompts). The guide "A Elephant image" is theirs, grammar included (sic).
+        "unlearncanvas-object": {"lam": 10.0, "erase_scale": 0.01, "preserve_scale": None,
+                                 "guides": ["A Elephant image"], "token_choice": "through_eos",
+                                 "prepend_empty": True, "catalog": "unlearncanvas-50",
+                                 "augment": list(OBJECT_AUGMENT)},
+        # The toy (our own): guided to the photo class with the paper's strengths; measured on the toy
+        # (scripts/tune_toy.py, concept "Pop Art style"): UA 100 / IRA 88.
         "toy": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "guides": ["An image in Photo style"],
                 "token_choice": "through_eos"},
     }  # fmt: skip
@@ -81,8 +110,12 @@ class UCEConfig(MethodConfig):
     preserve: list[str] = field(default_factory=list)
     lam: float = 0.5
     erase_scale: float = 1.0
-    preserve_scale: float | None = 1.0  # None: the older code's max(0.1, 1/|preserve|)
+    preserve_scale: float | None = 1.0  # None: the public codes' max(0.1, 1/|preserved prompts|)
     token_choice: str = "last_word"
+    augment: list[str] = field(default_factory=list)  # templates with {concept}: more erased prompts per concept
+    prepend_empty: bool = False  # preserve "" first (the older code's retain = [''] + preserve)
+    catalog: str | None = None  # erase catalog entries the UnlearnCanvas way (see catalog_names, preserve_prompts)
+    preserve_template: str = UNLEARNCANVAS_PRESERVE  # {object}, {theme} (catalog name, photo = Photo), {style}
     encode_batch: int = 64  # prompts per text-encoder call
 
     def __post_init__(self) -> None:
@@ -106,24 +139,91 @@ class UCEConfig(MethodConfig):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value >= 0 or value == float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.preserve_scale is None:
-            if not self.preserve:
-                raise ValueError("preserve_scale=None means the older code's max(0.1, 1/|preserve|), which needs "
-                                 "a non-empty preserve list; give preserve concepts or a number")  # fmt: skip
-        elif not isinstance(self.preserve_scale, int | float) or not 0 <= self.preserve_scale < float("inf"):
-            raise ValueError(f"preserve_scale must be a finite number >= 0 or None, got {self.preserve_scale!r}")
         if self.token_choice not in TOKEN_CHOICES:
             raise ValueError(f"token_choice {self.token_choice!r} is not one of {', '.join(TOKEN_CHOICES)}")
         if not isinstance(self.encode_batch, int) or self.encode_batch < 1:
             raise ValueError(f"encode_batch must be a positive integer, got {self.encode_batch!r}")
+        self.augment = texts("augment", self.augment, allow_empty=True)
+        for template in self.augment:
+            _check_template("augment", template, {"concept"}, required="concept")
+        _check_template("preserve_template", self.preserve_template, {"object", "theme", "style"})
+        if self.prepend_empty and self.token_choice != "through_eos":
+            raise ValueError("prepend_empty preserves every token of '', which has no last word: it needs "
+                             f"token_choice 'through_eos', got {self.token_choice!r}")  # fmt: skip
+        if self.catalog is not None:
+            self.catalog_names()  # every concept must name an entry of the catalog
+        if self.preserve_scale is None:
+            if not self.preserve_prompts():
+                raise ValueError("preserve_scale=None means the public codes' max(0.1, 1/|preserve|), which needs "
+                                 "preserved prompts; give preserve, prepend_empty or catalog, or a number")  # fmt: skip
+        elif not isinstance(self.preserve_scale, int | float) or not 0 <= self.preserve_scale < float("inf"):
+            raise ValueError(f"preserve_scale must be a finite number >= 0 or None, got {self.preserve_scale!r}")
 
     def guide_for_each(self) -> list[str]:
         return self.guides * len(self.concepts) if len(self.guides) == 1 else list(self.guides)
 
+    def catalog_names(self) -> list[str]:
+        """With `catalog`: the catalog name of the theme or object each concept names (the name "Van_Gogh", its
+        prompt words "Van Gogh", or "Van Gogh style"; any case). It is the text erased, as UnlearnCanvas's script
+        erases its `--theme` argument. ValueError for a concept that names no entry."""
+        cat = catalogs.get(self.catalog)
+        keys = {_key(o): o for o in cat.objects}
+        for theme in cat.themes:
+            words = catalogs.style_words(theme, cat.photo)
+            keys.update({_key(theme): theme, _key(words): theme, _key(f"{words} style"): theme})
+        names = []
+        for concept in self.concepts:
+            if _key(concept) not in keys:
+                raise ValueError(f"concept {concept!r} is not a theme or object of catalog {cat.name!r} (with "
+                                 f"catalog set, concepts name its entries, e.g. {cat.styles[0]!r} or "
+                                 f"{cat.objects[0]!r}); accepted: {', '.join(cat.themes + cat.objects)}")  # fmt: skip
+            names.append(keys[_key(concept)])
+        return names
+
+    def erase_pairs(self) -> list[tuple[str, str]]:
+        """(erased prompt, guide) pairs: each concept (its catalog name with `catalog`), then its `augment` prompts,
+        all with the concept's guide."""
+        concepts = self.catalog_names() if self.catalog is not None else self.concepts
+        return [(text, guide) for concept, guide in zip(concepts, self.guide_for_each())
+                for text in [concept] + [t.format(concept=concept) for t in self.augment]]  # fmt: skip
+
+    def preserve_prompts(self) -> list[str]:
+        """The empty prompt (with `prepend_empty`), `preserve`, then with `catalog` `preserve_template` for every
+        theme x object of the catalog except the erased themes and the erased objects, in label order:
+        UnlearnCanvas's `retain_texts`."""
+        prompts = ([""] if self.prepend_empty else []) + list(self.preserve)
+        if self.catalog is None:
+            return prompts
+        cat, erased = catalogs.get(self.catalog), set(self.catalog_names())
+        for theme in cat.themes:
+            if theme in erased:
+                continue
+            spelled = "Photo" if theme == cat.photo else theme
+            words = catalogs.style_words(theme, cat.photo)
+            prompts += [self.preserve_template.format(object=o, theme=spelled, style=words)
+                        for o in cat.objects if o not in erased]  # fmt: skip
+        return prompts
+
     def effective_preserve_scale(self) -> float:
         if self.preserve_scale is None:
-            return max(0.1, 1.0 / len(self.preserve))
+            return max(0.1, 1.0 / len(self.preserve_prompts()))
         return float(self.preserve_scale)
+
+
+def _key(text: str) -> str:
+    """A catalog name or prompt words, compared: any case, `_` as a space, no full stop."""
+    return " ".join(text.replace("_", " ").lower().rstrip(". ").split())
+
+
+def _check_template(name: str, template: str, allowed: set[str], required: str | None = None) -> None:
+    """ValueError unless `template` formats with the `allowed` fields only (and holds `required`)."""
+    spelled = ", ".join("{" + k + "}" for k in sorted(allowed))
+    try:
+        template.format(**{k: "x" for k in allowed})
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"{name} {template!r} may only use the fields {spelled}") from None
+    if required and "{" + required + "}" not in template:
+        raise ValueError(f"{name} {template!r} must contain {{{required}}}")
 
 
 @dataclass
@@ -209,7 +309,7 @@ def _collect(pipe, config: UCEConfig, on_erase, on_preserve) -> None:
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
     through_eos = config.token_choice == "through_eos"
     step = config.encode_batch
-    pairs = list(zip(config.concepts, config.guide_for_each()))
+    pairs = config.erase_pairs()
     for start in range(0, len(pairs), step):
         chunk = pairs[start : start + step]
         concepts, guides = [c for c, _ in chunk], [g for _, g in chunk]
@@ -221,8 +321,9 @@ def _collect(pipe, config: UCEConfig, on_erase, on_preserve) -> None:
         _check_tokens(tokenizer, guides, last[rows_g], [lengths[i] for i in rows_g], "guide", need_word=False)
         emb = _encode(encoder, ids)  # one encoder call for the batch's concepts and guides
         on_erase(*_aligned_spans(emb[rows_c], last[rows_c], emb[rows_g], last[rows_g], through_eos))
-    for start in range(0, len(config.preserve), step):
-        prompts = config.preserve[start : start + step]
+    preserve = config.preserve_prompts()
+    for start in range(0, len(preserve), step):
+        prompts = preserve[start : start + step]
         ids, last, lengths = _tokenize(tokenizer, prompts)
         _check_tokens(tokenizer, prompts, last, lengths, "preserve concept", need_word=not through_eos)
         emb = _encode(encoder, ids)

@@ -160,7 +160,13 @@ def test_params_may_narrow_the_edit_to_some_layers():
         ({"concepts": []}, "concepts must be"),
         ({"concepts": ["   "]}, "concepts must be"),
         ({"concepts": ["dog", "cat"], "guides": ["a", "b", "c"]}, "one per concept"),
-        ({"concepts": ["dog"], "preserve_scale": None}, "non-empty preserve list"),
+        ({"concepts": ["dog"], "preserve_scale": None}, "needs preserved prompts"),
+        ({"concepts": ["dog"], "augment": ["art by"]}, "must contain"),
+        ({"concepts": ["dog"], "augment": ["{concept} by {artist}"]}, "may only use the fields"),
+        ({"concepts": ["dog"], "preserve_template": "A {obj} image"}, "may only use the fields"),
+        ({"concepts": ["dog"], "prepend_empty": True}, "needs token_choice 'through_eos'"),
+        ({"concepts": ["dog"], "catalog": "nope"}, "unknown catalog 'nope'"),
+        ({"concepts": ["Van Gogh painting"], "catalog": "unlearncanvas-50"}, "not a theme or object of catalog"),
         ({"concepts": ["dog"], "lam": -1.0}, "lam must be"),
         ({"concepts": ["dog"], "erase_scale": float("nan")}, "erase_scale must be"),
         ({"concepts": ["dog"], "token_choice": "eos"}, "token_choice"),
@@ -193,3 +199,109 @@ def test_empty_preserve_prompt_is_allowed_with_through_eos():
     result = erase.run(pipe, erase.make_config("uce", concepts=["dog"], preserve=[""], token_choice="through_eos"),
                        progress=False)  # fmt: skip
     assert result.delta.tensors and result.record["losses"] == []
+
+
+# The authors' values, read from their code (README commands and train_erase.py of UnlearnCanvas's
+# mu_unified_concept_editing_uce; the older official train-scripts/train_erase.py).
+RECIPES = {
+    "original-code": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": None, "token_choice": "through_eos",
+                      "prepend_empty": True, "augment": [], "catalog": None},
+    "unlearncanvas-style": {"lam": 1.0, "erase_scale": 0.05, "preserve_scale": None,
+                            "guides": ["An image in Photo style"], "token_choice": "through_eos",
+                            "prepend_empty": True, "catalog": "unlearncanvas-50",
+                            "augment": ["image in {concept} Style", "art by {concept}", "artwork by {concept}",
+                                        "picture by {concept}", "style of {concept}"]},
+    "unlearncanvas-object": {"lam": 10.0, "erase_scale": 0.01, "preserve_scale": None,
+                             "guides": ["A Elephant image"], "token_choice": "through_eos",
+                             "prepend_empty": True, "catalog": "unlearncanvas-50",
+                             "augment": ["image of {concept}", "photo of {concept}", "portrait of {concept}",
+                                         "picture of {concept}", "painting of {concept}"]},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", list(RECIPES))
+def test_presets_are_the_recipes_they_are_named_after(preset):
+    config = erase.make_config("uce", preset=preset, concepts=["Van_Gogh"])
+    for name, value in RECIPES[preset].items():
+        assert getattr(config, name) == value, name
+    assert config.parameter_set() == "kv"  # both codes edit to_k and to_v (with_to_k=True)
+
+
+def their_retain_texts(styles, objects, target: str) -> list[str]:
+    """UnlearnCanvas's preserve list, written as their script builds it: "" then, over the themes (the styles and
+    Seed_Images, alphabetical) but the target, "Seed_Images" read as Photo, every object but the target."""
+    texts = [""]
+    for theme in sorted([*styles, "Seed_Images"]):
+        if theme == target:
+            continue
+        for obj in objects:
+            if obj != target:
+                texts.append(f"A {obj} image in {'Photo' if theme == 'Seed_Images' else theme} style")
+    return texts
+
+
+@pytest.mark.parametrize(("concept", "target", "count"), [("Van Gogh style", "Van_Gogh", 1001), ("cats", "Cats", 970)])
+def test_unlearncanvas_preserve_set_and_erased_prompts_are_theirs(concept, target, count):
+    from erase.catalog import UNLEARNCANVAS_50_STYLES, UNLEARNCANVAS_OBJECTS
+
+    style = target == "Van_Gogh"
+    config = erase.make_config("uce", preset=f"unlearncanvas-{'style' if style else 'object'}", concepts=[concept])
+    expected = their_retain_texts(UNLEARNCANVAS_50_STYLES, UNLEARNCANVAS_OBJECTS, target)
+    assert config.preserve_prompts() == expected and len(expected) == count
+    assert config.effective_preserve_scale() == max(0.1, 1 / count) == 0.1
+    templates = RECIPES[config.preset]["augment"]
+    guide = config.guides[0]
+    assert config.erase_pairs() == [(target, guide)] + [(t.replace("{concept}", target), guide) for t in templates]
+
+
+def test_original_code_always_preserves_the_empty_prompt_first():
+    config = erase.make_config("uce", preset="original-code", concepts=["van gogh"], preserve=["monet", "cat"])
+    assert config.preserve_prompts() == ["", "monet", "cat"]
+    assert config.effective_preserve_scale() == max(0.1, 1 / 3)
+    alone = erase.make_config("uce", preset="original-code", concepts=["van gogh"])  # retain = [''] alone
+    assert alone.preserve_prompts() == [""] and alone.effective_preserve_scale() == 1.0
+
+
+def toy_word_pipe():
+    """A tiny pipeline whose tokenizer knows the toy catalog's words (style names split at `_`) and the recipes'."""
+    from erase.catalog import TOY_OBJECTS, TOY_STYLES
+    from erase.testing import tiny_pipeline
+
+    words = {w.lower() for name in TOY_STYLES + TOY_OBJECTS for w in name.split("_")}
+    words |= {"a", "an", "image", "in", "style", "photo", "elephant", "art", "by", "artwork", "picture", "of",
+              "portrait", "painting"}  # fmt: skip
+    pipe = tiny_pipeline(0, words=tuple(sorted(words)))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("target", ["Pop_Art", "Cats"])
+def test_unlearncanvas_recipe_equals_their_closed_form_on_a_tiny_model(target):
+    """W* = (λW + η_e Σ W g cᵀ + η_p Σ W p pᵀ)(λI + η_e Σ c cᵀ + η_p Σ p pᵀ)⁻¹, built as their code builds it: one
+    (erased, guide) pair at a time with the older code's spans, every token of each preserved prompt."""
+    from erase.catalog import TOY_OBJECTS, TOY_STYLES
+
+    style = target == "Pop_Art"
+    kind = "style" if style else "object"
+    pipe = toy_word_pipe()
+    before = kv_weights(pipe)
+    config = erase.make_config("uce", preset=f"unlearncanvas-{kind}", catalog="toy",
+                               concepts=["Pop Art style" if style else "Cats"])  # fmt: skip
+    erase.run(pipe, config, progress=False)
+    after = kv_weights(pipe)
+
+    lam, eta_e, guide = (1.0, 0.05, "An image in Photo style") if style else (10.0, 0.01, "A Elephant image")
+    templates = RECIPES[f"unlearncanvas-{kind}"]["augment"]
+    erased_texts = [target] + [t.replace("{concept}", target) for t in templates]
+    retain = their_retain_texts(TOY_STYLES, TOY_OBJECTS, target)
+    eta_p = max(0.1, 1 / len(retain))
+    erased, guides, kept = reference_vectors(pipe, erased_texts, [guide] * len(erased_texts), retain, "through_eos")
+    assert kept.shape[0] == len(retain) * pipe.tokenizer.model_max_length
+    for name, weight in before.items():
+        w = weight.double()
+        mat1 = lam * w + eta_e * (guides @ w.T).T @ erased + eta_p * (kept @ w.T).T @ kept
+        mat2 = lam * torch.eye(w.shape[1], dtype=torch.float64) + eta_e * erased.T @ erased + eta_p * kept.T @ kept
+        expected = mat1 @ torch.linalg.inv(mat2)
+        change, expected_change = after[name].double() - w, expected - w
+        assert expected_change.norm() > 1e-4 * w.norm(), name  # the edit is not trivially small
+        assert (change - expected_change).norm() / expected_change.norm() < 1e-3, name
