@@ -50,9 +50,19 @@ def concept_inputs(cat: Catalog, target: str, data_root: Path | None, given: Map
     return {"concepts": [concept_text(cat, target)]}
 
 
+def _is_unlearncanvas(cat: Catalog) -> bool:
+    """Whether `cat` is the real benchmark, whose methods follow UnlearnCanvas's released recipes (the toy keeps the
+    inputs its presets were measured with)."""
+    return cat.name.startswith("unlearncanvas")
+
+
 def fmn_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
-    """FMN: the target's words inside every benchmark prompt, and its reference images (split role fmn_reference)."""
-    if cat.is_style(target):
+    """FMN: the target's words, its reference images (split role fmn_reference) and prompts: on UnlearnCanvas its
+    train_attn.py's one prompt ("an image in {c} Style" / "a {c} image"), on the toy every benchmark prompt."""
+    style = cat.is_style(target)
+    if _is_unlearncanvas(cat):
+        prompts = ["an image in {concept} Style"] if style else ["a {concept} image"]
+    elif style:
         prompts = [cat.template.format(object=o, style="{concept}") for o in cat.objects]
     else:
         prompts = [cat.template.format(object="{concept}", style=style_words(t, cat.photo)) for t in cat.themes]
@@ -70,19 +80,31 @@ def ca_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[
 
 
 def salun_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
-    """SalUn: forget/retain images of the split role forget_retain; the target relabelled as photo (a style) or as
-    the next object (an object)."""
+    """SalUn: forget images of the split role forget_retain (the target's), relabelled as photo (a style) or as the
+    next object (an object). Retain images: on UnlearnCanvas its recipe's (mu_saliency_unlearn_salun: the photo
+    class's images for a style, the next object's images for an object, each forget image's pseudo prompt the
+    matching retain prompt) and its mask prompt "An image in {target} Style."; on the toy every other image."""
     roles = splits.load()
     style = cat.is_style(target)
     forget = _items(cat, target, roles.forget_retain, forget=True)
-    retain = _items(cat, target, roles.forget_retain, forget=False)
     pseudo = [cat.prompt(cat.photo, o) if style else cat.prompt(t, _other_object(cat, o)) for t, o, _ in forget]
+    values: dict[str, Any] = {}
+    if _is_unlearncanvas(cat):
+        indices = roles.forget_retain
+        if style:  # in the forget images' order, so retain prompt k is forget image k's pseudo prompt
+            retain = [(cat.photo, o, i) for o in cat.objects for i in indices]
+        else:
+            retain = [(t, _other_object(cat, target), i) for t in cat.themes for i in indices]
+        values["mask_prompts"] = f"An image in {target} Style."  # generate_mask.py:143, the name as given
+    else:
+        retain = _items(cat, target, roles.forget_retain, forget=False)
     return {
         "forget_images": _files(data_root, forget),
         "forget_prompts": [cat.prompt(t, o) for t, o, _ in forget],
         "pseudo_prompts": pseudo,
         "retain_images": _files(data_root, retain),
         "retain_prompts": [cat.prompt(t, o) for t, o, _ in retain],
+        **values,
     }
 
 
