@@ -143,3 +143,18 @@ def test_bad_concepts_and_prompts_are_refused(tmp_path):
         erase.make_config("fmn", concepts=[], images=folder)
     with pytest.raises(ValueError, match="prompts must be"):
         erase.make_config("fmn", concepts=["cat"], images=folder, prompts=[])
+
+
+def test_bench_inputs_on_unlearncanvas_use_its_prompts(tmp_path):
+    """UnlearnCanvas mu_forget_me_not_fgm/train_attn.py:84-86 trains on one prompt per kind; the toy catalog keeps
+    every benchmark prompt (what its preset was measured with)."""
+    from canvas.method_inputs import method_inputs
+    from erase.catalog import get
+
+    cat = get("unlearncanvas-50")
+    assert method_inputs("fmn", cat, "Pop_Art", tmp_path)["prompts"] == ["an image in {concept} Style"]
+    cats = method_inputs("fmn", cat, "Cats", tmp_path)
+    assert cats["prompts"] == ["a {concept} image"] and cats["concepts"] == ["Cats"]
+    assert len(cats["images"]) == 51  # 1.jpg of Cats in every theme (create_data_samples_for_unlearning.py)
+    toy = get("toy")
+    assert len(method_inputs("fmn", toy, "Pop_Art", tmp_path)["prompts"]) == len(toy.objects)
