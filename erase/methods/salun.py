@@ -13,7 +13,7 @@
    relabelling loss; the target e(x_t, c') is the model being trained, detached, as in the public code (paper:
    "sg"). α `retain_weight`: 0.5 for classes, 0.1 for NSFW in the paper. `epochs`, when set, gives the number of
    steps: epochs · ceil(forget images / batch_size) (our loop draws samples at random, so an "epoch" is that many
-   samples, not one pass over each image).
+   samples, not one pass over each image); `steps`, when given, win (also over a preset's epochs).
 Weights outside the mask stay bit-identical: their gradients are exactly zero, so Adam without weight decay never
 moves them (its moments stay zero). Weight decay would move them, so it is refused; a final check restores and
 warns should any masked weight have moved anyway (e.g. a quantized optimizer).
@@ -45,6 +45,7 @@ from ..train import LossFn
 
 MASK_LOSSES = ("guided", "diffusion")
 MASK_SCOPES = ("unet", "params")
+DEFAULT_STEPS = 100
 
 
 @dataclass
@@ -96,8 +97,8 @@ class SalUnConfig(TrainingConfig):
         },
     }  # fmt: skip
 
-    steps: int = 100
-    epochs: int | None = None  # when set: steps = epochs · ceil(forget images / batch_size)
+    steps: int | None = None  # None: from `epochs` when set, else DEFAULT_STEPS; given steps win over epochs
+    epochs: int | None = None  # steps = epochs · ceil(forget images / batch_size)
     lr: float = 1e-5
     batch_size: int = 8
     forget_images: str | list[str] | None = None  # folder(s) or files
@@ -114,6 +115,13 @@ class SalUnConfig(TrainingConfig):
     mask_prompts: str | list[str] | None = None  # c_f of the mask loss; None: the forget prompts
 
     def __post_init__(self) -> None:
+        if self.epochs is not None and (not isinstance(self.epochs, int) or isinstance(self.epochs, bool)
+                                        or self.epochs < 1):  # fmt: skip
+            raise ValueError(f"epochs must be a positive integer or None, got {self.epochs!r}")
+        if self.steps is None:
+            self.steps = DEFAULT_STEPS  # replaced below when epochs are set
+        else:
+            self.epochs = None  # steps given (by you or over a preset's epochs): they decide
         super().__post_init__()
         if (
             isinstance(self.mask_fraction, bool) or not isinstance(self.mask_fraction, int | float)
@@ -149,14 +157,8 @@ class SalUnConfig(TrainingConfig):
             _prompts("retain_prompts", self.retain_prompts, _files("retain_images", self.retain_images))
 
     def _steps_of_epochs(self, count: int) -> int:
-        """epochs · ceil(count / batch_size); a `steps` given beside `epochs` (not the default) is an error."""
-        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
-            raise ValueError(f"epochs must be a positive integer or None, got {self.epochs!r}")
-        steps = self.epochs * math.ceil(count / self.batch_size)
-        if self.steps not in (steps, type(self).__dataclass_fields__["steps"].default):
-            raise ValueError(f"steps {self.steps} and epochs {self.epochs} ({steps} steps) both given: "
-                             "give one (set epochs=None to count in steps)")  # fmt: skip
-        return steps
+        """epochs · ceil(count / batch_size): the batches of `epochs` passes over `count` forget images."""
+        return self.epochs * math.ceil(count / self.batch_size)
 
 
 def _files(name: str, source) -> list[Path]:

@@ -240,12 +240,12 @@ def test_diffusion_mask_loss_is_the_toy_presets_and_differs_from_the_guided(imag
                                                              retain_weight=0.0).mask_loss == "guided"  # fmt: skip
 
 
-def test_epochs_give_the_steps_and_clash_with_given_steps(image_sets):
+def test_epochs_give_the_steps_unless_steps_are_given(image_sets):
     # 3 forget images: ceil(3 / 2) = 2 batches per epoch.
-    assert small_salun(image_sets, steps=100, epochs=3).steps == 6
-    assert small_salun(image_sets, steps=100, epochs=None).steps == 100
-    with pytest.raises(ValueError, match="steps 7 and epochs 3 .6 steps. both given"):
-        small_salun(image_sets, steps=7, epochs=3)
+    assert small_salun(image_sets, steps=None, epochs=3).steps == 6
+    assert small_salun(image_sets, steps=None, epochs=None).steps == salun.DEFAULT_STEPS
+    given = small_salun(image_sets, steps=7, epochs=3)  # given steps win, as a bench override over a preset
+    assert (given.steps, given.epochs) == (7, None)
     with pytest.raises(ValueError, match="epochs must be a positive integer or None, got 0"):
         small_salun(image_sets, epochs=0)
     with pytest.raises(ValueError, match="mask_loss 'ga' is not one of guided, diffusion"):
