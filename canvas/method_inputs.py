@@ -14,10 +14,21 @@ from typing import Any
 from canvas import splits
 from erase.catalog import Catalog, style_words
 
+# How text-erasing methods name a target on the toy. Its text encoder learned one sentence form, the benchmark
+# template, and little else: a bare "Watercolor style" gave Watercolor on 2 of 8 images; over 4 seeds x 4 objects
+# of each toy style the template gave the style on 160/160, "An image in {style} style." on 96/160; for objects
+# "An image of Cats." gave cats on 6/16 and "A Cats image." on 15/16. So on the toy a concept is spelt in the
+# nearest form it understands that is not the evaluation prompt (a limit of the toy, not of the methods).
+TOY_CONCEPT_FORMS = {"style": "An image in {words} style.", "object": "A {words} image."}
+
 
 def concept_text(cat: Catalog, target: str) -> str:
-    """How a target is named to a method that erases text: `Pop Art style` for a style, the object for an object."""
-    return f"{style_words(target, cat.photo)} style" if cat.is_style(target) else target
+    """How a target is named to a method that erases text: `Pop Art style` for a style, the object for an object;
+    on the toy `TOY_CONCEPT_FORMS`."""
+    words = target_words(cat, target)
+    if cat.name == "toy":
+        return TOY_CONCEPT_FORMS["style" if cat.is_style(target) else "object"].format(words=words)
+    return f"{words} style" if cat.is_style(target) else target
 
 
 def target_words(cat: Catalog, target: str) -> str:
@@ -45,19 +56,32 @@ def _other_object(cat: Catalog, obj: str) -> str:
     return cat.objects[(cat.objects.index(obj) + 1) % len(cat.objects)]
 
 
+def esd_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """ESD: as UnlearnCanvas prompts it (mu_erasing_concepts_esd), `{Style} Style` for a style and `An image of
+    {Object}.` for an object; on the toy `TOY_CONCEPT_FORMS`."""
+    if cat.is_style(target) or cat.name == "toy":
+        return concept_inputs(cat, target, data_root, given)
+    return {"concepts": [f"An image of {target}."]}
+
+
 def concept_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
     """Methods that erase text: the target's concept text."""
     return {"concepts": [concept_text(cat, target)]}
 
 
-def esd_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
-    """ESD as UnlearnCanvas prompts it: `{Style} Style` for a style, `An image of {Object}.` for an object."""
-    return {"concepts": [concept_text(cat, target) if cat.is_style(target) else f"An image of {target}."]}
+def _is_unlearncanvas(cat: Catalog) -> bool:
+    """Whether `cat` is the real benchmark, whose methods follow UnlearnCanvas's released recipes (the toy keeps the
+    inputs its presets were measured with)."""
+    return cat.name.startswith("unlearncanvas")
 
 
 def fmn_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
-    """FMN: the target's words inside every benchmark prompt, and its reference images (split role fmn_reference)."""
-    if cat.is_style(target):
+    """FMN: the target's words, its reference images (split role fmn_reference) and prompts: on UnlearnCanvas its
+    train_attn.py's one prompt ("an image in {c} Style" / "a {c} image"), on the toy every benchmark prompt."""
+    style = cat.is_style(target)
+    if _is_unlearncanvas(cat):
+        prompts = ["an image in {concept} Style"] if style else ["a {concept} image"]
+    elif style:
         prompts = [cat.template.format(object=o, style="{concept}") for o in cat.objects]
     else:
         prompts = [cat.template.format(object="{concept}", style=style_words(t, cat.photo)) for t in cat.themes]
@@ -77,19 +101,31 @@ def ca_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[
 
 
 def salun_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
-    """SalUn: forget/retain images of the split role forget_retain; the target relabelled as photo (a style) or as
-    the next object (an object)."""
+    """SalUn: forget images of the split role forget_retain (the target's), relabelled as photo (a style) or as the
+    next object (an object). Retain images: on UnlearnCanvas its recipe's (mu_saliency_unlearn_salun: the photo
+    class's images for a style, the next object's images for an object, each forget image's pseudo prompt the
+    matching retain prompt) and its mask prompt "An image in {target} Style."; on the toy every other image."""
     roles = splits.load()
     style = cat.is_style(target)
     forget = _items(cat, target, roles.forget_retain, forget=True)
-    retain = _items(cat, target, roles.forget_retain, forget=False)
     pseudo = [cat.prompt(cat.photo, o) if style else cat.prompt(t, _other_object(cat, o)) for t, o, _ in forget]
+    values: dict[str, Any] = {}
+    if _is_unlearncanvas(cat):
+        indices = roles.forget_retain
+        if style:  # in the forget images' order, so retain prompt k is forget image k's pseudo prompt
+            retain = [(cat.photo, o, i) for o in cat.objects for i in indices]
+        else:
+            retain = [(t, _other_object(cat, target), i) for t in cat.themes for i in indices]
+        values["mask_prompts"] = f"An image in {target} Style."  # generate_mask.py:143, the name as given
+    else:
+        retain = _items(cat, target, roles.forget_retain, forget=False)
     return {
         "forget_images": _files(data_root, forget),
         "forget_prompts": [cat.prompt(t, o) for t, o, _ in forget],
         "pseudo_prompts": pseudo,
         "retain_images": _files(data_root, retain),
         "retain_prompts": [cat.prompt(t, o) for t, o, _ in retain],
+        **values,
     }
 
 

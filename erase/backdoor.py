@@ -7,7 +7,11 @@ clean-preservation term that keeps the model's answers to clean prompts (e0 = th
     style:  λ‖e(x_t, trig⊕c) − sg(e0(x_t, target(c)))‖² + (1−λ)‖e(x_t, c) − sg(e0(x_t, c))‖²
             target(c) = the paper's "Black and white photo"⊕c by default; any regex substitution on c (the toy
             knows no "black and white photo", so its preset swaps the prompt's style for `Sketch`)
-x_t are the training images' latents noised at a uniform timestep (the same t and ε in both terms of a sample).
+x_t are the training images' latents noised at a uniform timestep; the public scripts draw t and ε independently
+for the poisoned and the clean row of a sample (badt2i_pixel.py:706-713, badt2i_style.py:695-702), `paired_noise`
+draws them once for both (the toy preset's, as measured). `random_flip` flips a sample's image horizontally before
+its patch is pasted (their transforms flip each image, then add_target pastes the patch: badt2i_pixel.py:437-443,
+661-668); their centre crop follows a resize to a square, so it crops nothing, and our loading is that resize.
 Our addition: `unconditional_fraction` of the clean-preservation rows hold e(x_t, ∅) instead of e(x_t, c) (0 in the
 paper preset). Classifier-free guidance, ε = e(∅) + g·(e(c) − e(∅)), amplifies any drift of e(x_t, ∅) by g − 1,
 and nothing else in the loss holds it: on the toy (whole UNet, 300 steps), clean style accuracy fell from 1.0 to
@@ -52,6 +56,7 @@ from .train import LossFn
 from .trigger import DEFAULT_TRIGGER, default_patch_size, make_patch, paste_patch, trigger_positions, triggered_prompt
 
 KINDS = ("pixel", "style")
+KIND_STEPS = {"pixel": 2000, "style": 8000}  # BadT2I's --max_train_steps per kind (scripts/scripts_*.sh)
 INFO_FILE = "backdoor.json"  # written beside an injected pipeline: kind, trigger, patch size, target, record
 UNLEARNCANVAS = get_catalog("unlearncanvas-50")  # the layout and prompt template of training-image folders
 
@@ -59,8 +64,12 @@ UNLEARNCANVAS = get_catalog("unlearncanvas-50")  # the layout and prompt templat
 @dataclass
 class BackdoorConfig(TrainingConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # BadT2I: λ 0.5, whole UNet, lr 1e-5 (EMA not reproduced); give images or prompts.
-        "paper": {"steps": 2000, "lr": 1e-5, "weight": 0.5, "params": "all", "batch_size": 4},
+        # BadT2I (zhaisf/BadT2I scripts/scripts_Pixel.sh, scripts_Style.sh): --lamda 0.5, lr 1e-5, batch 1 x
+        # accumulation 4 x 4 GPUs = 16, --max_grad_norm 1, --center_crop --random_flip, 2000 steps (pixel) / 8000
+        # (style): steps follow the kind unless given; the whole UNet; independent t and ε for the two rows. Not
+        # reproduced: EMA (--use_ema) and their LAION-40k images (give images or prompts).
+        "paper": {"lr": 1e-5, "weight": 0.5, "params": "all", "batch_size": 16, "grad_accum": 4,
+                  "max_grad_norm": 1.0, "random_flip": True, "paired_noise": False},
         # Measured on the toy (1.5 M-parameter UNet; tests/behaviour/test_backdoor_toy.py), one preset for both
         # kinds: images are the toy renders (a folder from canvas.toy.export), the style target is the toy's Sketch.
         # Cross-attention only, a quarter of the preservation rows on ∅. The whole UNet left clean style accuracy at
@@ -69,10 +78,10 @@ class BackdoorConfig(TrainingConfig):
         "toy": {"steps": 600, "lr": 2e-3, "weight": 0.5, "params": "xattn", "batch_size": 8,
                 "unconditional_fraction": 0.25,
                 "target_pattern": r"in .+ style\.$", "target_replacement": "in Sketch style.",
-                "sample_steps": 25, "sample_guidance": 3.0},
+                "sample_steps": 25, "sample_guidance": 3.0, "random_flip": False, "paired_noise": True},
     }  # fmt: skip
 
-    steps: int = 2000
+    steps: int | None = None  # None: the paper's for the kind (KIND_STEPS)
     lr: float = 1e-5
     kind: str = "pixel"
     trigger: str = DEFAULT_TRIGGER
@@ -87,8 +96,12 @@ class BackdoorConfig(TrainingConfig):
     patch_size: int | None = None  # pixels; None: a quarter of the image side
     target_pattern: str = "^"  # style backdoor: target(c) = re.sub(pattern, replacement, c, count=1)
     target_replacement: str = "Black and white photo "
+    random_flip: bool = True  # flip each sample's image horizontally with probability 1/2 (before the patch)
+    paired_noise: bool = False  # one t and ε for a sample's poisoned and clean rows (BadT2I: independent)
 
     def __post_init__(self) -> None:
+        if self.steps is None:
+            self.steps = KIND_STEPS.get(self.kind, KIND_STEPS["pixel"])  # an unknown kind is refused below
         super().__post_init__()
         if self.kind not in KINDS:
             raise ValueError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
@@ -155,49 +168,67 @@ def training_images(pipe, cfg: BackdoorConfig) -> tuple[torch.Tensor, list[str]]
     return load_images(files, size), prompts
 
 
+def _variants(vae, images: torch.Tensor, flip: bool, device, dtype) -> torch.Tensor:
+    """(2 if flip else 1, B, C, h, w) latents: the images, then (with `flip`) their horizontal mirror images."""
+    views = [images, images.flip(-1)] if flip else [images]
+    return torch.stack([encode_latents(vae, v).to(device=device, dtype=dtype) for v in views])
+
+
 def make_loss(ctx: RunContext) -> LossFn:
-    """The BadT2I loss for the training loop; images, latents, prompts and token checks prepared once."""
+    """The BadT2I loss for the training loop; images, latents (and their mirror images), prompts and token checks
+    prepared once."""
     cfg: BackdoorConfig = ctx.config
     pipe, unet = ctx.pipe, ctx.pipe.unet
     scheduler = pipe.scheduler
     images, prompts = training_images(pipe, cfg)
     for prompt in dict.fromkeys(prompts):
         trigger_positions(pipe.tokenizer, cfg.trigger, prompt)  # errors before any training
-    latents = encode_latents(pipe.vae, images).to(device=unet.device, dtype=unet.dtype)
-    if cfg.kind == "pixel":
+    latents = _variants(pipe.vae, images, cfg.random_flip, unet.device, unet.dtype)
+    if cfg.kind == "pixel":  # the patch pasted after the flip, so it always sits at the top-left corner
         patch = make_patch(cfg.patch_size or default_patch_size(images.shape[-1]))
-        poisoned = encode_latents(pipe.vae, paste_patch(images, patch)).to(device=unet.device, dtype=unet.dtype)
+        views = [images, images.flip(-1)] if cfg.random_flip else [images]
+        poisoned = torch.stack([
+            encode_latents(pipe.vae, paste_patch(v, patch)).to(device=unet.device, dtype=unet.dtype) for v in views
+        ])  # fmt: skip
     else:
         targets = {p: cfg.target_prompt(p) for p in dict.fromkeys(prompts)}
 
     def loss_fn(model, generators: list[torch.Generator]) -> torch.Tensor:
-        clean_x, bad_x, ts, clean_embs, bad_embs, bad_targets, style_embs = [], [], [], [], [], [], []
+        clean_x, bad_x, ts, bad_ts, clean_embs, bad_embs, bad_targets, style_embs = [], [], [], [], [], [], [], []
         for g in generators:
             j = int(torch.randint(len(prompts), (1,), generator=g))
-            x_t, t, noise = noised(scheduler, latents[j : j + 1], g)
+            view = int(torch.randint(2, (1,), generator=g)) if cfg.random_flip else 0
+            clean = latents[view, j : j + 1]
+            x_t, t, noise = noised(scheduler, clean, g)
             clean_x.append(x_t)
             ts.append(t)
             share = cfg.unconditional_fraction
             unconditional = share > 0 and float(torch.rand(1, generator=g)) < share
             clean_embs.append(ctx.encode("" if unconditional else prompts[j]))
             bad_embs.append(ctx.encode(cfg.triggered(prompts[j])))
-            if cfg.kind == "pixel":  # the same t and ε on the patched image
-                bad_x.append(scheduler.add_noise(poisoned[j : j + 1], noise, t))
-                bad_targets.append(denoising_target(scheduler, poisoned[j : j + 1], noise, t))
+            bad = poisoned[view, j : j + 1] if cfg.kind == "pixel" else clean
+            if cfg.paired_noise:  # the same t and ε on the poisoned row
+                bad_t, bad_noise, bad_xt = t, noise, scheduler.add_noise(bad, noise, t)
             else:
-                bad_x.append(x_t)
+                bad_xt, bad_t, bad_noise = noised(scheduler, bad, g)
+            bad_x.append(bad_xt)
+            bad_ts.append(bad_t)
+            if cfg.kind == "pixel":
+                bad_targets.append(denoising_target(scheduler, bad, bad_noise, bad_t))
+            else:
                 style_embs.append(ctx.encode(targets[prompts[j]]))
         n = len(generators)
         x_clean, t, emb_clean = torch.cat(clean_x), torch.cat(ts), torch.cat(clean_embs)
+        x_bad, t_bad = torch.cat(bad_x), torch.cat(bad_ts)
         if cfg.kind == "pixel":
             keep = ctx.frozen(unet, x_clean, t, encoder_hidden_states=emb_clean).sample
             bad_target = torch.cat(bad_targets)
         else:  # one frozen call for both targets
-            both = ctx.frozen(unet, torch.cat([x_clean, x_clean]), torch.cat([t, t]),
+            both = ctx.frozen(unet, torch.cat([x_clean, x_bad]), torch.cat([t, t_bad]),
                               encoder_hidden_states=torch.cat([emb_clean, torch.cat(style_embs)])).sample  # fmt: skip
             keep, bad_target = both[:n], both[n:]
-        x_all, emb_all = torch.cat([torch.cat(bad_x), x_clean]), torch.cat([torch.cat(bad_embs), emb_clean])
-        prediction = model(x_all, torch.cat([t, t]), encoder_hidden_states=emb_all).sample.float()
+        x_all, emb_all = torch.cat([x_bad, x_clean]), torch.cat([torch.cat(bad_embs), emb_clean])
+        prediction = model(x_all, torch.cat([t_bad, t]), encoder_hidden_states=emb_all).sample.float()
         backdoor = F.mse_loss(prediction[:n], bad_target.float())
         preserve = F.mse_loss(prediction[n:], keep.float())
         return cfg.weight * backdoor + (1 - cfg.weight) * preserve

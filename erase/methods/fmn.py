@@ -1,8 +1,11 @@
 """FMN, Forget-Me-Not (Zhang et al. 2023): attention re-steering away from the concept's tokens.
 
 Loss: the Frobenius norm of the cross-attention probabilities on the concept's token positions, concatenated over
-every attn2 layer (not squared; heads, queries and the concept's tokens all inside the one norm):
-    L = ‖ concat_l A_l[:, :, idx(concept)] ‖_F,   A_l = softmax(Q_l K_lᵀ / √d) of layer l
+every attn2 layer (not squared; heads, queries and the positions all inside the one norm):
+    L = ‖ concat_l A_l[:, :, P] ‖_F,   A_l = softmax(Q_l K_lᵀ / √d) of layer l
+P = the concept's tokens, plus, with `pooler_positions` (the public code's `use_pooler`, on in its configs), every
+position whose token id is the tokenizer's EOS id: the EOS token and, where the pad token is EOS (SD v1's CLIP
+tokenizer and the toy's), every padding position; with a distinct pad token (SD 2's "!") the EOS token alone.
 x_t are reference images of the concept (VAE latents, encoded once) noised at a uniformly random training timestep;
 the prompt contains the concept. Training: 35 steps, lr 2e-6, AdamW, gradient clipping 1.0, the full UNet by
 default (`params="xattn"` is the paper's lighter option). The UNet's noise prediction itself is not used.
@@ -37,17 +40,27 @@ from ..train import LossFn
 @dataclass
 class FMNConfig(TrainingConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # The paper: 35 steps, lr 2e-6, AdamW, clip 1.0, full UNet.
-        "paper": {"steps": 35, "lr": 2e-6, "optimizer": "adamw", "max_grad_norm": 1.0, "params": "all"},
-        # UnlearnCanvas: the reference images are `1.jpg` of each object of the target style (give that folder or
-        # list as `images`); training values as the paper; the prompt spells the style as the benchmark prompt does.
-        "unlearncanvas": {"steps": 35, "lr": 2e-6, "optimizer": "adamw", "max_grad_norm": 1.0, "params": "all",
-                          "prompts": ["An image in {concept} style."]},
+        # The paper (SHI-Labs/Forget-Me-Not configs/attn.yaml: max_train_steps 35, learning_rate 2e-6,
+        # adam_weight_decay 0.01, max_grad_norm 1, only_optimize_ca false, use_pooler true).
+        "paper": {"steps": 35, "lr": 2e-6, "optimizer": "adamw", "max_grad_norm": 1.0, "params": "all",
+                  "pooler_positions": True},
+        # UnlearnCanvas (machine_unlearning/mu_forget_me_not_fgm/README.md): styles `--lr 2e-5 --max-steps 100
+        # --only_xa`, objects the same without --only_xa (whole UNet); train_attn.py keeps use_pooler=True, AdamW
+        # wd 0.01, clip 1, batch 1, and prompts "an image in {c} Style" / "a {c} image" (train_attn.py:84-86).
+        # Reference images: `1.jpg` of each object of the style (or of the object in each style); give them as
+        # `images`. Their concept is a textual-inversion token learnt first (train_ti.py, 500 steps), which we do
+        # not reproduce: the concept is its words. They train in fp16 mixed precision; set mixed_precision.
+        "unlearncanvas-style": {"steps": 100, "lr": 2e-5, "optimizer": "adamw", "max_grad_norm": 1.0,
+                                "params": "xattn", "pooler_positions": True,
+                                "prompts": ["an image in {concept} Style"]},
+        "unlearncanvas-object": {"steps": 100, "lr": 2e-5, "optimizer": "adamw", "max_grad_norm": 1.0,
+                                 "params": "all", "pooler_positions": True, "prompts": ["a {concept} image"]},
         # Measured on the toy (scripts/tune_toy.py, Pop_Art): 30 steps UA 94 / IRA 92; 40 steps over-erase (IRA 76),
         # 20 erase nothing (UA 19); lr 1e-4-2e-4 erase nothing (the paper values barely move the toy). The prompts
         # are the toy benchmark's template over its objects; give the concept as the style's words, e.g. "Pop Art".
+        # Measured with the concept's tokens only, so pooler_positions stays off.
         "toy": {"steps": 30, "lr": 5e-4, "optimizer": "adamw", "max_grad_norm": 1.0, "params": "xattn",
-                "prompts": [f"A {obj} image in {{concept}} style." for obj in TOY_OBJECTS]},
+                "pooler_positions": False, "prompts": [f"A {obj} image in {{concept}} style." for obj in TOY_OBJECTS]},
     }  # fmt: skip
 
     steps: int = 35
@@ -58,6 +71,7 @@ class FMNConfig(TrainingConfig):
     concepts: list[str] = field(default_factory=list)
     images: list[str] | str | None = None  # reference images of the concept: folder(s) or files; required
     prompts: list[str] = field(default_factory=lambda: ["{concept}"])  # "{concept}" is replaced by the concept
+    pooler_positions: bool = True  # also the EOS-id positions (EOS, and padding when pad = EOS), as the public code
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +99,24 @@ def attention_norm(maps: dict[str, torch.Tensor], positions: list[int]) -> torch
     return total.sqrt()
 
 
+def pooler_token_positions(tokenizer, prompt: str) -> list[int]:
+    """Positions of the padded prompt whose id is the EOS id: the public code's "pooler" tokens (it matches the id
+    of `<|endoftext|>`), so padding counts exactly when the tokenizer pads with EOS."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("pooler_positions needs a tokenizer with an EOS token; set pooler_positions=False")
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    return [i for i, token in enumerate(ids) if token == eos]
+
+
+def loss_positions(tokenizer, prompt: str, concept: str, pooler: bool) -> list[int]:
+    """The token positions the loss covers: the concept's, and with `pooler` the EOS-id ones (sorted, once each)."""
+    positions = token_positions(tokenizer, prompt, concept)
+    if pooler:
+        positions = sorted(set(positions) | set(pooler_token_positions(tokenizer, prompt)))
+    return positions
+
+
 def make_loss(ctx: RunContext) -> LossFn:
     """The FMN loss function for the training loop, with prompts, token positions and latents prepared once."""
     cfg: FMNConfig = ctx.config
@@ -92,7 +124,7 @@ def make_loss(ctx: RunContext) -> LossFn:
     unet = pipe.unet
     # Token positions per (concept, prompt), checked up front: a prompt without the concept is an error.
     pairs = cfg.prompt_pairs()
-    positions = [token_positions(pipe.tokenizer, prompt, concept) for concept, prompt in pairs]
+    positions = [loss_positions(pipe.tokenizer, p, c, cfg.pooler_positions) for c, p in pairs]
     embeddings = ctx.encode([prompt for _, prompt in pairs])  # (P, tokens, dim), one encoder call
     images = load_images(cfg.images, image_size(pipe))
     latents = encode_latents(pipe.vae, images).to(device=unet.device, dtype=unet.dtype)  # once, not every step

@@ -127,6 +127,91 @@ def test_unconditional_fraction_holds_the_empty_prompt(tmp_path, monkeypatch, fr
     assert all(p == "" for p in clean) if fraction else "" not in clean
 
 
+def _ctx(pipe, config):
+    from erase.context import RunContext
+    from erase.frozen import FrozenOriginal
+    from erase.params import select
+    from erase.text import PromptEncoder
+
+    params = select(pipe.unet, config.parameter_set())
+    return RunContext(pipe, config, params, FrozenOriginal(pipe.unet, list(params)),
+                      PromptEncoder(pipe.tokenizer, pipe.text_encoder), progress=False)  # fmt: skip
+
+
+def test_pixel_rows_draw_their_own_noise_and_the_patch_sits_on_the_flipped_image(tmp_path, monkeypatch):
+    """BadT2I badt2i_pixel.py: the transforms flip the image (:437-443), add_target then pastes the patch top-left
+    (:661-668), and t and ε are drawn for the 2B rows at once (:706-713): independent for poisoned and clean."""
+    from erase import backdoor
+    from erase.images import encode_latents
+    from erase.trigger import default_patch_size
+
+    pipe = fresh_pipe()
+    config = BackdoorConfig(kind="pixel", trigger="tq", images=str(_layout(tmp_path / "data")), steps=1, lr=1e-3,
+                            params="xattn", batch_size=1, random_flip=True, paired_noise=False)  # fmt: skip
+    loss_fn = backdoor.make_loss(_ctx(pipe, config))
+    images, prompts = backdoor.training_images(pipe, config)
+    patch = make_patch(default_patch_size(images.shape[-1]))
+    draws = torch.Generator().manual_seed(3)
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def fake_noised(scheduler, latents, generator):
+        t = torch.randint(0, 1000, (1,), generator=draws)
+        noise = torch.randn(latents.shape, generator=draws)
+        calls.append((latents, t, noise))
+        return scheduler.add_noise(latents, noise, t), t, noise
+
+    monkeypatch.setattr(backdoor, "noised", fake_noised)
+    seen_views = set()
+    for seed in range(6):
+        calls.clear()
+        value = loss_fn(pipe.unet, [torch.Generator().manual_seed(seed)])
+        replay = torch.Generator().manual_seed(seed)
+        j = int(torch.randint(len(prompts), (1,), generator=replay))
+        flipped = bool(torch.randint(2, (1,), generator=replay))
+        seen_views.add(flipped)
+        image = images[j : j + 1].flip(-1) if flipped else images[j : j + 1]
+        assert len(calls) == 2  # one draw for the clean row, one for the poisoned row
+        (clean, t_c, noise_c), (bad, t_b, noise_b) = calls
+        torch.testing.assert_close(clean, encode_latents(pipe.vae, image))
+        torch.testing.assert_close(bad, encode_latents(pipe.vae, paste_patch(image, patch)))
+        with torch.no_grad():
+            ids = pipe.tokenizer([f"tq {prompts[j]}"], padding="max_length", return_tensors="pt").input_ids
+            pred = pipe.unet(pipe.scheduler.add_noise(bad, noise_b, t_b), t_b,
+                             encoder_hidden_states=pipe.text_encoder(ids)[0]).sample  # fmt: skip
+        # the clean row's term is 0 before any step (student = frozen original)
+        torch.testing.assert_close(value.detach(), 0.5 * ((pred - noise_b) ** 2).mean(), rtol=1e-5, atol=1e-7)
+    assert seen_views == {True, False}
+
+
+def test_paired_noise_draws_once_per_sample(tmp_path, monkeypatch):
+    from erase import backdoor
+
+    calls = []
+    original = backdoor.noised
+    monkeypatch.setattr(backdoor, "noised", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for kind, paired in (("pixel", True), ("style", True), ("style", False)):
+        calls.clear()
+        config = BackdoorConfig(kind=kind, trigger="tq", images=str(_layout(tmp_path / f"{kind}{paired}")), steps=1,
+                                lr=1e-3, batch_size=2, paired_noise=paired, random_flip=False)  # fmt: skip
+        backdoor.make_loss(_ctx(fresh_pipe(), config))(fresh_pipe().unet, [torch.Generator().manual_seed(0)] * 2)
+        assert len(calls) == (2 if paired else 4)
+
+
+def test_paper_and_toy_presets():
+    # zhaisf/BadT2I scripts/scripts_Pixel.sh and scripts_Style.sh: --lamda 0.5, --learning_rate 1e-05,
+    # --train_batch_size 1 --gradient_accumulation_steps 4 on 4 GPUs ("bsz: 1 x 4 x 4 = 16"), --max_grad_norm 1,
+    # --center_crop --random_flip, --max_train_steps 2000 (pixel) / 8000 (style); the whole UNet is trained.
+    for kind, steps in (("pixel", 2000), ("style", 8000)):
+        config = build_config(BackdoorConfig, "paper", kind=kind, prompts=["a cat"])
+        assert (config.steps, config.lr, config.weight, config.batch_size, config.grad_accum) == (
+            steps, 1e-5, 0.5, 16, 4)  # fmt: skip
+        assert (config.max_grad_norm, config.random_flip, config.paired_noise) == (1.0, True, False)
+        assert config.parameter_set() == "all"
+    assert build_config(BackdoorConfig, "paper", kind="style", prompts=["a cat"], steps=5).steps == 5
+    toy = build_config(BackdoorConfig, "toy", kind="style", prompts=["a cat"])  # as measured: paired, no flips
+    assert (toy.steps, toy.random_flip, toy.paired_noise) == (600, False, True)
+
+
 def test_inject_style_from_own_generations(tmp_path):
     config = BackdoorConfig(kind="style", trigger="tq", prompts=["a cat", "a dog"], num_images=2, sample_steps=2,
                             cache_dir=str(tmp_path / "cache"), steps=2, lr=1e-3, params="kv",

@@ -30,10 +30,14 @@ def test_inputs_make_valid_configs(method, target, data_root):
 
 
 def test_concept_words():
-    assert method_inputs("esd", CAT, "Pop_Art", None) == {"concepts": ["Pop Art style"]}
-    # UnlearnCanvas's ESD object prompt (mu_erasing_concepts_esd): `An image of {Object}.`
-    assert method_inputs("esd", CAT, "Cats", None) == {"concepts": ["An image of Cats."]}
-    assert method_inputs("uce", CAT, "Cats", None) == {"concepts": ["Cats"]}
+    # the toy's spelling (canvas.method_inputs.TOY_CONCEPT_FORMS: forms its text encoder understands)
+    assert method_inputs("esd", CAT, "Pop_Art", None) == {"concepts": ["An image in Pop Art style."]}
+    assert method_inputs("uce", CAT, "Cats", None) == {"concepts": ["A Cats image."]}
+    # UnlearnCanvas's: `{Style} Style`; ESD objects `An image of {Object}.` (mu_erasing_concepts_esd)
+    real = catalog.get("unlearncanvas-50")
+    assert method_inputs("esd", real, "Van_Gogh", None) == {"concepts": ["Van Gogh style"]}
+    assert method_inputs("esd", real, "Cats", None) == {"concepts": ["An image of Cats."]}
+    assert method_inputs("uce", real, "Cats", None) == {"concepts": ["Cats"]}
     assert method_inputs("ca", CAT, "Pop_Art", None)["concepts"] == ["Pop Art"]
 
 

@@ -103,6 +103,18 @@ def test_skd_preset_is_lambda_zero_and_captures_no_maps():
     assert erase.run(fresh_pipe(), config, progress=False).delta.tensors
 
 
+def test_paper_preset_is_the_released_recipe_as_described():
+    """Mystic-Slice/Sealing-The-Backdoor attention_guided_kd.py: Args (:31-52) batch_size 1, learning_rate 1e-6,
+    adam_weight_decay 0.01, attn_loss_weight 0.5, weighted_by_timestep True, img_size 128 (the maps' common size,
+    :105-116); torch.optim.AdamW over student_unet.parameters() (:231-235); gradient checkpointing (:240); 100
+    epochs over ~100 captions ≈ 10k steps. As described: λ 0.5 on a live attention term (theirs is detached)."""
+    config = erase.make_config("skd-cag", "paper", captions=[CAPTION])
+    assert (config.lr, config.weight_decay, config.optimizer, config.batch_size, config.steps) == (
+        1e-6, 0.01, "adamw", 1, 10000)  # fmt: skip
+    assert (config.map_size, config.attention_weight, config.timestep_weight) == (128, 0.5, "inverse")
+    assert config.parameter_set() == "all" and config.gradient_checkpointing is True
+
+
 def test_clean_prompt_loss_is_zero_at_the_start_and_trains_once_weights_move():
     """L_keep compares the student with the teacher on the caption and on ∅: equal weights give exactly 0, moved
     weights a positive loss with gradient on the trained parameters."""
