@@ -143,39 +143,6 @@ def ddim_level(scheduler: DDIMScheduler, steps_run: int) -> int:
 
 
 @torch.no_grad()
-def ddim_states(
-    noise_fn: NoiseFn,
-    scheduler: DDIMScheduler,
-    latents: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    guidance: float,
-    stop_index: int,
-    keep_all: bool = True,
-) -> list[tuple[torch.Tensor, int]]:
-    """Run DDIM (eta 0, classifier-free guidance) from noise `latents` for `stop_index` steps of `scheduler`'s
-    schedule (see `ddim_scheduler`); `stop_index` may be the number of steps (the whole run).
-
-    Returns (latents, the DDPM timestep they sit at, see `ddim_level`) after 0, 1, ..., `stop_index` steps, or with
-    `keep_all=False` only the last, so that one batched run can serve every step of its trajectories.
-    """
-    num_steps = len(scheduler.timesteps)
-    if not 0 <= stop_index <= num_steps:
-        raise ValueError(f"stop_index {stop_index} outside [0, {num_steps}]")
-    x = latents * scheduler.init_noise_sigma
-    batch = x.shape[0]
-    states = [(x, ddim_level(scheduler, 0))]
-    for k, t in enumerate(scheduler.timesteps[:stop_index]):
-        eps = guided_noise(noise_fn, x, t.expand(batch).to(x.device), cond, uncond, guidance)
-        x = scheduler.step(eps, t, x).prev_sample
-        state = (x, ddim_level(scheduler, k + 1))
-        if keep_all:
-            states.append(state)
-        else:
-            states = [state]
-    return states
-
-
 def ddim_partial(
     noise_fn: NoiseFn,
     scheduler: DDIMScheduler,
@@ -185,6 +152,18 @@ def ddim_partial(
     guidance: float,
     stop_index: int,
 ) -> tuple[torch.Tensor, int]:
-    """The last state of `ddim_states`: the latents after `stop_index` DDIM steps and the DDPM timestep they sit at
-    (`timesteps[stop_index]` of the DDIM schedule; 0 after the whole run)."""
-    return ddim_states(noise_fn, scheduler, latents, cond, uncond, guidance, stop_index, keep_all=False)[-1]
+    """Run DDIM (eta 0, classifier-free guidance) from noise `latents` for `stop_index` steps of `scheduler`'s
+    schedule (see `ddim_scheduler`); `stop_index` may be the number of steps (the whole run).
+
+    Returns the latents and the DDPM timestep they sit at (see `ddim_level`).
+    """
+    num_steps = len(scheduler.timesteps)
+    if not 0 <= stop_index <= num_steps:
+        raise ValueError(f"stop_index {stop_index} outside [0, {num_steps}]")
+    x = latents * scheduler.init_noise_sigma
+    batch = x.shape[0]
+    for t in scheduler.timesteps[:stop_index]:
+        t_batch = t.expand(batch).to(x.device)
+        eps = guided_noise(noise_fn, x, t_batch, cond, uncond, guidance)
+        x = scheduler.step(eps, t, x).prev_sample
+    return x, ddim_level(scheduler, stop_index)

@@ -21,7 +21,7 @@ from accelerate import PartialState
 from ..config import TrainingConfig, texts
 from ..context import RunContext
 from ..frozen import unwrap
-from ..sampling import ddim_partial, ddim_scheduler, ddim_states, randn, sample_seed
+from ..sampling import ddim_partial, ddim_scheduler, randn, sample_seed
 from ..train import LossFn
 
 SAMPLERS = ("frozen", "trained")
@@ -119,22 +119,25 @@ def draw_steps(cfg: ESDConfig, g: torch.Generator, train_steps: int) -> tuple[in
 
 @dataclass(frozen=True)
 class PoolState:
-    """One state of a pooled trajectory: x after `step` DDIM steps from `noise`, at DDPM timestep `t`."""
+    """One state of a pooled trajectory: x after `step` DDIM steps from `noise`, at DDPM timestep `t`, with the
+    frozen predictions its DDIM step computed, e0(x, ∅) and e0(x, prompt), which are also the target's."""
 
     x: torch.Tensor
     t: int
     step: int
     concept: int  # index into the config's concepts
     noise: torch.Tensor
+    e_empty: torch.Tensor
+    e_prompt: torch.Tensor  # the prompt x comes from: the concept, or erase_from
 
 
 class TrajectoryPool:
     """Frozen-model DDIM states handed out at random, each once; when empty, `refill(g)` runs a new batch.
 
     With the frozen sampler x_t does not depend on training, so one batched run of n trajectories serves
-    n·ddim_steps training samples instead of n. Refill r is seeded by (seed, process, r), so a run is deterministic;
-    a resumed run or one over several processes draws other (equally distributed) states than one uninterrupted
-    process, as the pool's position is not checkpointed.
+    n·ddim_steps training samples instead of n, and the target's frozen passes come with it. Refill r is seeded by
+    (seed, process, r), so a run is deterministic; a resumed run or one over several processes draws other (equally
+    distributed) states than one uninterrupted process, as the pool's position is not checkpointed.
     """
 
     def __init__(self, refill: Callable[[torch.Generator], list[PoolState]], seed: int, process: int = 0):
@@ -179,13 +182,20 @@ def make_pool(ctx: RunContext) -> TrajectoryPool | None:
     empty, frozen_noise = ctx.encode(""), frozen_noise_fn(ctx)
 
     def refill(g: torch.Generator) -> list[PoolState]:
+        """n trajectories to the last DDIM step, batched, keeping every state with its frozen predictions."""
         picks = torch.randint(len(cfg.concepts), (n,), generator=g).tolist()
         noise = randn((n, *latent_shape(unet)), g, unet.device, unet.dtype)
         prompts = torch.cat([sampling_prompt(ctx, i) for i in picks])
-        states = ddim_states(frozen_noise, scheduler, noise, prompts, empty.expand_as(prompts), cfg.start_guidance,
-                             cfg.ddim_steps - 1)  # fmt: skip
-        return [PoolState(x[b : b + 1], t, k, picks[b], noise[b : b + 1])
-                for k, (x, t) in enumerate(states) for b in range(n)]  # fmt: skip
+        embs = torch.cat([empty.expand_as(prompts), prompts])
+        x, states = noise * scheduler.init_noise_sigma, []
+        with torch.no_grad():
+            for k, t in enumerate(scheduler.timesteps):
+                e_empty, e_prompt = frozen_noise(torch.cat([x, x]), t.expand(2 * n).to(x.device), embs).chunk(2)
+                states += [PoolState(x[b : b + 1], int(t), k, picks[b], noise[b : b + 1], e_empty[b : b + 1],
+                                     e_prompt[b : b + 1]) for b in range(n)]  # fmt: skip
+                if k + 1 < cfg.ddim_steps:
+                    x = scheduler.step(e_empty + cfg.start_guidance * (e_prompt - e_empty), t, x).prev_sample
+        return states
 
     # One run over several processes: each its own pool, or they would all hand out the same states.
     process = 0 if ctx.local else ctx.accelerator.process_index if ctx.accelerator else PartialState().process_index
@@ -210,6 +220,9 @@ def make_loss(ctx: RunContext) -> LossFn:
         return concept if cfg.anchor == "concept" else None
 
     def loss_fn(model, generators: list[torch.Generator]) -> torch.Tensor:
+        if pool is not None:
+            return pooled_loss(model, [pool.take() for _ in generators])
+
         def trained_noise(x, t, emb):
             with torch.no_grad():
                 return unwrap(model)(x, t, encoder_hidden_states=emb).sample
@@ -217,24 +230,33 @@ def make_loss(ctx: RunContext) -> LossFn:
         sampler = frozen_noise if cfg.sample_with == "frozen" else trained_noise
         xs, ts, indices = [], [], []
         for g in generators:
-            if pool is not None:
-                state = pool.take()
-                x_t, t, index = state.x, state.t, state.concept
-            else:
-                index = int(torch.randint(len(cfg.concepts), (1,), generator=g))
-                steps, fed = draw_steps(cfg, g, train_steps)
-                noise = randn((1, *shape), g, device, dtype)
-                prompt = sampling_prompt(ctx, index)
-                x_t, t = ddim_partial(sampler, scheduler, noise, prompt, empty, cfg.start_guidance, steps)
-                t = t if fed is None else fed
+            index = int(torch.randint(len(cfg.concepts), (1,), generator=g))
+            steps, fed = draw_steps(cfg, g, train_steps)
+            noise = randn((1, *shape), g, device, dtype)
+            x_t, t = ddim_partial(sampler, scheduler, noise, sampling_prompt(ctx, index), empty, cfg.start_guidance,
+                                  steps)  # fmt: skip
             xs.append(x_t)
-            ts.append(t)
+            ts.append(t if fed is None else fed)
             indices.append(index)
         x_t, t = torch.cat(xs), torch.tensor(ts, device=device)
         concept = torch.cat([ctx.encode(cfg.concepts[i]) for i in indices])
         seen = torch.cat([sampling_prompt(ctx, i) for i in indices])
         target = esd_target(frozen_noise, x_t, t, concept, empty.expand_as(concept), cfg.negative_guidance,
                             anchor_of(concept, seen))  # fmt: skip
+        prediction = model(x_t, t, encoder_hidden_states=seen).sample
+        return F.mse_loss(prediction.float(), target.float())
+
+    def pooled_loss(model, states: list[PoolState]) -> torch.Tensor:
+        """The same loss on pooled states, whose e0(x, ∅) and e0(x, prompt) were computed with them."""
+        x_t, t = torch.cat([s.x for s in states]), torch.tensor([s.t for s in states], device=device)
+        e_empty, e_prompt = torch.cat([s.e_empty for s in states]), torch.cat([s.e_prompt for s in states])
+        seen = torch.cat([sampling_prompt(ctx, s.concept) for s in states])
+        if cfg.erase_from is not None:  # prompt = c_from: the concept's prediction is still needed
+            e_concept = frozen_noise(x_t, t, torch.cat([ctx.encode(cfg.concepts[s.concept]) for s in states]))
+            target = e_prompt - cfg.negative_guidance * (e_concept - e_empty)
+        else:
+            anchor = e_prompt if cfg.anchor == "concept" else e_empty
+            target = anchor - cfg.negative_guidance * (e_prompt - e_empty)
         prediction = model(x_t, t, encoder_hidden_states=seen).sample
         return F.mse_loss(prediction.float(), target.float())
 

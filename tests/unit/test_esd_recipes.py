@@ -244,10 +244,41 @@ def test_pool_hands_each_state_once_refills_and_matches_single_runs():
     assert not first & second and not torch.equal(taken[0].noise, taken[per_refill].noise)
     assert [s.step for s in taken[:per_refill]] != sorted(s.step for s in taken[:per_refill]), "random order"
     for s in taken:
-        states = reference_states(original, pipe, s.noise, embed(pipe, config.concepts[s.concept]), guidance, n)
-        x, level = states[s.step]
+        prompt = embed(pipe, config.concepts[s.concept])
+        x, level = reference_states(original, pipe, s.noise, prompt, guidance, n)[s.step]
         torch.testing.assert_close(s.x, x, rtol=0, atol=1e-4)
         assert s.t == level
+        with torch.no_grad():  # the frozen predictions kept with the state, for the target
+            tt = torch.tensor([s.t])
+            torch.testing.assert_close(s.e_empty, original(s.x, tt, encoder_hidden_states=embed(pipe, "")).sample)
+            torch.testing.assert_close(s.e_prompt, original(s.x, tt, encoder_hidden_states=prompt).sample)
+
+
+@pytest.mark.parametrize("values", [{}, {"anchor": "concept"}, {"erase_from": "painting"}])
+def test_pooled_loss_target_is_the_formula(values):
+    """The target built from the predictions kept with pooled states equals the formula's frozen passes."""
+    pipe = fresh_pipe()
+    original = copy.deepcopy(pipe.unet)
+    eta = 1.7
+    config = small_esd(ddim_steps=3, trajectory_pool=2, negative_guidance=eta, **values)  # concept "van gogh"
+    ctx = context(pipe, config)
+    perturb(pipe, config)
+    loss_fn, model = esd.make_loss(ctx), Recorder(pipe.unet)
+    source = embed(pipe, values.get("erase_from", "van gogh"))
+    for _ in range(4):  # 8 samples: a refill and a third
+        loss = loss_fn(model, generators(0, 1))
+        call = model.calls[-1]
+        x_t, t, pred = call["x"], call["t"], call["out"]
+        loss.backward()
+        ours = pred - pred.grad * pred.numel() / 2
+        torch.testing.assert_close(call["emb"], source.expand(2, -1, -1))
+        with torch.no_grad():
+            e = {k: original(x_t, t, encoder_hidden_states=embed(pipe, k).expand(2, -1, -1)).sample
+                 for k in ("", "van gogh", "painting")}  # fmt: skip
+        anchor = {"": e[""], "concept": e["van gogh"], "from": e["painting"]}
+        kind = "from" if "erase_from" in values else values.get("anchor", "")
+        expected = anchor[kind] - eta * (e["van gogh"] - e[""])
+        torch.testing.assert_close(ours.detach(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_pool_feeds_the_loss_and_is_seeded():
