@@ -135,6 +135,13 @@ def generate(
     return [image for batch in batches for image in batch]
 
 
+def ddim_level(scheduler: DDIMScheduler, steps_run: int) -> int:
+    """The DDPM timestep whose noise level DDIM latents sit at after `steps_run` steps of `scheduler`'s schedule:
+    `timesteps[steps_run]`, or 0 once every step has run (the schedule's clean end)."""
+    timesteps = scheduler.timesteps
+    return int(timesteps[steps_run]) if steps_run < len(timesteps) else 0
+
+
 @torch.no_grad()
 def ddim_partial(
     noise_fn: NoiseFn,
@@ -146,17 +153,17 @@ def ddim_partial(
     stop_index: int,
 ) -> tuple[torch.Tensor, int]:
     """Run DDIM (eta 0, classifier-free guidance) from noise `latents` for `stop_index` steps of `scheduler`'s
-    schedule (see `ddim_scheduler`).
+    schedule (see `ddim_scheduler`); `stop_index` may be the number of steps (the whole run).
 
-    Returns the latents and the DDPM timestep they sit at (`timesteps[stop_index]` of the DDIM schedule).
+    Returns the latents and the DDPM timestep they sit at (see `ddim_level`).
     """
     num_steps = len(scheduler.timesteps)
-    if not 0 <= stop_index < num_steps:
-        raise ValueError(f"stop_index {stop_index} outside [0, {num_steps})")
+    if not 0 <= stop_index <= num_steps:
+        raise ValueError(f"stop_index {stop_index} outside [0, {num_steps}]")
     x = latents * scheduler.init_noise_sigma
     batch = x.shape[0]
     for t in scheduler.timesteps[:stop_index]:
         t_batch = t.expand(batch).to(x.device)
         eps = guided_noise(noise_fn, x, t_batch, cond, uncond, guidance)
         x = scheduler.step(eps, t, x).prev_sample
-    return x, int(scheduler.timesteps[stop_index])
+    return x, ddim_level(scheduler, stop_index)

@@ -191,8 +191,8 @@ def test_bad_config_values_are_named(field, value, message):
 
 
 def test_presets_and_unknown_fields():
-    cfg = erase.make_config("esd", preset="fast", concepts=["x"])
-    assert (cfg.steps, cfg.lr, cfg.negative_guidance, cfg.preset) == (200, 5e-5, 2.0, "fast")
+    cfg = erase.make_config("esd", preset="diffusers-code", concepts=["x"])
+    assert (cfg.steps, cfg.lr, cfg.negative_guidance, cfg.preset) == (200, 5e-5, 2.0, "diffusers-code")
     with pytest.raises(ValueError, match="unknown preset"):
         erase.make_config("esd", preset="nope", concepts=["x"])
     with pytest.raises(ValueError, match="unknown config field"):
