@@ -204,7 +204,8 @@ def _load_state(model: nn.Module, state: dict, path: str | os.PathLike, variant:
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path} is not a {variant} Inception-v3 state dict: {str(err).splitlines()[0]}") from None
+        first = str(err).splitlines()[0]
+        raise ValueError(f"{path} is not an FID Inception-v3 state dict of variant {variant}: {first}") from None
 
 
 def unlearncanvas_resize(images: torch.Tensor) -> torch.Tensor:
