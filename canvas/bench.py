@@ -234,8 +234,11 @@ class Bench:
 
     def run(self) -> dict[str, Any] | None:
         """Validate everything that can be checked before the first job (the model loads, the classifiers match
-        the catalog, --data holds what the jobs read, the folder is this bench's), then run the jobs."""
+        the catalog, --data holds what the jobs read, the manifest splits the targets, the folder is this bench's),
+        then run the jobs."""
         with exclusive(self.out) if self.state.is_main_process else nullcontext():
+            for target in self.config.targets:  # a manifest without target splits fails here, not after the jobs
+                splits.target_split(self.catalog, target)
             self.base_fingerprint = fingerprint(self.load_base())
             self.judge = Judge(  # loaded once
                 self.catalog, self.config.classifiers, self.config.inception, self.config.inception_variant

@@ -2,6 +2,7 @@
 variant's validation; finished rows of older benches read under today's split and feature-space names."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -104,3 +105,13 @@ def test_rows_of_an_older_bench_get_their_split_and_todays_feature_space(tmp_pat
     path.write_text(json.dumps({"method": "esd", "target": "Cats", "fid_features": "toy-style-classifier-head-input"}))
     row = runner.stored_row(path, "Cats")
     assert row["split"] == "tuning" and row["fid_features"] == "toy-style-features"
+
+
+def test_a_manifest_without_target_splits_stops_the_bench_before_any_job(tmp_path, monkeypatch):
+    old = replace(splits.unlearncanvas_v1(), tuning_targets=None)
+    monkeypatch.setattr(splits, "load", lambda name=splits.DEFAULT_NAME: old)
+    monkeypatch.setattr(bench.Bench, "load_base", lambda self: pytest.fail("the model was loaded"))
+    runner = bench.Bench(bench.BenchConfig(methods=["esd"], targets=["Sketch"], out=str(tmp_path / "b")))
+    with pytest.raises(splits.SplitsError, match="predates tuning targets"):
+        runner.run()
+    assert not (tmp_path / "b" / "jobs").exists()
