@@ -20,10 +20,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import erase
-from canvas import answers, data, fid, grids, metrics, report, splits, toy, validation
+from canvas import answers, data, fid, grids, inception, metrics, report, splits, toy, validation
 from canvas import catalog as catalogs
 from canvas.catalog import Catalog
-from canvas.judge import Judge, feature_space, score
+from canvas.judge import Judge, current_feature_space, feature_space, score
 from canvas.method_inputs import method_inputs
 from erase import available_methods, get_method, make_config
 from erase.atomic import write_json
@@ -49,6 +49,7 @@ class BenchConfig:
     fid_excludes_target: bool = False
     classifiers: str | None = None  # folder of the style/object classifier checkpoints (toy: shipped)
     inception: str | None = None  # local FID Inception-v3 weights; default: classifier features (labelled)
+    inception_variant: str | None = None  # tf2015 (default with --inception) or torchvision (canvas.inception)
     batch_size: int = 32
     device: str = "cpu"
 
@@ -61,11 +62,15 @@ class BenchConfig:
         for method in self.methods:
             if method not in available_methods():
                 raise ValueError(f"unknown method {method!r}; accepted: {', '.join(available_methods())}")
-        if not self.targets:
-            raise ValueError("no targets given: name styles and/or objects of catalog " + cat.name)
-        for target in self.targets:
-            metrics.target_kind(cat, target)  # clear error for unknown targets or the photo class
+        if isinstance(self.targets, str) or not isinstance(self.targets, list):
+            raise ValueError(f"targets must be a list of names or keywords ({', '.join(TARGET_KEYWORDS)}), "
+                             f"got {self.targets!r}")  # fmt: skip
+        self.targets = resolve_targets(cat, self.targets)
         answers.preset(self.sampler)
+        if self.inception:
+            self.inception_variant = inception.check_variant(self.inception_variant or inception.DEFAULT_VARIANT)
+        elif self.inception_variant is not None:
+            raise ValueError(f"inception_variant {self.inception_variant!r} needs Inception weights (--inception FILE)")
         if not isinstance(self.seeds, list) or not self.seeds or not all(_is_int(s) for s in self.seeds):
             raise ValueError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
         if not _is_int(self.batch_size) or self.batch_size < 1:
@@ -83,6 +88,42 @@ class BenchConfig:
             raise ValueError(f"overrides must map each method to a mapping of config fields, got {self.overrides!r}")
 
 
+TARGET_KEYWORDS = ("styles", "objects", "all", "tuning", "held-out")
+
+
+def resolve_targets(catalog: Catalog, specs: list[str]) -> list[str]:
+    """Target names from names and keywords, in the order given, each target once: `styles` / `objects` (every
+    style / object of the catalog), `all` (both), `tuning` / `held-out` (the targets of that split in the splits
+    manifest). An entry may itself be a comma list, as in `--targets held-out,Cats`."""
+    words = [w.strip() for spec in specs for w in str(spec).split(",") if w.strip()]
+    if not words:
+        raise ValueError(f"no targets given: name styles and/or objects of catalog {catalog.name!r}, or use the "
+                         f"keywords {', '.join(TARGET_KEYWORDS)}")  # fmt: skip
+    resolved: list[str] = []
+    for word in words:
+        resolved.extend(_expand(catalog, word))
+    return list(dict.fromkeys(resolved))
+
+
+def _expand(catalog: Catalog, word: str) -> tuple[str, ...]:
+    """One word of `resolve_targets`: a keyword's targets, or a single target name."""
+    expansions = {
+        "styles": lambda: catalog.styles,
+        "objects": lambda: catalog.objects,
+        "all": lambda: (*catalog.styles, *catalog.objects),
+        "tuning": lambda: splits.tuning_targets(catalog),
+        "held-out": lambda: splits.held_out_targets(catalog),
+    }
+    if word in expansions:
+        return tuple(expansions[word]())
+    if catalog.is_style(word) or catalog.is_object(word):
+        return (word,)
+    hint = " (the photo class is not a benchmark style)" if word == catalog.photo else ""
+    names = ", ".join((*catalog.styles, *catalog.objects))
+    raise ValueError(f"unknown target {word!r}{hint}; accepted: the keywords {', '.join(TARGET_KEYWORDS)}, or a "
+                     f"style or object of catalog {catalog.name!r}: {names}")  # fmt: skip
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -97,7 +138,7 @@ def bench_identity(config: BenchConfig, base_fingerprint: str) -> dict[str, Any]
         "base_fingerprint": base_fingerprint, "catalog": config.catalog,
         "sampler": asdict(answers.preset(config.sampler)), "seeds": list(config.seeds), "data": config.data,
         "fid_excludes_target": config.fid_excludes_target, "classifiers": config.classifiers,
-        "inception": config.inception, "version": erase.__version__,
+        "inception": config.inception, "inception_variant": config.inception_variant, "version": erase.__version__,
     }  # fmt: skip
 
 
@@ -193,10 +234,15 @@ class Bench:
 
     def run(self) -> dict[str, Any] | None:
         """Validate everything that can be checked before the first job (the model loads, the classifiers match
-        the catalog, --data holds what the jobs read, the folder is this bench's), then run the jobs."""
+        the catalog, --data holds what the jobs read, the manifest splits the targets, the folder is this bench's),
+        then run the jobs."""
         with exclusive(self.out) if self.state.is_main_process else nullcontext():
+            for target in self.config.targets:  # a manifest without target splits fails here, not after the jobs
+                splits.target_split(self.catalog, target)
             self.base_fingerprint = fingerprint(self.load_base())
-            self.judge = Judge(self.catalog, self.config.classifiers, self.config.inception)  # loaded once
+            self.judge = Judge(  # loaded once
+                self.catalog, self.config.classifiers, self.config.inception, self.config.inception_variant
+            )
             if self.config.data:
                 self.dataset()
             answers.claim(self.out, bench_identity(self.config, self.base_fingerprint))
@@ -256,6 +302,7 @@ class Bench:
         row = report.target_row(
             method, result["scores"], result["FID"], metrics.efficiency(record), preset=config.get("preset"),
             steps=config.get("steps"), fid_features=judge.feature_space,
+            split=splits.target_split(self.catalog, target),
         )  # fmt: skip
         write_json(job / "metrics.json", row)
 
@@ -285,27 +332,37 @@ class Bench:
         canvas_image.save(path)
         return path
 
+    def stored_row(self, path: Path, target: str) -> dict[str, Any]:
+        """A finished job's row as the report reads it: its split from the manifest in use (rows written before
+        target splits have none) and its FID feature space under today's name."""
+        row = json.loads(path.read_text())
+        row["split"] = splits.target_split(self.catalog, target)
+        if "fid_features" in row:
+            row["fid_features"] = current_feature_space(row["fid_features"])
+        return row
+
     def write_report(self) -> dict[str, Any]:
         rows, failed = [], []
         for method, target in tqdm(self.jobs, desc="report", disable=not self.progress):
             job = self.job_dir(method, target)
             if (job / "metrics.json").is_file():
-                rows.append(json.loads((job / "metrics.json").read_text()))
+                rows.append(self.stored_row(job / "metrics.json", target))
                 self.grid(method, target)
             else:
                 error = job / "error.json"
                 failed.append(json.loads(error.read_text()) if error.is_file() else {"method": method,
                               "target": target, "error": "not finished"})  # fmt: skip
+        space = feature_space(self.catalog, self.config.inception, self.config.inception_variant)
         metadata = {
             "model": self.config.model, "catalog": self.catalog.name, "sampler": asdict(self.sampler),
-            "seeds": self.config.seeds, "fid_features": feature_space(self.catalog, self.config.inception),
+            "seeds": self.config.seeds, "fid_features": space, "splits": splits.load().name,
             "fid_excludes_target": self.config.fid_excludes_target,
             "failed": [{k: f[k] for k in ("method", "target", "error")} for f in failed],
         }  # fmt: skip
         if rows:
             report.write_report(self.out, rows, metadata, fid_features=metadata["fid_features"])
         else:
-            write_json(self.out / "report.json", {"rows": [], "table": [], **metadata})
+            write_json(self.out / "report.json", {"rows": [], "table": [], "spread": report.SPREAD, **metadata})
         return {"rows": rows, **metadata}
 
 

@@ -23,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="erase -> answer set -> metrics for methods x targets, resumable")
     bench.add_argument("--model", help="'toy' (default), a diffusers folder, or a checkpoint")
     bench.add_argument("--methods", help="comma-separated method names")
-    bench.add_argument("--targets", help="comma-separated styles and/or objects of the catalog")
+    bench.add_argument("--targets", help="comma-separated styles / objects of the catalog and keywords: styles, "
+                       "objects, all, tuning, held-out (the splits manifest's target splits), "
+                       "e.g. held-out,Cats")  # fmt: skip
     bench.add_argument("--out", help="output folder (rerun the same command to resume)")
     bench.add_argument("--config", help="YAML file with any of the bench fields (command-line values win)")
     bench.add_argument("--catalog", help="catalog name (default: toy for the toy model, else unlearncanvas-50)")
@@ -32,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--fid-excludes-target", action="store_true", help="leave the target out of both FID sets")
     bench.add_argument("--classifiers", help="folder of the style/object classifier checkpoints (<kind>.pth)")
     bench.add_argument("--inception", help="local FID Inception-v3 weights (default: the classifier's features)")
+    bench.add_argument("--inception-variant", choices=("tf2015", "torchvision"), help="which Inception the "
+                       "weights are: tf2015 (default; the FID port of TF's 2015 Inception, pt_inception-2015-12-05) "
+                       "or torchvision (UnlearnCanvas's FID: torchvision's ImageNet inception_v3; needs "
+                       "torchvision)")  # fmt: skip
     bench.add_argument("--batch-size", type=int, help="images per generation batch (default 32)")
     bench.add_argument("--device", help="torch device (default cpu)")
     bench.add_argument("--no-progress", action="store_true")
@@ -96,7 +102,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         "model": args.model, "methods": _csv(args.methods) or None, "targets": _csv(args.targets) or None,
         "out": args.out, "catalog": args.catalog, "sampler": args.sampler, "data": args.data,
         "batch_size": args.batch_size, "device": args.device, "classifiers": args.classifiers,
-        "inception": args.inception,
+        "inception": args.inception, "inception_variant": args.inception_variant,
         "fid_excludes_target": True if args.fid_excludes_target else None,
     }  # fmt: skip
     values.update({k: v for k, v in cli.items() if v is not None})

@@ -1,10 +1,16 @@
-"""Inception-v3 features for FID, in plain torch: the FID variant of the network (TF's 2015-12-05 Inception as
-ported for FID, with its pooling quirks), loading a local weights file such as `pt_inception-2015-12-05-*.pth`.
+"""Inception-v3 features for FID, in two variants that give different numbers, so the report names which
+(`FID[inception-tf2015]`, `FID[inception-torchvision]`):
 
-Module names follow torchvision's Inception-v3, which is the layout of that file's state dict, so it loads with
-`torch.load(weights_only=True)`; nothing is downloaded. Features: the 2048-d global average pool, images resized to
-299x299 (bilinear) and scaled to [-1, 1]. The FID variant differs from torchvision's classifier in its pools:
-average pools exclude padding, and the last block's pool branch takes a max instead of an average.
+- `tf2015` (default): the FID variant of the network (TF's 2015-12-05 Inception as ported for FID, with its pooling
+  quirks), in plain torch, loading a local file such as `pt_inception-2015-12-05-*.pth`. Images resized to 299x299
+  (bilinear) and scaled to [-1, 1]. It differs from torchvision's classifier in its pools: average pools exclude
+  padding, and the last block's pool branch takes a max instead of an average.
+- `torchvision`: UnlearnCanvas's own FID path (machine_unlearning/evaluation/quantitative/fid.py): torchvision's
+  ImageNet `inception_v3` (weights from a local file such as `inception_v3_google-0cc3c7bd.pth`, never downloaded;
+  needs torchvision), its input as that code feeds it (`TorchvisionFID`).
+
+Module names follow torchvision's Inception-v3, the layout of both files' state dicts, so they load with
+`torch.load(weights_only=True)`. Features: the 2048-d global average pool of `Mixed_7c`.
 """
 
 from __future__ import annotations
@@ -150,8 +156,33 @@ class FIDInception(nn.Module):
         return x.mean(dim=(2, 3))  # (B, 2048)
 
 
-def load(path: str | os.PathLike) -> FIDInception:
-    """The FID Inception from a local state-dict file, read weights-only; a file of another layout is an error."""
+VARIANTS = ("tf2015", "torchvision")
+DEFAULT_VARIANT = "tf2015"
+TORCHVISION_INSTALL = "pip install torch==2.14.1 torchvision==0.29.1"
+UNLEARNCANVAS_SIDE = 512  # UnlearnCanvas resizes every image to 512x512 before the network's 299x299
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_CLASSES = {1008: "tf2015", 1000: "torchvision"}  # rows of `fc.weight` in each variant's weights file
+
+
+def check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown Inception variant {variant!r}; accepted: {', '.join(VARIANTS)}")
+    return variant
+
+
+def load(path: str | os.PathLike, variant: str = DEFAULT_VARIANT) -> nn.Module:
+    """The FID feature extractor of `variant` from a local state-dict file, read weights-only: (B, 3, H, W) in
+    [0, 1] -> (B, 2048). A file of another layout, or of the other variant, is a one-line error."""
+    state = _read_state(path, check_variant(variant))
+    if variant == "torchvision":
+        return load_torchvision(state, path)
+    model = FIDInception()
+    _load_state(model, state, path, variant)
+    return model.eval()
+
+
+def _read_state(path: str | os.PathLike, variant: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Inception weights {str(path)!r} do not exist")
@@ -159,9 +190,74 @@ def load(path: str | os.PathLike) -> FIDInception:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"{path} is not a weights-only torch file: {err}") from None
-    model = FIDInception()
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a state dict (got {type(state).__name__})")
+    fc = state.get("fc.weight")
+    other = _CLASSES.get(fc.shape[0]) if isinstance(fc, torch.Tensor) and fc.ndim == 2 else None
+    if other is not None and other != variant:
+        raise ValueError(f"{path} holds {other} Inception weights ({fc.shape[0]} classes), not {variant}; "
+                         f"use --inception-variant {other}")  # fmt: skip
+    return state
+
+
+def _load_state(model: nn.Module, state: dict, path: str | os.PathLike, variant: str) -> None:
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path} is not an FID Inception-v3 state dict: {str(err).splitlines()[0]}") from None
-    return model.eval()
+        first = str(err).splitlines()[0]
+        raise ValueError(f"{path} is not an FID Inception-v3 state dict of variant {variant}: {first}") from None
+
+
+def unlearncanvas_resize(images: torch.Tensor) -> torch.Tensor:
+    """UnlearnCanvas's FID resizing: to 512x512 (cv2 bilinear on uint8, so values fall on 1/255 steps), then to
+    299x299 (cv2 bilinear on floats). cv2's INTER_LINEAR samples at pixel centres without antialiasing, which is
+    torch's bilinear with align_corners=False; an image already 512x512 is kept as it is, as cv2 does."""
+    x = images
+    if tuple(x.shape[-2:]) != (UNLEARNCANVAS_SIDE,) * 2:
+        x = F.interpolate(x, size=(UNLEARNCANVAS_SIDE,) * 2, mode="bilinear", align_corners=False)
+        x = torch.round(x.clamp(0.0, 1.0) * 255.0) / 255.0
+    return F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+
+
+def imagenet_transform_input(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's `inception_v3(transform_input=True)`: per channel x * std / 0.5 + (mean - 0.5) / 0.5, which maps
+    an ImageNet-normalised input (u - mean) / std to the (u - 0.5) / 0.5 that the ported Google weights expect."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return x * (std / 0.5) + (mean - 0.5) / 0.5
+
+
+class TorchvisionFID(nn.Module):
+    """UnlearnCanvas's FID features around `network` (torchvision's Inception-v3 without its transform and with
+    `fc` = identity, so it returns the 2048-d pool): images in [0, 1] -> `unlearncanvas_resize` -> x * 2 - 1 ->
+    `imagenet_transform_input` -> network. The authors' code scales to [-1, 1] and then lets `pretrained=True`'s
+    transform_input=True rescale once more as if the input were ImageNet-normalised; we keep both steps, since
+    that is the FID their table reports."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = unlearncanvas_resize(images) * 2.0 - 1.0
+        return self.network(imagenet_transform_input(x)).flatten(1)  # (B, 2048)
+
+
+def torchvision_inception(aux_logits: bool = True) -> nn.Module:
+    """torchvision's ImageNet Inception-v3 architecture, untrained and without its input transform (applied by
+    `TorchvisionFID`); a one-line error when torchvision is missing or does not match the installed torch."""
+    try:
+        from torchvision.models import inception_v3
+    except (ImportError, RuntimeError, OSError) as err:
+        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'not importable'}"
+        raise ValueError(f"--inception-variant torchvision needs torchvision, not importable here ({why}); install "
+                         f"it: {TORCHVISION_INSTALL}") from None  # fmt: skip
+    return inception_v3(weights=None, aux_logits=aux_logits, transform_input=False, init_weights=False)
+
+
+def load_torchvision(state: dict, path: str | os.PathLike = "<state dict>") -> TorchvisionFID:
+    """`TorchvisionFID` over torchvision's Inception-v3 holding `state` (with or without the AuxLogits head)."""
+    network = torchvision_inception(aux_logits=any(k.startswith("AuxLogits.") for k in state))
+    _load_state(network, state, path, "torchvision")
+    network.fc = nn.Identity()
+    return TorchvisionFID(network).eval()

@@ -4,6 +4,7 @@ loading that feeds them ([0, 1] tensors), so every score of the benchmark sees i
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,16 +37,47 @@ def load_images(paths: Sequence[str | os.PathLike[str]]) -> torch.Tensor:
     return to_unit_tensor(pictures)
 
 
-def feature_space(catalog: Catalog, inception: str | None = None) -> str:
-    """The one name of the FID feature space: cache key of the real features and the report's FID column name."""
-    return f"inception-v3-fid:{Path(inception).name}" if inception else f"{catalog.name}-style-classifier-head-input"
+def feature_space(catalog: Catalog, inception: str | None = None, variant: str | None = None) -> str:
+    """The one name of the FID feature space, which names the report's FID column (`FID[<space>]`):
+    `inception-tf2015` / `inception-torchvision` with Inception weights (`variant`, default tf2015), else
+    `<catalog>-style-features` (the input of the style classifier's head, e.g. `toy-style-features`)."""
+    if not inception:
+        if variant is not None:
+            raise ValueError(f"an Inception variant ({variant!r}) needs Inception weights (--inception FILE)")
+        return f"{catalog.name}-style-features"
+    return f"inception-{fid_inception.check_variant(variant or fid_inception.DEFAULT_VARIANT)}"
+
+
+def current_feature_space(name: str) -> str:
+    """The name a feature space has today, for rows stored under an older name (`toy-style-classifier-head-input`,
+    `inception-v3-fid:<file>`), so a resumed bench's finished jobs keep their FID column."""
+    legacy = "-style-classifier-head-input"
+    if name.endswith(legacy):
+        return name[: -len(legacy)] + "-style-features"
+    return "inception-tf2015" if name.startswith("inception-v3-fid:") else name
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 (first 16 hex digits) of a file: which weights a cached feature bank came from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 class Judge:
     """The catalog's style and object classifiers, and the FID feature extractor: Inception-v3 from a local weights
-    file when given, else the input of the style classifier's head (on the toy: the toy classifier's features)."""
+    file when given (`inception_variant`: tf2015 or torchvision, see canvas.inception), else the input of the style
+    classifier's head (on the toy: the toy classifier's features)."""
 
-    def __init__(self, catalog: Catalog, classifiers_root: str | None = None, inception: str | None = None):
+    def __init__(
+        self,
+        catalog: Catalog,
+        classifiers_root: str | None = None,
+        inception: str | None = None,
+        inception_variant: str | None = None,
+    ):
         self.catalog = catalog
         root = classifiers_root
         if root is None and catalog.name == "toy":  # the classifiers beside the toy in use ($ERASEKIT_TOY moves both)
@@ -53,9 +85,11 @@ class Judge:
         self.style = classifiers.load(catalog.name, "style", root)
         self.object = classifiers.load(catalog.name, "object", root)
         self._features: list[torch.Tensor] = []
-        self.feature_space = feature_space(catalog, inception)
+        self.feature_space = feature_space(catalog, inception, inception_variant)
+        self.weights = None
         if inception:
-            self.inception = fid_inception.load(inception)
+            self.inception = fid_inception.load(inception, inception_variant or fid_inception.DEFAULT_VARIANT)
+            self.weights = file_digest(inception)
         else:
             self.inception = None
             self.style.head.register_forward_hook(lambda m, inputs, out: self._features.append(inputs[0].detach()))
@@ -75,6 +109,7 @@ class Judge:
         put back in (theme, object, index) order, so the bank does not depend on how the copy is stored."""
         meta = {
             "features": self.feature_space,
+            "weights": str(self.weights),
             "catalog": self.catalog.name,
             "indices": str(list(indices)),
             "data": dataset.identity,

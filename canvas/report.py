@@ -1,17 +1,21 @@
 """Benchmark report: per-target rows -> the paper's table as JSON, CSV and Markdown, plus a UA-vs-retain plot.
 
-Rows are `{"method", "target", "kind", "UA", "IRA", "CRA", "FID", "time_s", "memory_gb", "storage_gb"}` with
-UA / IRA / CRA in percent, built by `target_row` from the metrics' fractions and averaged by `aggregate` into the
-paper's per-method table. FID figures of different feature spaces are not comparable, so every written format names
-the FID column with its space (`fid_column`: `FID[inception-v3-fid:pt_inception-2015-12-05.pth]`). Every file is
-written to a temporary name and renamed, so a bench killed mid-write never leaves a half report that a resumed run
-would trust.
+Rows are `{"method", "target", "kind", "split", "UA", "IRA", "CRA", "FID", "time_s", "memory_gb", "storage_gb"}`
+with UA / IRA / CRA in percent, built by `target_row` from the metrics' fractions; `split` is the target's split in
+the splits manifest (`held-out` or `tuning`, canvas.splits.target_split). `aggregate` gives the paper's per-method
+table, once over held-out targets (the result) and once over tuning targets (marked "tuning — not a result"; never
+mixed into the held-out figures): per kind, the mean of UA / IRA / CRA over the targets with, beside it, the minimum
+and the spread, the population standard deviation (`SPREAD`). FID figures of different feature spaces are not
+comparable, so every written format names the FID column with its space (`fid_column`: `FID[inception-tf2015]`).
+Every file is written to a temporary name and renamed, so a bench killed mid-write never leaves a half report that a
+resumed run would trust.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import numbers
@@ -25,17 +29,23 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from canvas.metrics import KINDS, Efficiency, UnlearningScores
+from canvas.splits import HELD_OUT, TARGET_SPLITS, TUNING
 from erase.atomic import write_text
 
-ROW_KEYS = ("method", "target", "kind", "UA", "IRA", "CRA", "FID", "time_s", "memory_gb", "storage_gb")
-COST_KEYS = ("FID", "time_s", "memory_gb", "storage_gb")  # averaged over all of a method's targets
+ROW_KEYS = ("method", "target", "kind", "split", "UA", "IRA", "CRA", "FID", "time_s", "memory_gb", "storage_gb")
+NUMERIC_KEYS = ROW_KEYS[4:]
+SCORE_KEYS = ("UA", "IRA", "CRA")  # per kind: mean, `_min` and `_std` over the targets
+COST_KEYS = ("FID", "time_s", "memory_gb", "storage_gb")  # means over all of a method's targets of the split
 TABLE_KEYS = (
     "method",
-    *(f"{kind}_{key}" for kind in KINDS for key in ("UA", "IRA", "CRA")),
+    "split",
+    *(f"{kind}_{key}{stat}" for kind in KINDS for key in SCORE_KEYS for stat in ("", "_min", "_std")),
     *COST_KEYS,
     "n_style",
     "n_object",
 )
+SPREAD = "std: the population standard deviation over the targets (divides by n; 0 for a single target)"
+SPLIT_LABELS = {HELD_OUT: "held-out", TUNING: "tuning — not a result"}
 MISSING = "-"
 _Fmt = Callable[[Any], str]
 
@@ -63,7 +73,8 @@ def target_row(
 
 
 def check_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Rows as plain dicts after checking each has the report keys, a known kind and numeric (or None) values."""
+    """Rows as plain dicts after checking each has the report keys, a known kind and split, and numeric (or None)
+    values."""
     out = []
     for i, row in enumerate(rows):
         missing = [k for k in ROW_KEYS if k not in row]
@@ -71,8 +82,11 @@ def check_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             raise ValueError(f"row {i} ({row.get('method')!r}, {row.get('target')!r}) lacks {missing}")
         if row["kind"] not in KINDS:
             raise ValueError(f"row {i} has kind {row['kind']!r}; accepted: {', '.join(KINDS)}")
+        if row["split"] not in TARGET_SPLITS:
+            raise ValueError(f"row {i} has split {row['split']!r}; accepted: {', '.join(TARGET_SPLITS)} "
+                             "(canvas.splits.target_split)")  # fmt: skip
         clean = dict(row)
-        for key in ROW_KEYS[3:]:
+        for key in NUMERIC_KEYS:
             value = row[key]
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
                 raise ValueError(f"row {i} field {key!r} is {value!r}; accepted: a number or None")
@@ -82,24 +96,37 @@ def check_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def aggregate(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The paper's table: per method, UA / IRA / CRA averaged over its style targets and over its object targets,
-    and FID / time / memory / storage averaged over all its targets. Methods keep their first-appearance order;
-    a mean over nothing (no object targets, no FID measured) is None."""
+    """The paper's table, one entry per (split, method): held-out entries first, then tuning ones, methods in
+    first-appearance order. Per kind, UA / IRA / CRA over the method's targets of that kind and split: the mean
+    (`style_UA`), the minimum (`style_UA_min`) and the population std (`style_UA_std`); FID / time / memory /
+    storage are means over all its targets of the split. A statistic over nothing (no object targets, no FID
+    measured) is None; a (split, method) without targets has no entry."""
     rows = check_rows(rows)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     table = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        entry: dict[str, Any] = {"method": method}
-        for kind in KINDS:
-            of_kind = [r for r in mine if r["kind"] == kind]
-            for key in ("UA", "IRA", "CRA"):
-                entry[f"{kind}_{key}"] = _mean(r[key] for r in of_kind)
-        for key in COST_KEYS:
-            entry[key] = _mean(r[key] for r in mine)
-        entry["n_style"] = sum(r["kind"] == "style" for r in mine)
-        entry["n_object"] = sum(r["kind"] == "object" for r in mine)
-        table.append(entry)
+    for split in (HELD_OUT, TUNING):
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method and r["split"] == split]
+            if mine:
+                table.append(_entry(method, split, mine))
     return table
+
+
+def _entry(method: str, split: str, mine: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One line of the table: the statistics of one method's targets of one split."""
+    entry: dict[str, Any] = {"method": method, "split": split}
+    for kind in KINDS:
+        of_kind = [r for r in mine if r["kind"] == kind]
+        for key in SCORE_KEYS:
+            values = _present(r[key] for r in of_kind)
+            entry[f"{kind}_{key}"] = _mean(values)
+            entry[f"{kind}_{key}_min"] = min(values) if values else None
+            entry[f"{kind}_{key}_std"] = _population_std(values)
+    for key in COST_KEYS:
+        entry[key] = _mean(r[key] for r in mine)
+    entry["n_style"] = sum(r["kind"] == "style" for r in mine)
+    entry["n_object"] = sum(r["kind"] == "object" for r in mine)
+    return entry
 
 
 def fid_column(fid_features: str) -> str:
@@ -127,9 +154,22 @@ def _named(entries: Sequence[Mapping[str, Any]], column: str) -> list[dict[str, 
     return [{(column if key == "FID" else key): value for key, value in entry.items()} for entry in entries]
 
 
+def _present(values: Iterable[float | None]) -> list[float]:
+    """The measured values: None and NaN (not measured) left out."""
+    return [float(v) for v in values if v is not None and not math.isnan(v)]
+
+
 def _mean(values: Iterable[float | None]) -> float | None:
-    present = [float(v) for v in values if v is not None and not math.isnan(v)]
+    present = _present(values)
     return sum(present) / len(present) if present else None
+
+
+def _population_std(values: Sequence[float]) -> float | None:
+    """sqrt(mean((v - mean)^2)): the spread of the targets themselves, not an estimate of a wider population."""
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
 def _fixed(digits: int) -> _Fmt:
@@ -144,15 +184,18 @@ def _gigabytes(v: float) -> str:
     return f"{v:.2f}" if v == 0 or abs(v) >= 0.1 else f"{v:.2g}"  # a toy Delta is ~1e-4 GB; keep its digits
 
 
-# (key, header, formatter) of the summary table in the paper's column order
+# (key, header, formatter) of the summary table in the paper's column order; score cells are `_with_spread`'s text
 SUMMARY_COLUMNS: tuple[tuple[str, str, _Fmt], ...] = (
     ("method", "Method", str),
-    ("style_UA", "Style UA", _fixed(2)),
-    ("style_IRA", "Style IRA", _fixed(2)),
-    ("style_CRA", "Style CRA", _fixed(2)),
-    ("object_UA", "Object UA", _fixed(2)),
-    ("object_IRA", "Object IRA", _fixed(2)),
-    ("object_CRA", "Object CRA", _fixed(2)),
+    ("split", "Targets", str),
+    ("style_UA", "Style UA", str),
+    ("style_IRA", "Style IRA", str),
+    ("style_CRA", "Style CRA", str),
+    ("object_UA", "Object UA", str),
+    ("object_IRA", "Object IRA", str),
+    ("object_CRA", "Object CRA", str),
+    ("n_style", "Styles", str),
+    ("n_object", "Objects", str),
     ("FID", "FID", _fixed(2)),
     ("time_s", "Time (s)", _seconds),
     ("memory_gb", "Memory (GB)", _gigabytes),
@@ -162,6 +205,7 @@ TARGET_COLUMNS: tuple[tuple[str, str, _Fmt], ...] = (
     ("method", "Method", str),
     ("target", "Target", str),
     ("kind", "Kind", str),
+    ("split", "Split", SPLIT_LABELS.get),
     ("UA", "UA", _fixed(2)),
     ("IRA", "IRA", _fixed(2)),
     ("CRA", "CRA", _fixed(2)),
@@ -173,9 +217,27 @@ TARGET_COLUMNS: tuple[tuple[str, str, _Fmt], ...] = (
 
 
 def markdown_table(rows: Iterable[Mapping[str, Any]], *, fid_features: str) -> str:
-    """The paper's table, one line per method (means over its targets); a kind without targets shows `-`."""
+    """The paper's table, one line per method over its held-out targets, then (when there are any) a second table
+    over its tuning targets, titled and marked "tuning — not a result"; a kind without targets shows `-`."""
     rows = check_rows(rows)
-    return _markdown(aggregate(rows), SUMMARY_COLUMNS, _check_feature_space(rows, fid_features))
+    column = _check_feature_space(rows, fid_features)
+    table = aggregate(rows)
+    parts = []
+    for split, title in ((HELD_OUT, "Held-out targets"), (TUNING, "Tuning targets (tuning — not a result)")):
+        entries = [_with_spread(e) for e in table if e["split"] == split]
+        if entries or split == HELD_OUT:
+            parts.append(f"{title}:\n\n" + (_markdown(entries, SUMMARY_COLUMNS, column) if entries else "none"))
+    return "\n\n".join(parts)
+
+
+def _with_spread(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A table entry as the Markdown shows it: each score cell `mean ± std, min x`, the split by its label."""
+    shown = dict(entry, split=SPLIT_LABELS[entry["split"]])
+    for kind in KINDS:
+        for key in (f"{kind}_{k}" for k in SCORE_KEYS):
+            if entry[key] is not None:
+                shown[key] = f"{entry[key]:.2f} ± {entry[key + '_std']:.2f}, min {entry[key + '_min']:.2f}"
+    return shown
 
 
 def markdown_targets(rows: Iterable[Mapping[str, Any]], *, fid_features: str) -> str:
@@ -190,20 +252,20 @@ def markdown_report(
     """The whole `report.md`: metadata, the summary table, the per-target rows and the plot."""
     rows = check_rows(rows)
     column = _check_feature_space(rows, fid_features)
-    table = aggregate(rows)
     lines = ["# UnlearnCanvas benchmark", ""]
     for key, value in (metadata or {}).items():
         shown = value if isinstance(value, (str, int, float)) else json.dumps(value, default=str)
         lines.append(f"- **{key}**: {shown}")
-    counts = ", ".join(f"{t['method']}: {t['n_style']} style / {t['n_object']} object" for t in table)
     lines += [
         "",
         "## Summary",
         "",
-        "UA / IRA / CRA in percent, means over each method's targets of that kind; FID, time, memory and storage",
-        f"are means over all its targets; GB = 10^9 bytes. Targets per method: {counts or 'none'}.",
+        "UA / IRA / CRA in percent over each method's targets of that kind, each cell `mean ± std, min`: std is the",
+        "population standard deviation over the targets (divides by n), min the worst target. FID, time, memory and",
+        "storage are means over all its targets of the table's split; GB = 10^9 bytes. Results are the held-out",
+        "targets; tuning targets (presets may have been tuned on them) are a separate table, never in those means.",
         "",
-        _markdown(table, SUMMARY_COLUMNS, column),
+        markdown_table(rows, fid_features=fid_features),
         "",
         "## Per target",
         "",
@@ -223,13 +285,14 @@ def write_report(
     fid_features: str,
     plot: bool = True,
 ) -> dict[str, Path]:
-    """Write report.json, report.md, report.csv (the per-method table), rows.csv (per target) and
-    ua_vs_retain.png into `out_dir`; returns their paths by name. `metadata` goes into report.json at top level,
-    with `fid_features`, the feature space that names the FID column (`fid_column`) in every file."""
+    """Write report.json, report.md, report.csv (the per-method table, a `split` column), rows.csv (per target, with
+    its split) and ua_vs_retain.png into `out_dir`; returns their paths by name. `metadata` goes into report.json at
+    top level, with `fid_features`, the feature space that names the FID column (`fid_column`) in every file, and
+    `spread` (`SPREAD`), what the `_std` columns are."""
     rows = check_rows(rows)
     column = _check_feature_space(rows, fid_features)
     metadata = dict(metadata or {})
-    clash = sorted({"rows", "table"} & set(metadata))
+    clash = sorted({"rows", "table", "spread"} & set(metadata))
     if clash:
         raise ValueError(f"metadata keys {clash} are reserved for the report's own rows and table")
     if metadata.setdefault("fid_features", fid_features) != fid_features:
@@ -237,7 +300,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = aggregate(rows)
-    document = {"rows": _named(rows, column), "table": _named(table, column), **metadata}
+    document = {"rows": _named(rows, column), "table": _named(table, column), "spread": SPREAD, **metadata}
     named = {"FID": column}
     paths = {
         "json": write_text(out / "report.json", json.dumps(_finite(document), indent=2, default=str) + "\n"),
@@ -254,7 +317,8 @@ def write_report(
 
 def plot_ua_vs_retain(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """UA against IRA (left) and CRA (right): one colour per method, circles for style and triangles for object
-    targets; faint points are single targets, outlined ones the method's mean. Top right is best."""
+    targets; faint points are held-out targets, hollow ones tuning targets (not a result), outlined ones the
+    method's mean over its held-out targets. Top right is best."""
     rows = check_rows(rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colours = colormaps["tab10"]
@@ -262,20 +326,21 @@ def plot_ua_vs_retain(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike
     fig = Figure(figsize=(10, 4.6))  # no pyplot: a report never changes the caller's matplotlib backend
     axes = fig.subplots(1, 2, sharey=True)
     for ax, retain in zip(axes, ("IRA", "CRA")):
-        for m, method in enumerate(methods):
-            for kind in KINDS:
-                points = [
-                    (r[retain], r["UA"])
-                    for r in rows
-                    if r["method"] == method and r["kind"] == kind and r[retain] is not None and r["UA"] is not None
-                ]
-                if not points:
-                    continue
-                xs, ys = zip(*points)
-                colour = colours(m % 10)
-                ax.scatter(xs, ys, color=colour, marker=markers[kind], alpha=0.35, s=28, linewidths=0)
+        for (m, method), kind in itertools.product(enumerate(methods), KINDS):
+            colour, marker = colours(m % 10), markers[kind]
+            points = {
+                split: [(r[retain], r["UA"]) for r in rows if r["method"] == method and r["kind"] == kind
+                        and r["split"] == split and r[retain] is not None and r["UA"] is not None]
+                for split in TARGET_SPLITS
+            }  # fmt: skip
+            if points[TUNING]:
+                xs, ys = zip(*points[TUNING])
+                ax.scatter(xs, ys, facecolors="none", edgecolors=[colour], marker=marker, s=28, linewidths=0.8)
+            if points[HELD_OUT]:
+                xs, ys = zip(*points[HELD_OUT])
+                ax.scatter(xs, ys, color=colour, marker=marker, alpha=0.35, s=28, linewidths=0)
                 ax.scatter(
-                    [sum(xs) / len(xs)], [sum(ys) / len(ys)], color=colour, marker=markers[kind], s=110,
+                    [sum(xs) / len(xs)], [sum(ys) / len(ys)], color=colour, marker=marker, s=110,
                     edgecolors="black", linewidths=1.2, zorder=3,
                 )  # fmt: skip
         ax.set_xlabel(f"{retain} (%)  - {'in-domain' if retain == 'IRA' else 'cross-domain'} retain accuracy")
@@ -289,8 +354,9 @@ def plot_ua_vs_retain(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike
         Line2D([], [], color=colours(m % 10), marker="s", linestyle="", label=name) for m, name in enumerate(methods)
     ]
     handles += [Line2D([], [], color="grey", marker=markers[k], linestyle="", label=f"{k} target") for k in KINDS]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
-    fig.suptitle("Unlearning vs retaining (top right is best; outlined = mean over targets)")
+    handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle="", label="tuning"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), frameon=False)
+    fig.suptitle("Unlearning vs retaining (top right is best; outlined = mean over held-out targets; hollow = tuning)")
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -301,7 +367,7 @@ def _markdown(entries: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str,
     """A Markdown table; `fid` is the FID column's header (`fid_column`)."""
     lines = ["| " + " | ".join(fid if key == "FID" else h for key, h, _ in columns) + " |"]
     lines.append(
-        "|" + "|".join("---" if key in ("method", "target", "kind") else "---:" for key, _, _ in columns) + "|"
+        "|" + "|".join("---" if key in ("method", "target", "kind", "split") else "---:" for key, _, _ in columns) + "|"
     )
     for entry in entries:
         cells = [_cell(entry.get(key), fmt) for key, _, fmt in columns]

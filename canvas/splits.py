@@ -3,6 +3,9 @@
 UnlearnCanvas ships no split file: its public code scatters index ranges over scripts (and its eval loader is off by
 one). Every consumer here reads the roles from one `Splits` object instead, loaded from
 `assets/splits/unlearncanvas-v1.json`, so a change of split is a new manifest version rather than a silent edit.
+
+The manifest also splits the unlearning *targets* of each catalog: the tuning targets presets may be tuned on, and
+the held-out rest, on which results are reported (`tuning_targets`, `held_out_targets`, `target_split`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from erase.atomic import write_text
+from erase.catalog import Catalog
+from erase.catalog import get as get_catalog
+from erase.catalog import names as catalog_names
 from erase.paths import splits_dir
 
 SCHEMA = "erasekit.splits"
@@ -21,6 +27,15 @@ VERSION = 1
 DEFAULT_NAME = "unlearncanvas-v1"
 
 ROLES = ("finetune", "held_out", "fid_reference", "forget_retain", "fmn_reference")
+TUNING, HELD_OUT = "tuning", "held-out"  # the two target splits
+TARGET_SPLITS = (TUNING, HELD_OUT)
+
+# catalog -> the targets presets may be tuned on (styles, then objects); every other target is held out
+_TUNING_TARGETS = {
+    "toy": ("Pop_Art", "Watercolor", "Cats", "Towers"),
+    "unlearncanvas-50": ("Pop_Art", "Van_Gogh", "Watercolor", "Cats", "Towers"),
+    "unlearncanvas-60": ("Pop_Art", "Van_Gogh", "Watercolor", "Cats", "Towers"),
+}
 
 _NOTES = {
     "source": "UnlearnCanvas (Zhang et al., NeurIPS 2024 D&B) public code; there is no official split file.",
@@ -32,6 +47,12 @@ _NOTES = {
     "fid_reference": "FID 'real' set: these indices of every (theme, object).",
     "forget_retain": "Forget / retain images of data-based methods (SalUn, EraseDiff, Scissorhands).",
     "fmn_reference": "FMN reference images: this index of each object of the target style.",
+    "tuning_targets": (
+        "Unlearning targets presets may be tuned on, per catalog; every other target of the catalog is held out, and "
+        "results are means over held-out targets only. toy: fixed for the toy presets (scripts/tune_toy.py tunes on "
+        "these). unlearncanvas-50: our choice, the paper names no tuning targets; unlearncanvas-60 lists the same "
+        "ones, so both catalogs report the same held-out targets of the 50 styles."
+    ),
 }
 
 
@@ -52,11 +73,15 @@ class Splits:
     fmn_reference: tuple[int, ...]
     version: int = VERSION
     notes: dict[str, str] = field(default_factory=dict, compare=False)
+    # catalog name -> its tuning targets; None: a manifest written before target splits existed
+    tuning_targets: dict[str, tuple[str, ...]] | None = None
 
     def __post_init__(self) -> None:
         for name in ("indices", *ROLES):
             object.__setattr__(self, name, _index_tuple(getattr(self, name), name))
         _check(self)
+        if self.tuning_targets is not None:
+            object.__setattr__(self, "tuning_targets", _tuning_map(self.tuning_targets))
 
     def role(self, name: str) -> tuple[int, ...]:
         """Indices of a role by name (one of `ROLES`)."""
@@ -68,6 +93,9 @@ class Splits:
         data = asdict(self)
         for key in ("indices", *ROLES):
             data[key] = list(data[key])
+        tuning = data.pop("tuning_targets")
+        if tuning is not None:
+            data["tuning_targets"] = {name: list(targets) for name, targets in tuning.items()}
         return {"schema": SCHEMA, "version": data.pop("version"), **data}
 
     @classmethod
@@ -79,8 +107,8 @@ class Splits:
             raise SplitsError(f"manifest schema is {data.get('schema')!r}; accepted: {SCHEMA!r}")
         if data.get("version") != VERSION:
             raise SplitsError(f"manifest version is {data.get('version')!r}; this toolkit reads version {VERSION}")
-        expected = {"schema", "name", "version", "indices", "notes", *ROLES}
-        missing = sorted(expected - {"notes"} - set(data))
+        expected = {"schema", "name", "version", "indices", "notes", "tuning_targets", *ROLES}
+        missing = sorted(expected - {"notes", "tuning_targets"} - set(data))
         unknown = sorted(set(data) - expected)
         if missing or unknown:
             raise SplitsError(f"manifest fields missing: {missing or 'none'}; unknown: {unknown or 'none'}")
@@ -90,7 +118,8 @@ class Splits:
         if not isinstance(notes, dict) or not all(isinstance(v, str) for v in notes.values()):
             raise SplitsError(f"manifest notes must map strings to strings, got {notes!r}")
         fields = {key: data[key] for key in ("indices", *ROLES)}
-        return cls(name=data["name"], version=data["version"], notes=dict(notes), **fields)
+        tuning = data.get("tuning_targets")  # absent in manifests written before target splits
+        return cls(name=data["name"], version=data["version"], notes=dict(notes), tuning_targets=tuning, **fields)
 
 
 def unlearncanvas_v1() -> Splits:
@@ -104,7 +133,43 @@ def unlearncanvas_v1() -> Splits:
         forget_retain=(1, 2, 3),
         fmn_reference=(1,),
         notes=dict(_NOTES),
+        tuning_targets=dict(_TUNING_TARGETS),
     )
+
+
+def tuning_targets(catalog: Catalog | str, manifest: Splits | None = None) -> tuple[str, ...]:
+    """The targets of `catalog` presets may be tuned on, in catalog order (styles, then objects).
+
+    `manifest` defaults to the shipped one (`load()`). A manifest without tuning targets, or without this catalog,
+    is an error rather than "everything held out": silently counting a tuning target as a result is the mistake
+    this split exists to prevent."""
+    cat = get_catalog(catalog) if isinstance(catalog, str) else catalog
+    manifest = manifest or load()
+    if manifest.tuning_targets is None:
+        raise SplitsError(f"splits manifest {manifest.name!r} predates tuning targets (no 'tuning_targets' field); "
+                          "rewrite it with `canvas splits --out FILE` or add the field")  # fmt: skip
+    if cat.name not in manifest.tuning_targets:
+        raise SplitsError(f"splits manifest {manifest.name!r} lists tuning targets for "
+                          f"{', '.join(manifest.tuning_targets) or 'no catalog'}, not {cat.name!r}; add it "
+                          "(an empty list makes every target held out)")  # fmt: skip
+    chosen = set(manifest.tuning_targets[cat.name])
+    return tuple(t for t in (*cat.styles, *cat.objects) if t in chosen)
+
+
+def held_out_targets(catalog: Catalog | str, manifest: Splits | None = None) -> tuple[str, ...]:
+    """Every target of `catalog` that is not a tuning target, in catalog order (styles, then objects)."""
+    cat = get_catalog(catalog) if isinstance(catalog, str) else catalog
+    tuning = set(tuning_targets(cat, manifest))
+    return tuple(t for t in (*cat.styles, *cat.objects) if t not in tuning)
+
+
+def target_split(catalog: Catalog | str, target: str, manifest: Splits | None = None) -> str:
+    """`"tuning"` or `"held-out"`: which target split `target` (a style or object of `catalog`) belongs to."""
+    cat = get_catalog(catalog) if isinstance(catalog, str) else catalog
+    if not (cat.is_style(target) or cat.is_object(target)):
+        raise SplitsError(f"{target!r} is neither a style nor an object of catalog {cat.name!r}; accepted: "
+                          f"{', '.join((*cat.styles, *cat.objects))}")  # fmt: skip
+    return TUNING if target in tuning_targets(cat, manifest) else HELD_OUT
 
 
 def write_manifest(path: str | os.PathLike[str], splits: Splits | None = None) -> Path:
@@ -143,11 +208,38 @@ def load(name: str = DEFAULT_NAME) -> Splits:
 
 
 def _dumps(data: dict[str, Any]) -> str:
-    """JSON with one line per field (index lists stay on one line, so the manifest reads like a table)."""
-    lines = [
-        f"  {json.dumps(key)}: {json.dumps(value, indent=None if key != 'notes' else 4)}" for key, value in data.items()
-    ]
-    return "{\n" + ",\n".join(lines).replace("\n}", "\n  }") + "\n}\n"
+    """JSON with one line per field (index lists stay on one line, so the manifest reads like a table); mappings
+    (notes, tuning targets) get one line per entry."""
+    lines = [f"  {json.dumps(key)}: {_dumps_value(value)}" for key, value in data.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def _dumps_value(value: Any) -> str:
+    if not isinstance(value, dict):
+        return json.dumps(value)
+    entries = [f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()]
+    return "{\n" + ",\n".join(entries) + "\n  }" if entries else "{}"
+
+
+def _tuning_map(value: Any) -> dict[str, tuple[str, ...]]:
+    """Validated `tuning_targets`: known catalogs, each mapped to distinct styles / objects of that catalog."""
+    if not isinstance(value, dict):
+        raise SplitsError(f"tuning_targets must map catalog names to lists of targets, got {value!r}")
+    out = {}
+    for name, targets in value.items():
+        if name not in catalog_names():
+            raise SplitsError(f"tuning_targets names catalog {name!r}; accepted: {', '.join(catalog_names())}")
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
+            raise SplitsError(f"tuning_targets[{name!r}] must be a list of target names, got {targets!r}")
+        cat = get_catalog(name)
+        unknown = [t for t in targets if not (isinstance(t, str) and (cat.is_style(t) or cat.is_object(t)))]
+        if unknown:
+            raise SplitsError(f"tuning_targets[{name!r}] holds {unknown!r}, not styles or objects of catalog "
+                              f"{name!r}; accepted: {', '.join((*cat.styles, *cat.objects))}")  # fmt: skip
+        if len(set(targets)) != len(targets):
+            raise SplitsError(f"tuning_targets[{name!r}] repeats a target: {list(targets)}")
+        out[name] = tuple(targets)
+    return out
 
 
 def _index_tuple(value: Any, name: str) -> tuple[int, ...]:

@@ -47,19 +47,29 @@ def test_bench_writes_the_report_and_resumes_after_a_kill(tmp_path, model_dir, m
 
     monkeypatch.setattr(erase, "run", counting_run)
     monkeypatch.setattr(bench.answers, "generate", killed_on_cats)
+    targets = ("Sketch", "Cats")  # a held-out style and a tuning object of the toy
     with pytest.raises(KeyboardInterrupt):
-        bench.Bench(_config(model_dir, tmp_path), progress=False).run()
-    assert calls == ["Pop Art style", "Cats"]
+        bench.Bench(_config(model_dir, tmp_path, targets), progress=False).run()
+    assert calls == ["Sketch style", "Cats"]
     monkeypatch.setattr(bench.answers, "generate", real_generate)
-    result = bench.Bench(_config(model_dir, tmp_path), progress=False).run()
-    assert calls == ["Pop Art style", "Cats"], "resumed jobs must not erase again"
+    result = bench.Bench(_config(model_dir, tmp_path, targets), progress=False).run()
+    assert calls == ["Sketch style", "Cats"], "resumed jobs must not erase again"
     rows = {r["target"]: r for r in result["rows"]}
-    assert set(rows) == {"Pop_Art", "Cats"} and rows["Pop_Art"]["kind"] == "style"
+    assert set(rows) == {"Sketch", "Cats"} and rows["Sketch"]["kind"] == "style"
+    assert (
+        (rows["Sketch"]["split"], rows["Cats"]["split"])
+        == ("held-out", "tuning")
+        == tuple(splits.target_split(bench.catalogs.get("toy"), t) for t in targets)
+    )
     for row in rows.values():
         assert 0 <= row["UA"] <= 100 and row["FID"] is not None and row["time_s"] > 0 and row["storage_gb"] > 0
     written = json.loads((tmp_path / "report.json").read_text())
-    assert {r["target"] for r in written["rows"]} == {"Pop_Art", "Cats"} and written["table"][0]["method"] == "esd"
-    space = "toy-style-classifier-head-input"  # no --inception: the toy classifier's features, named as the judge does
+    assert {r["target"] for r in written["rows"]} == {"Sketch", "Cats"}
+    assert [(t["method"], t["split"], t["n_style"], t["n_object"]) for t in written["table"]] == [
+        ("esd", "held-out", 1, 0), ("esd", "tuning", 0, 1)
+    ]  # fmt: skip
+    assert written["table"][0]["style_UA"] == rows["Sketch"]["UA"] and written["table"][0]["style_UA_std"] == 0
+    space = "toy-style-features"  # no --inception: the toy classifier's features, named as the judge does
     assert (
         written["fid_features"]
         == result["fid_features"]
@@ -67,13 +77,13 @@ def test_bench_writes_the_report_and_resumes_after_a_kill(tmp_path, model_dir, m
         == bench.Judge(bench.catalogs.get("toy")).feature_space
     )
     column = f"FID[{space}]"
-    assert written["table"][0][column] == pytest.approx(sum(r["FID"] for r in rows.values()) / 2)
+    assert written["table"][0][column] == pytest.approx(rows["Sketch"]["FID"])  # held-out only
     assert all(r[column] == rows[r["target"]]["FID"] and r["fid_features"] == space for r in written["rows"])
     assert column in (tmp_path / "report.csv").read_text().splitlines()[0].split(",")
     assert column in (tmp_path / "rows.csv").read_text().splitlines()[0].split(",")
-    assert (tmp_path / "report.md").read_text().count(f"| {column} |") == 2
+    assert (tmp_path / "report.md").read_text().count(f"| {column} |") == 3  # held-out, tuning, per target
     assert (tmp_path / "report.md").is_file() and (tmp_path / "ua_vs_retain.png").is_file()
-    assert {p.name for p in (tmp_path / "grids").iterdir()} == {"esd__Pop_Art.png", "esd__Cats.png"}
+    assert {p.name for p in (tmp_path / "grids").iterdir()} == {"esd__Sketch.png", "esd__Cats.png"}
 
 
 def test_a_failing_job_is_recorded_and_the_others_finish(tmp_path, model_dir, monkeypatch):
