@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -162,11 +163,13 @@ def open_data(config: BenchConfig, cat: Catalog) -> data.Dataset:
 
 
 def job_preset(config: BenchConfig, method: str, kind: str) -> str | None:
-    """The preset a job uses: the bench's choice, else `toy` on the toy, else the method's UnlearnCanvas preset."""
+    """The preset a job uses: the bench's choice, else on the toy `toy-{kind}` or `toy`, else the method's
+    UnlearnCanvas preset of that kind, `unlearncanvas` or `paper`."""
     presets = get_method(method).config_cls.PRESETS
     if method in config.presets:
         return config.presets[method]
-    for name in ("toy",) if config.model == "toy" else (f"unlearncanvas-{kind}", "unlearncanvas", "paper"):
+    toy = config.model == "toy"
+    for name in (f"toy-{kind}", "toy") if toy else (f"unlearncanvas-{kind}", "unlearncanvas", "paper"):
         if name in presets:
             return name
     return None
@@ -271,11 +274,13 @@ class Bench:
                 job.mkdir(parents=True)
             if (job / "metrics.json").is_file():
                 return
+            stages = StageClock(job / "stages.json")
             if not record_path.is_file():
                 result = erase.run(self.load_base(), config, checkpoint_dir=job / "checkpoint" / key,
                                    progress=self.progress, local=self.state.num_processes > 1)  # fmt: skip
                 result.delta.save(job / "delta")
                 write_json(job / "delta" / "record.json", result.record)
+                stages.lap("erase")
             delta = Delta.load(job / "delta")
             if not (job / "answers" / answers.MANIFEST).is_file():
                 items = answers.answer_items(self.catalog, self.config.seeds)
@@ -285,7 +290,9 @@ class Bench:
                     manifest_extra={"model": self.config.model, "delta": str(job / "delta"), "method": method},
                     identity={"base_fingerprint": self.base_fingerprint, "delta": delta.digest()},
                 )  # fmt: skip
+                stages.lap("answers")
             self.score_job(method, target, job)
+            stages.lap("scoring")
         except Exception as err:  # one failing job must not stop the others
             write_json(job / "error.json", {"method": method, "target": target, "error": f"{type(err).__name__}: "
                                              f"{err}", "traceback": traceback.format_exc()[-4000:]})  # fmt: skip
@@ -364,6 +371,20 @@ class Bench:
         else:
             write_json(self.out / "report.json", {"rows": [], "table": [], "spread": report.SPREAD, **metadata})
         return {"rows": rows, **metadata}
+
+
+class StageClock:
+    """Wall seconds of a job's stages, added to `path` (JSON) as each ends, so a resumed job keeps the earlier ones."""
+
+    def __init__(self, path: Path):
+        self.path, self.started = path, time.perf_counter()
+        self.seconds = json.loads(path.read_text()) if path.is_file() else {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.started
+        self.started = now
+        write_json(self.path, self.seconds)
 
 
 def _applied(delta):

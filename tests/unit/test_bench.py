@@ -15,6 +15,7 @@ from PIL import Image
 import erase
 from canvas import bench, data, fid, splits
 from canvas.cli import main
+from canvas.method_inputs import concept_text
 from tests.unit.helpers import save_tiny
 
 FAST = {"steps": 2, "ddim_steps": 2, "lr": 1e-3}
@@ -50,10 +51,11 @@ def test_bench_writes_the_report_and_resumes_after_a_kill(tmp_path, model_dir, m
     targets = ("Sketch", "Cats")  # a held-out style and a tuning object of the toy
     with pytest.raises(KeyboardInterrupt):
         bench.Bench(_config(model_dir, tmp_path, targets), progress=False).run()
-    assert calls == ["Sketch style", "Cats"]
+    spelled = [concept_text(bench.catalogs.get("toy"), t) for t in targets]  # the toy's forms
+    assert calls == spelled == ["An image in Sketch style.", "A Cats image."]
     monkeypatch.setattr(bench.answers, "generate", real_generate)
     result = bench.Bench(_config(model_dir, tmp_path, targets), progress=False).run()
-    assert calls == ["Sketch style", "Cats"], "resumed jobs must not erase again"
+    assert calls == spelled, "resumed jobs must not erase again"
     rows = {r["target"]: r for r in result["rows"]}
     assert set(rows) == {"Sketch", "Cats"} and rows["Sketch"]["kind"] == "style"
     assert (
@@ -84,13 +86,26 @@ def test_bench_writes_the_report_and_resumes_after_a_kill(tmp_path, model_dir, m
     assert (tmp_path / "report.md").read_text().count(f"| {column} |") == 3  # held-out, tuning, per target
     assert (tmp_path / "report.md").is_file() and (tmp_path / "ua_vs_retain.png").is_file()
     assert {p.name for p in (tmp_path / "grids").iterdir()} == {"esd__Sketch.png", "esd__Cats.png"}
+    for target in targets:  # the killed job kept its erase time and added the later stages' on resume
+        stages = json.loads((tmp_path / "jobs" / f"esd__{target}" / "stages.json").read_text())
+        assert set(stages) == {"erase", "answers", "scoring"} and all(v > 0 for v in stages.values())
+
+
+def test_toy_jobs_take_the_preset_of_their_kind(monkeypatch):
+    config = bench.BenchConfig(methods=["esd", "uce"], targets=["Sketch", "Cats"], out="unused")
+    monkeypatch.setitem(erase.ESDConfig.PRESETS, "toy-object", {"steps": 3})
+    assert bench.job_preset(config, "esd", "object") == "toy-object"
+    assert bench.job_preset(config, "esd", "style") == "toy"
+    assert bench.job_preset(config, "uce", "object") == "toy"  # no toy-object preset: the toy one
+    config.presets = {"esd": "paper"}
+    assert bench.job_preset(config, "esd", "object") == "paper"
 
 
 def test_a_failing_job_is_recorded_and_the_others_finish(tmp_path, model_dir, monkeypatch):
     real_run = erase.run
 
     def fails_on_cats(pipe, config, **kw):
-        if config.concepts == ["Cats"]:
+        if config.concepts == ["A Cats image."]:
             raise RuntimeError("simulated failure")
         return real_run(pipe, config, **kw)
 
