@@ -1,14 +1,21 @@
 """Answer sets: every theme x object x seed of a (possibly erased) model, generated one way for every method.
 
-Images are named `{theme}_{object}_seed{seed}.jpg` as in UnlearnCanvas. Each image has its own generator seed, and
-batches are fixed slices of the global item order, so any sharding or resumption reproduces identical pixels:
-shards take whole batches, and a batch with any missing or unreadable image is regenerated as a whole. `sample` is
-the protocol (DDIM, eta 0, the preset's steps, guidance and size) on top of `erase.sampling.generate`; answer sets
-and the backdoor judge both draw through it.
+Images are named `{theme}_{object}_seed{seed}.jpg` as in UnlearnCanvas. Each image draws its initial noise from its
+own CPU generator seeded with `image_seed(theme, object, seed)` (the first 8 bytes, big-endian, of the SHA-256 of
+the JSON list `[theme, object, seed]`, shifted right by one bit to 63 bits), so the prompts of one seed start from
+different noise, as UnlearnCanvas's samplers draw fresh noise per image, and an image's noise does not depend on
+its batch, its shard or the process. Batches are fixed slices of the global item order, so any sharding or
+resumption reproduces identical pixels (batch mates change an image only by float rounding, which the fixed slices
+remove): shards take whole batches, and a batch with any missing or unreadable image is regenerated as a whole.
+Folders record `ANSWER_VERSION` (2: per-image noise; 1, unrecorded: every prompt of a seed from the seed's noise);
+one of another version is refused, never completed or scored as if identical. `sample` is the protocol (DDIM, eta
+0, the preset's steps, guidance and size) on top of `erase.sampling.generate`; answer sets and the backdoor judge
+(which seeds its generators with the seed alone) both draw through it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -32,6 +39,7 @@ from erase.text import PromptEncoder
 
 SEEDS = (188, 288, 588, 688, 888)
 MANIFEST = "manifest.json"
+ANSWER_VERSION = 2  # 2: each image's noise from image_seed(theme, object, seed); 1: from the seed alone
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,13 @@ def sample(
     )
 
 
+def image_seed(theme: str, obj: str, seed: int) -> int:
+    """The generator seed of one answer-set image: a stable 63-bit digest of (theme, object, seed), not Python's
+    salted hash(), so every process and every run draws the same noise for it."""
+    digest = hashlib.sha256(json.dumps([theme, obj, int(seed)]).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 @dataclass(frozen=True)
 class AnswerItem:
     theme: str
@@ -101,6 +116,10 @@ class AnswerItem:
     @property
     def filename(self) -> str:
         return f"{self.theme}_{self.object}_seed{self.seed}.jpg"
+
+    @property
+    def generator_seed(self) -> int:
+        return image_seed(self.theme, self.object, self.seed)
 
 
 def answer_items(
@@ -168,7 +187,8 @@ def generate(
         shard = (state.process_index, state.num_processes)
     index, count = shard
     out = Path(out_dir)
-    claim(out, {"catalog": catalog.name, "sampler": asdict(sampler), **(identity or {})})
+    claim(out, {"catalog": catalog.name, "sampler": asdict(sampler), "answer_version": ANSWER_VERSION,
+                **(identity or {})})  # fmt: skip
     batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
     mine = [b for n, b in enumerate(batches) if n % count == index]
     todo = [b for b in mine if not all(_readable(out / it.filename) for it in b)]
@@ -179,7 +199,7 @@ def generate(
         with apply(pipe) if apply else nullcontext():
             for batch in todo:
                 prompts = [catalog.prompt(it.theme, it.object) for it in batch]
-                seeds = [it.seed for it in batch]
+                seeds = [it.generator_seed for it in batch]
                 images = sample(pipe, prompts, seeds, sampler, batch_size=len(batch), output_type="np", encoder=encode)
                 for it, image in zip(batch, images):
                     path = out / it.filename
@@ -192,6 +212,7 @@ def generate(
         bar.close()
     manifest = {
         "catalog": catalog.name, "sampler": asdict(sampler), "scheduler": "DDIM", "eta": 0.0,
+        "answer_version": ANSWER_VERSION, "noise": "per image, generator seed sha256([theme, object, seed])",
         "batch_size": batch_size, "prompt_template": catalog.template, "count": len(items),
         "seeds": sorted({it.seed for it in items}), "items": [asdict(it) for it in items], **(manifest_extra or {}),
     }  # fmt: skip
@@ -232,6 +253,10 @@ def load_answer_set(directory: str | os.PathLike) -> tuple[list[AnswerItem], lis
     if not manifest_path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {directory}: generate the answer set first")
     manifest = json.loads(manifest_path.read_text())
+    version = manifest.get("answer_version", 1)
+    if version != ANSWER_VERSION:
+        raise ValueError(f"answer set {directory} was made by answer-set version {version}, not {ANSWER_VERSION} "
+                         "(per-image noise); regenerate it in a new folder")  # fmt: skip
     items = [AnswerItem(**it) for it in manifest["items"]]
     paths = [directory / it.filename for it in items]
     missing = [p.name for p in paths if not p.is_file()]

@@ -139,7 +139,8 @@ def bench_identity(config: BenchConfig, base_fingerprint: str) -> dict[str, Any]
         "base_fingerprint": base_fingerprint, "catalog": config.catalog,
         "sampler": asdict(answers.preset(config.sampler)), "seeds": list(config.seeds), "data": config.data,
         "fid_excludes_target": config.fid_excludes_target, "classifiers": config.classifiers,
-        "inception": config.inception, "inception_variant": config.inception_variant, "version": erase.__version__,
+        "inception": config.inception, "inception_variant": config.inception_variant,
+        "answer_version": answers.ANSWER_VERSION, "version": erase.__version__,
     }  # fmt: skip
 
 

@@ -5,13 +5,15 @@ build)."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 # (latents, timestep, text embeddings) -> predicted noise
@@ -64,6 +66,7 @@ def ddim_scheduler(scheduler_config: Mapping[str, Any], num_steps: int | None = 
 
 OutputType = Literal["pt", "np", "pil"]
 Images = torch.Tensor | np.ndarray | list[Image.Image]
+Encoder = Callable[[list[str]], torch.Tensor]
 
 
 @contextmanager
@@ -78,6 +81,78 @@ def _scheduler(pipe, scheduler) -> Iterator[None]:
         pipe.scheduler = original
 
 
+def _direct(pipe) -> bool:
+    """Whether `_sample_batch` reproduces `pipe(...)`: a plain text-to-image pipeline (UNet, VAE, no safety checker,
+    no guidance-embedding UNet); anything else is sampled through the pipeline's own call."""
+    unet = getattr(pipe, "unet", None)
+    return (
+        isinstance(pipe, StableDiffusionPipeline)
+        and type(pipe).__call__ is StableDiffusionPipeline.__call__
+        and getattr(pipe, "safety_checker", None) is None
+        and getattr(unet.config, "time_cond_proj_dim", None) is None
+        and getattr(pipe, "cross_attention_kwargs", None) is None
+    )
+
+
+def _step_kwargs(scheduler, generators: list[torch.Generator], eta: float) -> dict[str, Any]:
+    """The extra arguments the pipeline gives `scheduler.step`: eta and the generators, where the step takes them."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    if "generator" in accepted:
+        kwargs["generator"] = generators
+    return kwargs
+
+
+def _sample_batch(pipe, cond: torch.Tensor, uncond: torch.Tensor | None, generators: list[torch.Generator], *,
+                  steps: int, guidance: float, eta: float, size: int) -> torch.Tensor:  # fmt: skip
+    """Decoded images in [-1, 1] of one batch: the diffusers text-to-image loop, written out so that the text is
+    encoded once per run rather than per call and nothing but the UNet, the scheduler and the VAE runs per step."""
+    unet, vae, scheduler = pipe.unet, pipe.vae, pipe.scheduler
+    device, dtype = unet.device, cond.dtype
+    scale = pipe.vae_scale_factor
+    shape = (1, unet.config.in_channels, size // scale, size // scale)
+    # one draw per image on the CPU with its own generator, as diffusers' randn_tensor does for a list of generators
+    x = torch.cat([torch.randn(shape, generator=g, dtype=dtype) for g in generators]).to(device)
+    scheduler.set_timesteps(steps, device=device)
+    x = x * scheduler.init_noise_sigma
+    text = torch.cat([uncond, cond]) if uncond is not None else cond
+    extra = _step_kwargs(scheduler, generators, eta)
+    for t in scheduler.timesteps:
+        model_in = torch.cat([x, x]) if uncond is not None else x
+        if hasattr(scheduler, "scale_model_input"):
+            model_in = scheduler.scale_model_input(model_in, t)
+        eps = unet(model_in, t, encoder_hidden_states=text, return_dict=False)[0]
+        if uncond is not None:
+            e_uncond, e_cond = eps.chunk(2)
+            eps = e_uncond + guidance * (e_cond - e_uncond)
+        x = scheduler.step(eps, t, x, **extra, return_dict=False)[0]
+    return vae.decode(x / vae.config.scaling_factor, return_dict=False, generator=generators)[0]
+
+
+def _texts(pipe, prompts: list[str], encoder: Encoder | None, guided: bool):
+    """(cond, uncond or None) embeddings of `prompts`: from `encoder` (the empty prompt encoded once), else the
+    pipeline's own `encode_prompt`."""
+    if encoder is None:
+        cond, uncond = pipe.encode_prompt(prompts, pipe.unet.device, 1, guided)
+        return cond, uncond if guided else None
+    cond = encoder(prompts)
+    return cond, encoder([""]).expand_as(cond) if guided else None
+
+
+@dataclass(frozen=True)
+class _Protocol:
+    """What every batch of one `generate` call shares."""
+
+    steps: int
+    guidance: float
+    eta: float
+    size: int | None
+    output_type: OutputType
+    encoder: Encoder | None
+
+
 @torch.no_grad()
 def generate(
     pipe,
@@ -89,18 +164,23 @@ def generate(
     eta: float = 0.0,
     size: int | None = None,
     scheduler=None,
-    encoder: Callable[[list[str]], torch.Tensor] | None = None,
+    encoder: Encoder | None = None,
     batch_size: int = 8,
     output_type: OutputType = "pt",
 ) -> Images:
-    """Images of `pipe` for (prompt, seed) pairs: one CPU `torch.Generator` per image, so an image depends only on
-    its prompt, its seed and the batch it is drawn in; batches are consecutive slices of `batch_size`.
+    """Images of `pipe` for (prompt, seed) pairs: one CPU `torch.Generator` per image, seeded with its seed, so an
+    image depends only on its prompt and its seed (and, by float rounding only, on the batch it is drawn in);
+    batches are consecutive slices of `batch_size`.
 
-    `scheduler` replaces the pipeline's own for the call (e.g. `ddim_scheduler(pipe.scheduler.config)` for the
-    benchmark's DDIM protocol). `encoder` (e.g. a caching `erase.text.PromptEncoder`, one text encoder only) gives
-    the text embeddings, the empty prompt's as the unconditional ones; without it the pipeline encodes the prompts.
-    `size` is the pixel height and width (None: the model's default). Returns, by `output_type`, a float32 CPU
-    tensor (N, 3, H, W) in [0, 1] ("pt"), an array (N, H, W, 3) in [0, 1] ("np") or a list of PIL images ("pil").
+    The images are those of `pipe(prompt_embeds=..., negative_prompt_embeds=..., generator=[one per image], ...)`,
+    drawn by a loop that calls the UNet, scheduler and VAE directly (no per-call pipeline overhead); a pipeline
+    that loop does not cover (not a plain StableDiffusionPipeline, a safety checker, a guidance-embedding UNet,
+    cross-attention kwargs) is called as such. `scheduler` replaces the pipeline's own for the call (e.g.
+    `ddim_scheduler(pipe.scheduler.config)` for the benchmark's DDIM protocol). `encoder` (e.g. a caching
+    `erase.text.PromptEncoder`, one text encoder only) gives the text embeddings, the empty prompt's as the
+    unconditional ones; without it the pipeline encodes the prompts. `size` is the pixel height and width (None: the
+    model's default). Returns, by `output_type`, a float32 CPU tensor (N, 3, H, W) in [0, 1] ("pt"), an array
+    (N, H, W, 3) in [0, 1] ("np") or a list of PIL images ("pil").
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; each image needs one of each")
@@ -108,25 +188,13 @@ def generate(
         raise ValueError(f"output_type {output_type!r} is not one of pt, np, pil")
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    protocol = _Protocol(steps, guidance, eta, size, output_type, encoder)
+    draw = _direct_batch if _direct(pipe) else _pipeline_batch
     batches = []
     with _scheduler(pipe, scheduler):
         for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            text = (
-                {"prompt_embeds": encoder(chunk), "negative_prompt_embeds": encoder([""] * len(chunk))}
-                if encoder is not None
-                else {"prompt": chunk}
-            )
-            images = pipe(
-                **text,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                eta=eta,
-                height=size,
-                width=size,
-                output_type=output_type,
-                generator=[torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]],
-            ).images
+            generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+            images = draw(pipe, list(prompts[start : start + batch_size]), generators, protocol)
             batches.append(images.float().cpu() if output_type == "pt" else images)
     if output_type == "pt":
         return torch.cat(batches) if batches else torch.empty(0, 3, 0, 0)
@@ -140,6 +208,34 @@ def ddim_level(scheduler: DDIMScheduler, steps_run: int) -> int:
     `timesteps[steps_run]`, or 0 once every step has run (the schedule's clean end)."""
     timesteps = scheduler.timesteps
     return int(timesteps[steps_run]) if steps_run < len(timesteps) else 0
+
+
+def _direct_batch(pipe, prompts: list[str], generators: list[torch.Generator], protocol: _Protocol) -> Images:
+    """One batch by `_sample_batch`, post-processed by the pipeline's own image processor."""
+    guided = protocol.guidance > 1  # the pipeline's rule for classifier-free guidance
+    cond, uncond = _texts(pipe, prompts, protocol.encoder, guided)
+    size = protocol.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if size % pipe.vae_scale_factor:
+        raise ValueError(f"size {size} is not a multiple of the VAE's downsampling factor {pipe.vae_scale_factor}")
+    decoded = _sample_batch(pipe, cond, uncond, generators, steps=protocol.steps, guidance=protocol.guidance,
+                            eta=protocol.eta, size=size)  # fmt: skip
+    return pipe.image_processor.postprocess(
+        decoded, output_type=protocol.output_type, do_denormalize=[True] * len(prompts)
+    )
+
+
+def _pipeline_batch(pipe, prompts: list[str], generators: list[torch.Generator], protocol: _Protocol) -> Images:
+    """One batch through the pipeline's own call: the reference the direct loop reproduces."""
+    encoder = protocol.encoder
+    text = (
+        {"prompt_embeds": encoder(prompts), "negative_prompt_embeds": encoder([""] * len(prompts))}
+        if encoder is not None
+        else {"prompt": prompts}
+    )
+    return pipe(
+        **text, num_inference_steps=protocol.steps, guidance_scale=protocol.guidance, eta=protocol.eta,
+        height=protocol.size, width=protocol.size, output_type=protocol.output_type, generator=generators,
+    ).images  # fmt: skip
 
 
 @torch.no_grad()

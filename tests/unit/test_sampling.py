@@ -1,10 +1,12 @@
-"""erase.sampling.generate, the one generation path: per-image generators, scheduler swap, encoders, output types."""
+"""erase.sampling.generate, the one generation path: per-image generators, scheduler swap, encoders, output types,
+and its direct loop giving the plain pipeline call's images."""
 
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
+from erase import sampling
 from erase.sampling import SD_V1_DDIM, ddim_scheduler, generate
 from erase.text import PromptEncoder
 from tests.unit.helpers import fresh_pipe
@@ -58,7 +60,7 @@ def test_an_encoder_gives_the_text_embeddings():
         return encoder(prompts)
 
     images = generate(pipe, PROMPTS, [1, 2, 3], **ARGS, encoder=counting, batch_size=2)
-    assert calls == [PROMPTS[:2], ["", ""], PROMPTS[2:], [""]]
+    assert calls == [PROMPTS[:2], [""], PROMPTS[2:], [""]], "each batch's prompts, the empty prompt once per batch"
     zeroed = generate(pipe, PROMPTS, [1, 2, 3], **ARGS, encoder=lambda p: encoder(p) * 0, batch_size=2)
     assert images.shape == zeroed.shape and not torch.equal(images, zeroed), "the encoder's embeddings were not used"
 
@@ -71,3 +73,45 @@ def test_bad_arguments():
         generate(pipe, PROMPTS[:1], [1], **ARGS, output_type="latent")
     assert ddim_scheduler(SD_V1_DDIM).config.clip_sample is False
     assert len(ddim_scheduler(SD_V1_DDIM, 7).timesteps) == 7
+
+
+def _pipeline_call(pipe, prompts, seeds, steps, guidance, eta=0.0, **text):
+    """The reference: one plain diffusers call with a CPU generator per image, as images (N, H, W, 3) in [0, 1]."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    text = text or {"prompt": prompts}
+    return pipe(**text, num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=generators,
+                output_type="np").images  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "scheduler, guidance, eta",
+    [("ddim", 3.0, 0.0), ("ddim", 3.0, 0.7), ("ddim", 1.0, 0.0), ("euler", 5.0, 0.0)],
+)  # eta > 0 draws step noise from the generators; guidance 1 skips the unconditional branch; Euler scales inputs
+def test_the_direct_loop_gives_the_pipeline_calls_images(scheduler, guidance, eta):
+    pipe = fresh_pipe()
+    pipe.scheduler = (ddim_scheduler(SD_V1_DDIM) if scheduler == "ddim" else
+                      EulerDiscreteScheduler.from_config(SD_V1_DDIM))  # fmt: skip
+    assert sampling._direct(pipe), "the tiny pipeline must take the direct loop, else this compares a path to itself"
+    args = {"steps": 4, "guidance": guidance, "eta": eta}
+    ours = generate(pipe, PROMPTS, [1, 2, 3], **args, batch_size=3, output_type="np")
+    reference = _pipeline_call(pipe, PROMPTS, [1, 2, 3], **args)
+    assert np.abs(ours - reference).max() < 1e-5
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+    ours = generate(pipe, PROMPTS, [1, 2, 3], **args, encoder=encoder, batch_size=3, output_type="np")
+    reference = _pipeline_call(pipe, PROMPTS, [1, 2, 3], **args, prompt_embeds=encoder(PROMPTS),
+                               negative_prompt_embeds=encoder([""] * 3))  # fmt: skip
+    assert np.abs(ours - reference).max() < 1e-5
+
+
+def test_a_pipeline_the_loop_does_not_cover_is_called_as_such():
+    class Custom(StableDiffusionPipeline):
+        def __call__(self, *args, **kwargs):
+            calls.append(kwargs["generator"])
+            return super().__call__(*args, **kwargs)
+
+    calls = []
+    pipe = Custom(**fresh_pipe().components)
+    pipe.set_progress_bar_config(disable=True)
+    images = generate(pipe, PROMPTS, [1, 2, 3], **ARGS, batch_size=2, output_type="np")
+    assert len(calls) == 2 and [len(g) for g in calls] == [2, 1]
+    assert np.abs(images - _pipeline_call(fresh_pipe(), PROMPTS, [1, 2, 3], **ARGS)).max() < 1e-5
