@@ -17,14 +17,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from statistics import mean, pstdev
 from typing import Any
 
 import torch
 
 from canvas import catalog as catalogs
-from canvas import splits
+from canvas import report, splits
 from canvas.bench import Bench, BenchConfig, resolve_targets
+from canvas.splits import HELD_OUT, TUNING
 from erase import available_methods, get_method
 from erase.atomic import write_text
 
@@ -49,45 +49,43 @@ def erasure_methods() -> list[str]:
     return [m for m in available_methods() if "trigger" not in get_method(m).inputs]
 
 
-def summary(rows: list[dict[str, Any]], split_of) -> list[dict[str, Any]]:
-    """Per (method, kind, split): mean, minimum and population standard deviation over targets of UA/IRA/CRA."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["method"], row["kind"], split_of(row["target"])), []).append(row)
-    out = []
-    for (method, kind, split), group in sorted(groups.items()):
-        entry: dict[str, Any] = {"method": method, "kind": kind, "split": split, "n": len(group)}
-        for key in METRICS:
-            values = [r[key] for r in group]
-            entry.update({f"{key}_mean": mean(values), f"{key}_min": min(values), f"{key}_std": pstdev(values)})
-        entry["met"] = all(entry[f"{k}_mean"] >= v for k, v in GOAL.items())
-        out.append(entry)
-    return out
+def goal_met(entry: dict[str, Any], kind: str) -> bool:
+    return all(entry[f"{kind}_{k}"] is not None and entry[f"{kind}_{k}"] >= v for k, v in GOAL.items())
 
 
 def summary_markdown(entries: list[dict[str, Any]], split: str) -> str:
+    """Per method and kind: mean (min, std) of UA / IRA / CRA over the split's targets, the goal, the paper's."""
     lines = [
         "| method | kind | targets | UA mean (min, std) | IRA mean (min, std) | CRA mean (min, std) | goal | "
         "UnlearnCanvas UA / IRA / CRA |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for e in (e for e in entries if e["split"] == split):
-        paper = PAPER.get(e["method"])
-        part = None if paper is None else (paper[:3] if e["kind"] == "style" else paper[3:])
-        shown = "-" if part is None else " / ".join(f"{v:.1f}" for v in part)
-        cells = [f"{e[f'{k}_mean']:.1f} ({e[f'{k}_min']:.1f}, {e[f'{k}_std']:.1f})" for k in METRICS]
-        goal = ("met" if e["met"] else "**not met**") if split == "held-out" else "tuning, not a result"
-        lines.append(f"| {e['method']} | {e['kind']} | {e['n']} | " + " | ".join(cells) + f" | {goal} | {shown} |")
+        for kind in ("style", "object"):
+            if not e[f"n_{kind}"]:
+                continue
+            paper = PAPER.get(e["method"])
+            part = None if paper is None else (paper[:3] if kind == "style" else paper[3:])
+            shown = "-" if part is None else " / ".join(f"{v:.1f}" for v in part)
+            cells = [f"{e[f'{kind}_{k}']:.1f} ({e[f'{kind}_{k}_min']:.1f}, {e[f'{kind}_{k}_std']:.1f})"
+                     for k in METRICS]  # fmt: skip
+            goal = ("met" if goal_met(e, kind) else "**not met**") if split == HELD_OUT else "tuning, not a result"
+            lines.append(f"| {e['method']} | {kind} | {e[f'n_{kind}']} | " + " | ".join(cells)
+                         + f" | {goal} | {shown} |")  # fmt: skip
     return "\n".join(lines)
 
 
-def stage_seconds(work: Path) -> dict[str, float]:
-    """Seconds per stage summed over jobs (each job's stages.json, written by the bench)."""
+def stage_seconds(work: Path) -> tuple[dict[str, float], int]:
+    """Seconds per stage summed over jobs (each job's stages.json, written by the bench), and how many jobs
+    generated an answer set."""
     totals: dict[str, float] = {}
+    answer_sets = 0
     for path in (work / "jobs").glob("*/stages.json"):
-        for stage, seconds in json.loads(path.read_text()).items():
+        stages = json.loads(path.read_text())
+        answer_sets += "answers" in stages
+        for stage, seconds in stages.items():
             totals[stage] = totals.get(stage, 0.0) + seconds
-    return totals
+    return totals, answer_sets
 
 
 def main() -> None:
@@ -111,9 +109,11 @@ def main() -> None:
     wall = time.perf_counter() - started
     work, docs = Path(args.work), Path(args.docs)
     rows = result["rows"]
-    entries = summary(rows, lambda target: splits.target_split(cat, target))
+    entries = report.aggregate(rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    stages = stage_seconds(work)
+    stages, answer_sets = stage_seconds(work)
+    images = answer_sets * len(config.seeds) * len(cat.themes) * len(cat.objects)
+    rate = images / stages["answers"] if stages.get("answers") else float("nan")
     processes = bench.state.num_processes
     lines = [
         "# The toy table: every erasure method x every toy target",
@@ -123,6 +123,7 @@ def main() -> None:
         f"- commit: {commit}; answer-set seeds {config.seeds}; FID features: {result['fid_features']}",
         f"- wall time of this invocation: {wall / 60:.1f} min (a resumed run counts only what it redid); summed over "
         "jobs: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(stages.items())),
+        f"- answer sets: {images} images at {rate:.1f} images/s per process",
         f"- tuning targets (presets were chosen on these; not results): {', '.join(splits.tuning_targets(cat))}",
         f"- failed jobs: {result['failed'] or 'none'}",
         "",
@@ -132,11 +133,11 @@ def main() -> None:
         "",
         "## Held-out targets",
         "",
-        summary_markdown(entries, "held-out"),
+        summary_markdown(entries, HELD_OUT),
         "",
         "## Tuning targets (not results)",
         "",
-        summary_markdown(entries, "tuning"),
+        summary_markdown(entries, TUNING),
         "",
         "Per-target rows (with FID, time, memory, storage and split): [toy.csv](toy.csv); before/after grids in",
         "[toy-grids/](toy-grids/).",
@@ -144,6 +145,9 @@ def main() -> None:
         "![UA against IRA and CRA](toy.png)",
         "",
     ]
+    backdoor = docs / "toy-backdoor.md"
+    if backdoor.is_file():  # scripts/backdoor_table.py's table, one heading level down
+        lines += ["#" + backdoor.read_text(), ""]
     if args.notes:
         lines += [Path(args.notes).read_text()]
     docs.mkdir(parents=True, exist_ok=True)

@@ -61,8 +61,8 @@ UNLEARNCANVAS_STYLE_FORMS = (
     "{concept} {concept} inspired painting, {prompt}", "{concept} inspired painting, {prompt}",
     "in {concept} {concept}'s style, {prompt}", "in {concept}'s style, {prompt}",
 )  # fmt: skip
-# Anchor captions of the toy: not the benchmark prompt ("A {object} image in {style} style."), made of words the toy
-# text encoder knows. Our choice; a field (anchor_form) so it can be tuned.
+# The default form of catalog anchor captions: not the benchmark prompt ("A {object} image in {style} style."). The
+# toy presets use forms its text encoder understands better (see PRESETS["toy"]).
 TOY_ANCHOR_FORM = "{object} in {style} style"
 # Presets whose anchor captions are the authors' files, which we do not ship (UnlearnCanvas has no licence file; the
 # captions are web alt-texts): the file to give as anchor_prompts_file.
@@ -110,14 +110,20 @@ class CAConfig(TrainingConfig):
                                  "style_forms": list(UNLEARNCANVAS_STYLE_FORMS),
                                  "concept_form": "An image of {concept}", "num_anchor_images": 80,
                                  "sample_steps": 200, "sample_guidance": 6.0, "hflip": True},
-        # The toy (our own; 1.5 M-parameter UNet, paper learning rates move it too little): anchor captions in
-        # TOY_ANCHOR_FORM ("Cats in Photo style"; an object anchor in every theme), not the benchmark prompts the
-        # answer set uses (training on those gave UA 100 on every toy style). Steps and lr were measured
-        # (scripts/tune_toy.py, Pop_Art: UA 100 / IRA 90) when it trained on the benchmark prompts themselves;
-        # not re-measured with these captions.
+        # Ours (1.5 M-parameter UNet, paper learning rates move it too little), chosen by scripts/tune_toy.py on the
+        # tuning targets only (docs/results/tuning/ca-*.md). Anchor captions are not the benchmark prompts the
+        # answer set uses (training on those gave UA 100 on every toy style) but the nearest forms the toy's text
+        # encoder understands: styles "An image in Photo style." (tuning mean UA 50 / IRA 94 / CRA 98: Pop_Art
+        # erased, Watercolor not; "Cats in Photo style" erased nothing, the toy does not understand that form),
+        # objects "A {anchor} image." (the next object) (UA 100 / IRA 90 / CRA 100; 200 steps did no better).
         "toy": {
             "steps": 100, "lr": 1e-3, "batch_size": 4, "loss": "model", "anchors": ["Photo"], "prompt_mode": "replace",
-            "anchor_catalog": "toy", "anchor_form": TOY_ANCHOR_FORM, "params": "xattn",
+            "anchor_catalog": "toy", "anchor_form": "An image in {style} style.", "params": "xattn",
+            "num_anchor_images": 64, "sample_steps": 25, "sample_guidance": 3.0, "prior_preservation": True,
+        },
+        "toy-object": {
+            "steps": 100, "lr": 1e-3, "batch_size": 4, "loss": "model", "prompt_mode": "replace",
+            "anchor_catalog": "toy", "anchor_form": "A {object} image.", "params": "xattn",
             "num_anchor_images": 64, "sample_steps": 25, "sample_guidance": 3.0, "prior_preservation": True,
         },
     }  # fmt: skip

@@ -99,10 +99,15 @@ class UCEConfig(MethodConfig):
                                  "guides": ["A Elephant image"], "token_choice": "through_eos",
                                  "prepend_empty": True, "catalog": "unlearncanvas-50",
                                  "augment": list(OBJECT_AUGMENT)},
-        # The toy (our own): guided to the photo class with the paper's strengths; measured on the toy
-        # (scripts/tune_toy.py, concept "Pop Art style"): UA 100 / IRA 88.
-        "toy": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "guides": ["An image in Photo style"],
+        # Ours, chosen by scripts/tune_toy.py on the tuning targets only (docs/results/tuning/uce-*.md): guided to
+        # the photo class; styles with erase_scale 10 (tuning mean UA 53 / IRA 75 / CRA 86: Watercolor is barely
+        # erased at any strength tried, 1-10), objects with the paper's strengths (UA 95.5 / IRA 78 / CRA 95; the
+        # guide "" over-erased, IRA 40). The bench spells concepts in the toy's forms ("An image in Pop Art style.",
+        # "A Cats image.").
+        "toy": {"lam": 0.5, "erase_scale": 10.0, "preserve_scale": 1.0, "guides": ["An image in Photo style"],
                 "token_choice": "through_eos"},
+        "toy-object": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "guides": ["An image in Photo style"],
+                       "token_choice": "through_eos"},
     }  # fmt: skip
 
     concepts: list[str] = field(default_factory=list)

@@ -162,7 +162,9 @@ def test_presets_build(preset, tmp_path):
     captions = tmp_path / "painting.txt"
     captions.write_text("a painting of a house\n\nOil Painting of a lake\n")
     files = {"anchor_prompts_file": str(captions)} if preset in ca.CAPTION_FILES else {}
-    config = erase.make_config("ca", preset=preset, concepts=["Van Gogh"], anchors=["Photo"], **files)
+    target = {"concepts": ["Cats"], "anchors": ["Fishes"]} if preset.endswith("object") else {
+        "concepts": ["Van Gogh"], "anchors": ["Photo"]}  # fmt: skip
+    config = erase.make_config("ca", preset=preset, **target, **files)
     assert config.preset == preset and config.lr > 0
     if files:
         assert config.prompts() == ["a painting of a house", "Oil Painting of a lake"]
@@ -230,15 +232,15 @@ def test_toy_trains_on_captions_that_are_not_the_benchmark_prompts():
 
     cat = get("toy")
     benchmark = set(cat.prompts())
-    for target in ("Pop_Art", "Cats"):
-        config = erase.make_config("ca", preset="toy", **method_inputs("ca", cat, target, None))
+    for target, preset in (("Pop_Art", "toy"), ("Cats", "toy-object")):  # the bench's presets of each kind
+        config = erase.make_config("ca", preset=preset, **method_inputs("ca", cat, target, None))
         anchors = config.prompts()
         targets = [config.target_prompt(p, 0) for p in anchors]
         assert anchors and not benchmark & set(anchors) and not benchmark & set(targets)
         words = "Pop Art" if target == "Pop_Art" else "Cats"
         assert all(words in t for t in targets)
     photo = erase.make_config("ca", preset="toy", concepts=["Pop Art"])
-    assert photo.prompts() == [f"{o} in Photo style" for o in cat.objects]  # the default form, every object
+    assert set(photo.prompts()) == {"An image in Photo style."}  # the toy preset's form
     tuned = erase.make_config("ca", preset="toy", concepts=["Pop Art"], anchor_form="Photo style image of {object}")
     assert tuned.prompts()[0] == f"Photo style image of {cat.objects[0]}"
 
