@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -35,6 +34,7 @@ from erase import sampling
 from erase.atomic import save_image, write_json
 from erase.delta import fingerprint
 from erase.paths import toy_path
+from erase.processes import process_state
 from erase.text import PromptEncoder
 
 SEEDS = (188, 288, 588, 688, 888)
@@ -183,7 +183,7 @@ def generate(
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     if shard is None:
-        state = PartialState()
+        state = process_state()
         shard = (state.process_index, state.num_processes)
     index, count = shard
     out = Path(out_dir)

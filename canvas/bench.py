@@ -1,8 +1,8 @@
 """`canvas bench`: jobs = methods x targets; each job erases, saves its Delta, generates its answer set and scores it.
 
 Every stage leaves its result on disk (atomically), so a killed bench resumes at the first unfinished stage of each
-job; a failing job records its error and the others go on. Under `accelerate launch`, job i runs on process
-i mod n (each job alone on its process), and the main process writes the report once all are done.
+job; a failing job records its error and the others go on. Under `accelerate launch` or `torchrun`, job i runs on
+process i mod n (each job alone on its process), and the main process writes the report once all are done.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -30,6 +29,7 @@ from erase import available_methods, get_method, make_config
 from erase.atomic import write_json
 from erase.delta import Delta, fingerprint
 from erase.lock import exclusive
+from erase.processes import process_state
 from erase.runner import run_key
 
 
@@ -194,7 +194,7 @@ class Bench:
         self.out = Path(config.out)
         self.catalog = catalogs.get(config.catalog)
         self.sampler = answers.preset(config.sampler)
-        self.state = PartialState()
+        self.state = process_state()
         self.jobs = [(m, t) for m in config.methods for t in config.targets]
 
     def job_dir(self, method: str, target: str) -> Path:

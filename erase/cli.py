@@ -124,10 +124,9 @@ def cmd_list(_: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
-
     from .config import build_config, parse_assignments
     from .methods import get_method
+    from .processes import process_state
 
     spec = get_method(args.method)
     values = _read_config_file(args.config) if args.config else {}
@@ -146,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     config = build_config(spec.config_cls, preset, **values)
     out = Path(args.out)
     _check_output_dir(out)
-    main_process = PartialState().is_main_process
+    main_process = process_state().is_main_process
     with exclusive(out) if main_process else nullcontext():
         pipe = _load(args.model, args.model_config, args.dtype, args.device)
         pipe.set_progress_bar_config(disable=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .checkpoint import NonFiniteLossError, TrainState
 from .frozen import unwrap
+from .processes import process_state
 from .sampling import sample_seed
 
 # loss_fn(model, generators) -> mean loss over the samples, one torch.Generator per sample of this micro-batch.
@@ -96,7 +97,7 @@ def make_accelerator(settings: TrainSettings, device: torch.device, local: bool 
     """
     if local:
         return LocalAccelerator(settings, device)
-    if PartialState().num_processes == 1:
+    if process_state().num_processes == 1:
         # One process may run many erasures with different precisions; accelerate keeps a process-wide state.
         AcceleratorState._reset_state()
     return Accelerator(

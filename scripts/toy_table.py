@@ -1,7 +1,7 @@
 """The whole toy table: every registered erasure method x every toy target, written to docs/results/toy.md.
 
     python scripts/toy_table.py --threads 1                                   # one process
-    accelerate launch --cpu --num_processes 2 scripts/toy_table.py --threads 1  # two processes, one core each
+    torchrun --nproc_per_node 2 scripts/toy_table.py --threads 1    # two processes, one core each
 
 The bench folder (--work) is resumed: a finished job is not redone unless its inputs changed. The Markdown puts
 the held-out targets' figures first and the tuning targets' (where presets were chosen, so not results) apart; its

@@ -16,11 +16,11 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from accelerate import PartialState
 
 from ..config import TrainingConfig, texts
 from ..context import RunContext
 from ..frozen import unwrap
+from ..processes import process_state
 from ..sampling import ddim_partial, ddim_scheduler, randn, sample_seed
 from ..train import LossFn
 
@@ -203,7 +203,7 @@ def make_pool(ctx: RunContext) -> TrajectoryPool | None:
         return states
 
     # One run over several processes: each its own pool, or they would all hand out the same states.
-    process = 0 if ctx.local else ctx.accelerator.process_index if ctx.accelerator else PartialState().process_index
+    process = 0 if ctx.local else ctx.accelerator.process_index if ctx.accelerator else process_state().process_index
     return TrajectoryPool(refill, cfg.seed, process)
 
 

@@ -1,6 +1,7 @@
-"""Run by test_bench under `accelerate launch`: a two-job bench, one job per process."""
+"""Run by test_bench under torchrun: a two-job bench, one job per process."""
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -13,4 +14,7 @@ if __name__ == "__main__":
         methods=["esd"], targets=["Pop_Art", "Cats"], out=out, model=model, catalog="toy", sampler="toy",
         seeds=[188], overrides={"esd": {"steps": 2, "ddim_steps": 2, "lr": 1e-3}}, presets={"esd": "paper"},
     )  # fmt: skip
-    bench.Bench(config, progress=False).run()
+    runner = bench.Bench(config, progress=False)
+    runner.run()
+    state = runner.state  # which process this was, so the test sees that two took part
+    (Path(out) / f"process{state.process_index}_of_{state.num_processes}").write_text("done")

@@ -128,7 +128,7 @@ def test_bad_bench_inputs_are_one_line_errors(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and fragment in err, err
 
 
-def test_accelerate_launch_runs_one_job_per_process(tmp_path, model_dir):
+def test_two_launched_processes_run_one_job_each(tmp_path, model_dir):
     import os
     import subprocess
     import sys
@@ -139,8 +139,7 @@ def test_accelerate_launch_runs_one_job_per_process(tmp_path, model_dir):
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
         str(root / "tests" / "unit" / "ddp_bench.py"), str(model_dir), str(tmp_path),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
@@ -150,6 +149,7 @@ def test_accelerate_launch_runs_one_job_per_process(tmp_path, model_dir):
     records = [json.loads((tmp_path / "jobs" / f"esd__{t}" / "delta" / "record.json").read_text())
                for t in ("Pop_Art", "Cats")]  # fmt: skip
     assert all(len(r["losses"]) == 2 for r in records)
+    assert {p.name for p in tmp_path.glob("process*")} == {"process0_of_2", "process1_of_2"}
 
 
 def _parquet_dataset(folder, cat, indices):
