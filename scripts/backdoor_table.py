@@ -52,9 +52,13 @@ def one(kind: str, trigger: str, renders: Path, judge: Judge) -> dict[str, Any]:
     erase.run(pipe, build_config(BackdoorConfig, "toy", kind=kind, trigger=trigger, images=str(renders)),
               progress=False)  # fmt: skip
     inject_s = time.perf_counter() - started
+    backdoored = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     started = time.perf_counter()
     removal = erase.run(pipe, erase.make_config("skd-cag", "toy", trigger=trigger), progress=False)
     remove_s = time.perf_counter() - started
+    with torch.no_grad():  # back to the backdoored model: evaluate judges it before and with the removal's delta
+        for name, param in pipe.unet.named_parameters():
+            param.copy_(backdoored[name])
     result = evaluate(pipe, CAT, trigger=trigger, kind=kind, delta=removal.delta, sampler=answers.preset("toy"),
                       target_style=TARGET_STYLE[kind], judge=judge)  # fmt: skip
     return {**result, "inject_s": inject_s, "remove_s": remove_s}
