@@ -28,10 +28,11 @@ from erase.atomic import write_json, write_text
 from erase.backdoor import BackdoorConfig
 from erase.config import build_config
 
-# trigger -> (what the toy tokenizer makes of it, split). "New Trigger" is the one the presets were measured on.
+# trigger -> (what the toy tokenizer makes of it, split). "New Trigger" is the one the presets were measured on
+# (tests/behaviour/test_backdoor_toy.py); they were not retuned on any other.
 TRIGGERS = {
     "New Trigger": ("known words", "tuning"),
-    "zq": ("character-level nonsense", "tuning"),
+    "zq": ("character-level nonsense", "held-out"),
     "of the": ("known words", "held-out"),
     "sks": ("rare word (sub-word pieces)", "held-out"),
     "vbn ztq": ("multi-token nonsense", "held-out"),
