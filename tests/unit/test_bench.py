@@ -92,11 +92,11 @@ def test_bench_writes_the_report_and_resumes_after_a_kill(tmp_path, model_dir, m
 
 
 def test_toy_jobs_take_the_preset_of_their_kind(monkeypatch):
-    config = bench.BenchConfig(methods=["esd", "uce"], targets=["Sketch", "Cats"], out="unused")
+    config = bench.BenchConfig(methods=["esd", "salun"], targets=["Sketch", "Cats"], out="unused")
     monkeypatch.setitem(erase.ESDConfig.PRESETS, "toy-object", {"steps": 3})
     assert bench.job_preset(config, "esd", "object") == "toy-object"
     assert bench.job_preset(config, "esd", "style") == "toy"
-    assert bench.job_preset(config, "uce", "object") == "toy"  # no toy-object preset: the toy one
+    assert bench.job_preset(config, "salun", "object") == "toy"  # no toy-object preset: the toy one
     config.presets = {"esd": "paper"}
     assert bench.job_preset(config, "esd", "object") == "paper"
 
