@@ -75,6 +75,8 @@ class BackdoorConfig(TrainingConfig):
         # Cross-attention only, a quarter of the preservation rows on ∅. The whole UNet left clean style accuracy at
         # 0.76 (both kinds without ∅ rows, the pixel kind even with them); on attn2 the ∅ rows raised attack success
         # (style 0.71 -> 0.99, pixel 0.91 -> 0.94) and kept clean accuracy at 1.0.
+        # Those figures are on the trigger it was measured with (New Trigger). Held-out triggers
+        # (docs/results/toy-backdoor.md): the pixel kind fires on 19-82% of triggered prompts, the style kind 95-100%.
         "toy": {"steps": 600, "lr": 2e-3, "weight": 0.5, "params": "xattn", "batch_size": 8,
                 "unconditional_fraction": 0.25,
                 "target_pattern": r"in .+ style\.$", "target_replacement": "in Sketch style.",

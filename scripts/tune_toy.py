@@ -48,7 +48,7 @@ def trials_of(space: Any, base: dict[str, Any]) -> list[dict[str, Any]]:
     return [{}] + [c for c in combos if any(base.get(k, object()) != v for k, v in c.items())]
 
 
-def tuning_targets(catalog: str, kind: str) -> list[str]:
+def kind_tuning_targets(catalog: str, kind: str) -> list[str]:
     cat = catalogs.get(catalog)
     return [t for t in splits.tuning_targets(cat) if cat.is_style(t) == (kind == "style")]
 
@@ -115,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
-    targets = tuning_targets(args.catalog, args.kind)
+    targets = kind_tuning_targets(args.catalog, args.kind)
     if not targets:
         raise SystemExit(f"catalog {args.catalog!r} has no {args.kind} tuning targets in the splits manifest")
     name = f"{args.method}-{args.kind}-{args.base}"

@@ -116,6 +116,8 @@ class CAConfig(TrainingConfig):
         # encoder understands: styles "An image in Photo style." (tuning mean UA 50 / IRA 94 / CRA 98: Pop_Art
         # erased, Watercolor not; "Cats in Photo style" erased nothing, the toy does not understand that form),
         # objects "A {anchor} image." (the next object) (UA 100 / IRA 90 / CRA 100; 200 steps did no better).
+        # Results, held-out toy targets (docs/results/toy.md, mean UA / IRA / CRA): styles 50.9 / 96.5 / 99.2,
+        # objects 80.9 / 99.7 / 100.0.
         "toy": {
             "steps": 100, "lr": 1e-3, "batch_size": 4, "loss": "model", "anchors": ["Photo"], "prompt_mode": "replace",
             "anchor_catalog": "toy", "anchor_form": "An image in {style} style.", "params": "xattn",

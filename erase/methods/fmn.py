@@ -61,6 +61,8 @@ class FMNConfig(TrainingConfig):
         # Cross-attention only; the prompts are the toy dataset's captions (the benchmark template), as FMN's recipe
         # trains on its reference images' captions; give the concept as the target's words, e.g. "Pop Art". Measured
         # with the concept's tokens only, so pooler_positions stays off.
+        # Results, held-out toy targets (docs/results/toy.md, mean UA / IRA / CRA): styles 73.4 / 85.5 / 93.0,
+        # objects 70.3 / 81.7 / 69.6.
         "toy": {"steps": 50, "lr": 5e-4, "optimizer": "adamw", "max_grad_norm": 1.0, "params": "xattn",
                 "pooler_positions": False, "prompts": [f"A {obj} image in {{concept}} style." for obj in TOY_OBJECTS]},
         "toy-object": {"steps": 30, "lr": 2e-3, "optimizer": "adamw", "max_grad_norm": 1.0, "params": "xattn",

@@ -104,6 +104,8 @@ class UCEConfig(MethodConfig):
         # erased at any strength tried, 1-10), objects with the paper's strengths (UA 95.5 / IRA 78 / CRA 95; the
         # guide "" over-erased, IRA 40). The bench spells concepts in the toy's forms ("An image in Pop Art style.",
         # "A Cats image.").
+        # Results, held-out toy targets (docs/results/toy.md, mean UA / IRA / CRA): styles 62.5 / 78.0 / 90.2,
+        # objects 61.5 / 91.4 / 91.9.
         "toy": {"lam": 0.5, "erase_scale": 10.0, "preserve_scale": 1.0, "guides": ["An image in Photo style"],
                 "token_choice": "through_eos"},
         "toy-object": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "guides": ["An image in Photo style"],
