@@ -11,6 +11,7 @@ NAMED_SETS = {
     "kv": "cross-attention keys and values (attn2.to_k, attn2.to_v)",
     "xattn": "every cross-attention module (attn2.*)",
     "noxattn": "everything except cross-attention",
+    "esd-u": "everything except cross-attention, the time embedding and conv_out (ESD-u of the paper-era code)",
     "all": "every parameter",
 }
 
@@ -18,7 +19,6 @@ NAMED_SETS = {
 # The names the papers and their code give to parameter sets, each one of the named sets above.
 ALIASES = {
     "esd-x": "xattn",  # ESD's variants
-    "esd-u": "noxattn",
     "esd-x-strict": "kv",
     "esd-all": "all",
     "attention": "xattn",  # CA's parameter groups ("kv" and "xattn" as above)
@@ -55,6 +55,8 @@ def _in_named_set(name: str, set_name: str) -> bool:
         return ".attn2." in f".{name}"
     if set_name == "noxattn":
         return ".attn2." not in f".{name}"
+    if set_name == "esd-u":
+        return ".attn2." not in f".{name}" and not name.startswith(("time_embedding.", "conv_out."))
     return True  # "all"
 
 

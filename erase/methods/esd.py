@@ -30,8 +30,8 @@ ANCHORS = ("empty", "concept")
 
 @dataclass
 class ESDConfig(TrainingConfig):
-    """ESD's parameter sets are its variants: `params` "esd-x" (default), "esd-u", "esd-x-strict" or "esd-all"
-    (aliases in erase.params)."""
+    """ESD's parameter sets are its variants: `params` "esd-x" (default), "esd-u" (the paper-era code's: no time
+    embedding, no conv_out), "esd-x-strict" or "esd-all" (erase.params)."""
 
     DEFAULT_PARAMS: ClassVar[str] = "esd-x"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {

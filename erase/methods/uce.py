@@ -81,6 +81,10 @@ class UCEConfig(MethodConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # The paper's values (λ 0.5, η_e 1, η_p 1), with the current official code's token choice.
         "paper": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "token_choice": "last_word"},
+        # The same for art styles: the current official code's default guide for concept_type art is "art" (for
+        # objects it is "", as in `paper`).
+        "paper-art": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "token_choice": "last_word",
+                      "guides": ["art"]},
         # The older public code (train-scripts/train_erase.py): last word through EOS/padding, all tokens of
         # preserved prompts, "" always preserved first, η_p = max(0.1, 1/(|preserve| + 1)). Its default preserve
         # list for concept_type art (all artists of its data/artists1734_prompts.csv) is not shipped: give one.

@@ -23,6 +23,10 @@ def test_named_parameter_sets_partition_the_unet():
     assert kv and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in kv)
     assert kv < xattn and xattn | noxattn == everything and not xattn & noxattn
     assert set(select(unet, "*attn2.to_k.*,*attn2.to_v.*")) == kv
+    # ESD-u as the paper-era code trains it: outside attn2, without the time embedding and conv_out
+    esd_u = set(select(unet, "esd-u"))
+    assert esd_u == {n for n in noxattn if not n.startswith(("time_embedding.", "conv_out."))}
+    assert any(n.startswith("time_embedding.") for n in noxattn) and any(n.startswith("conv_out.") for n in noxattn)
 
 
 @pytest.mark.parametrize("spec", ["", "attn3", ["*nothing*"]])
@@ -91,7 +95,7 @@ def test_esd_variant_changes_exactly_its_parameters(variant):
     before = unet_state(pipe)
     text_before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
     result = erase.run(pipe, small_esd(params=variant, steps=2), progress=False)
-    declared = {f"unet.{n}" for n in select(fresh_pipe().unet, ALIASES[variant])}
+    declared = {f"unet.{n}" for n in select(fresh_pipe().unet, ALIASES.get(variant, variant))}
     after = pipe.unet.state_dict()
     changed = {f"unet.{k}" for k in before if not torch.equal(before[k], after[k])}
     assert changed == set(result.delta.tensors) == declared

@@ -204,6 +204,9 @@ def test_empty_preserve_prompt_is_allowed_with_through_eos():
 # The authors' values, read from their code (README commands and train_erase.py of UnlearnCanvas's
 # mu_unified_concept_editing_uce; the older official train-scripts/train_erase.py).
 RECIPES = {
+    "paper": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "token_choice": "last_word", "guides": [""]},
+    "paper-art": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "token_choice": "last_word",
+                  "guides": ["art"]},
     "original-code": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": None, "token_choice": "through_eos",
                       "prepend_empty": True, "augment": [], "catalog": None},
     "unlearncanvas-style": {"lam": 1.0, "erase_scale": 0.05, "preserve_scale": None,
