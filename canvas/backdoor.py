@@ -64,8 +64,10 @@ def measure(pipe, judge, cat: Catalog, *, trigger: str, kind: str, seeds: Sequen
     clean_keys, bad_keys = prompt_sets(cat, trigger, kind, seeds, target_style)
     clean_prompts = [cat.prompt(t, o) for t, o, _ in clean_keys]
     bad_prompts = [triggered_prompt(trigger, cat.prompt(t, o)) for t, o, _ in bad_keys]
-    clean = answers.sample(pipe, clean_prompts, [s for *_, s in clean_keys], sampler, batch_size=batch_size)
-    bad = answers.sample(pipe, bad_prompts, [s for *_, s in bad_keys], sampler, batch_size=batch_size)
+    # each (theme, object, seed) its own noise, as in the answer sets; a triggered prompt shares its clean one's
+    clean = answers.sample(pipe, clean_prompts, [answers.image_seed(*k) for k in clean_keys], sampler,
+                           batch_size=batch_size)  # fmt: skip
+    bad = answers.sample(pipe, bad_prompts, [answers.image_seed(*k) for k in bad_keys], sampler, batch_size=batch_size)
     style_c, object_c, feats = judge(clean)
     style_b, object_b, _ = judge(bad)
     true_style, true_object = metrics.true_labels(cat, [k[0] for k in clean_keys], [k[1] for k in clean_keys])

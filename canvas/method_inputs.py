@@ -14,20 +14,12 @@ from typing import Any
 from canvas import splits
 from erase.catalog import Catalog, style_words
 
-# How text-erasing methods name a target on the toy. Its text encoder learned one sentence form, the benchmark
-# template, and little else: a bare "Watercolor style" gave Watercolor on 2 of 8 images; over 4 seeds x 4 objects
-# of each toy style the template gave the style on 160/160, "An image in {style} style." on 96/160; for objects
-# "An image of Cats." gave cats on 6/16 and "A Cats image." on 15/16. So on the toy a concept is spelt in the
-# nearest form it understands that is not the evaluation prompt (a limit of the toy, not of the methods).
-TOY_CONCEPT_FORMS = {"style": "An image in {words} style.", "object": "A {words} image."}
-
 
 def concept_text(cat: Catalog, target: str) -> str:
-    """How a target is named to a method that erases text: `Pop Art style` for a style, the object for an object;
-    on the toy `TOY_CONCEPT_FORMS`."""
+    """How a target is named to a method that erases text, as UnlearnCanvas names it: `Pop Art style` for a style,
+    the object for an object (the toy's text encoder learned these short forms with the template:
+    scripts/build_toy.py STYLE_FORMS, OBJECT_FORMS)."""
     words = target_words(cat, target)
-    if cat.name == "toy":
-        return TOY_CONCEPT_FORMS["style" if cat.is_style(target) else "object"].format(words=words)
     return f"{words} style" if cat.is_style(target) else target
 
 
@@ -58,8 +50,8 @@ def _other_object(cat: Catalog, obj: str) -> str:
 
 def esd_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
     """ESD: as UnlearnCanvas prompts it (mu_erasing_concepts_esd), `{Style} Style` for a style and `An image of
-    {Object}.` for an object; on the toy `TOY_CONCEPT_FORMS`."""
-    if cat.is_style(target) or cat.name == "toy":
+    {Object}.` for an object."""
+    if cat.is_style(target):
         return concept_inputs(cat, target, data_root, given)
     return {"concepts": [f"An image of {target}."]}
 

@@ -1,11 +1,19 @@
-"""Backdoors on the toy per trigger: BadT2I injection, then SKD-CAG removal, for both kinds and several triggers.
+"""Backdoors on the toy per trigger: BadT2I injection, then SKD-CAG removal, for both kinds and several triggers;
+and the scripted search that chose the toy presets on the tuning triggers only.
 
     python scripts/backdoor_table.py --threads 1 [--work runs/backdoor-table] [--docs docs/results]
+    python scripts/backdoor_table.py --tune inject --kinds pixel --space '[{"steps": 1200}]' [--out docs/results/tuning]
 
-The injection and removal presets (`toy`) were measured on the tuning triggers; the others are reported. Triggers
-span what a tokenizer can make of them: known words (one token each), a rare word (sub-word pieces), character-level
-nonsense and a multi-token nonsense phrase. Each (kind, trigger) result is written to --work/<kind>__<slug>.json
-(atomically, resumed) and the whole table to --docs/toy-backdoor.md and .json.
+Triggers span what a tokenizer can make of them: known words (one token each), a rare word (sub-word pieces),
+character-level nonsense and multi-token nonsense; TRIGGERS marks the tuning ones, the others are the results. Each
+(kind, trigger) result is written to --work/<kind>__<slug>.json (atomically; resumed only when it was made with the
+same presets) and the whole table to --docs/toy-backdoor.md and .json.
+
+`--tune inject|remove` runs trials (config values over the `toy` preset of BadT2I or of SKD-CAG; trial 0 is the preset
+itself) on the tuning triggers and picks by a fixed rule. Injection: the highest lowest-trigger attack success among
+trials that fire on <= 5% of clean prompts and keep clean style and object accuracy >= 0.9. Removal (of the `toy`
+injection): the highest lowest-trigger removal among trials that keep both clean ratios >= 0.9 (pixel: removal is
+the share of patched prompts that lose the patch). When no trial qualifies, the highest lowest-trigger figure.
 """
 
 from __future__ import annotations
@@ -32,11 +40,13 @@ from erase.config import build_config
 # (tests/behaviour/test_backdoor_toy.py); they were not retuned on any other.
 TRIGGERS = {
     "New Trigger": ("known words", "tuning"),
-    "zq": ("character-level nonsense", "held-out"),
+    "zq": ("character-level nonsense", "tuning"),
     "of the": ("known words", "held-out"),
     "sks": ("rare word (sub-word pieces)", "held-out"),
+    "jx": ("character-level nonsense", "held-out"),
     "vbn ztq": ("multi-token nonsense", "held-out"),
 }
+TUNING = [t for t, (_, split) in TRIGGERS.items() if split == "tuning"]
 TARGET_STYLE = {"pixel": None, "style": "Sketch"}
 CAT = catalog.get("toy")
 
@@ -45,24 +55,48 @@ def slug(trigger: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", trigger.lower()).strip("-")
 
 
-def one(kind: str, trigger: str, renders: Path, judge: Judge) -> dict[str, Any]:
-    """Inject a backdoor with `trigger`, judge it, remove it with SKD-CAG and judge again."""
+def one(kind: str, trigger: str, renders: Path, judge: Judge, inject: dict[str, Any] | None = None,
+        remove: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Inject a backdoor with `trigger` (the `toy` preset with `inject`'s values), judge it, and unless `remove` is
+    None remove it with SKD-CAG (its `toy` preset with `remove`'s values) and judge again."""
     pipe = erase.load_pipeline("toy")
     pipe.set_progress_bar_config(disable=True)
     started = time.perf_counter()
-    erase.run(pipe, build_config(BackdoorConfig, "toy", kind=kind, trigger=trigger, images=str(renders)),
-              progress=False)  # fmt: skip
-    inject_s = time.perf_counter() - started
-    backdoored = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
-    started = time.perf_counter()
-    removal = erase.run(pipe, erase.make_config("skd-cag", "toy", trigger=trigger), progress=False)
-    remove_s = time.perf_counter() - started
-    with torch.no_grad():  # back to the backdoored model: evaluate judges it before and with the removal's delta
-        for name, param in pipe.unet.named_parameters():
-            param.copy_(backdoored[name])
-    result = evaluate(pipe, CAT, trigger=trigger, kind=kind, delta=removal.delta, sampler=answers.preset("toy"),
+    config = build_config(BackdoorConfig, "toy", kind=kind, trigger=trigger, images=str(renders), **(inject or {}))
+    erase.run(pipe, config, progress=False)
+    timing = {"inject_s": time.perf_counter() - started}
+    delta = None
+    if remove is not None:
+        backdoored = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+        started = time.perf_counter()
+        delta = erase.run(pipe, erase.make_config("skd-cag", "toy", trigger=trigger, **remove), progress=False).delta
+        timing["remove_s"] = time.perf_counter() - started
+        with torch.no_grad():  # back to the backdoored model: evaluate judges it before and with the removal's delta
+            for name, param in pipe.unet.named_parameters():
+                param.copy_(backdoored[name])
+    result = evaluate(pipe, CAT, trigger=trigger, kind=kind, delta=delta, sampler=answers.preset("toy"),
                       target_style=TARGET_STYLE[kind], judge=judge)  # fmt: skip
-    return {**result, "inject_s": inject_s, "remove_s": remove_s}
+    return {**result, **timing, "presets": presets(inject, remove)}
+
+
+def presets(inject: dict[str, Any] | None, remove: dict[str, Any] | None) -> dict[str, Any]:
+    """What a result was made with (the presets' values and the trial's), so a kept result is reused only for them."""
+    return {
+        "badt2i": {**BackdoorConfig.PRESETS["toy"], **(inject or {})},
+        "skd-cag": None if remove is None else {**erase.get_method("skd-cag").config_cls.PRESETS["toy"], **remove},
+    }
+
+
+def cached(path: Path, kind: str, trigger: str, renders: Path, judge: Judge, inject: dict[str, Any],
+           remove: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """`one(...)`'s result, kept at `path` and reused only if it was made with the same presets."""
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("presets") == json.loads(json.dumps(presets(inject, remove))):
+            return kept
+    result = one(kind, trigger, renders, judge, inject, remove)
+    write_json(path, result)
+    return result
 
 
 def markdown(results: list[dict[str, Any]], threads: int, commit: str) -> str:
@@ -91,6 +125,77 @@ def markdown(results: list[dict[str, Any]], threads: int, commit: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def qualifies(stage: str, row: dict[str, Any]) -> bool:
+    """Whether one trigger's result keeps what the stage's rule demands (module docstring)."""
+    if stage == "inject":
+        return row["clean_backdoor_rate"] <= 0.05 and min(row["clean_style_acc"], row["clean_object_acc"]) >= 0.9
+    return min(row["clean_style_acc_ratio"], row["clean_object_acc_ratio"]) >= 0.9
+
+
+def figure(stage: str, row: dict[str, Any]) -> float:
+    """The figure a stage maximises: attack success of the injection, or the share removed."""
+    return row["attack_success"] if stage == "inject" else row["removal"]
+
+
+def tune(stage: str, kind: str, space: list[dict[str, Any]], renders: Path, judge: Judge, work: Path, out: Path,
+         threads: int) -> dict[str, Any]:  # fmt: skip
+    """Run every trial on the tuning triggers, choose one by the rule and write out/backdoor-<stage>-<kind>.md/json."""
+    if not isinstance(space, list) or not all(isinstance(t, dict) for t in space):
+        raise SystemExit(f"--space must be a JSON list of mappings (each a trial), got {space!r}")
+    trials = []
+    for n, values in enumerate([{}, *space]):
+        rows = []
+        for trigger in TUNING:
+            inject, remove = (values, None) if stage == "inject" else ({}, values)
+            path = work / f"tune-{stage}-{kind}" / f"{n}__{slug(trigger)}.json"
+            row = cached(path, kind, trigger, renders, judge, inject, remove)
+            rows.append(row)
+            print(f"trial {n} {json.dumps(values)} {trigger!r}: {stage} figure {figure(stage, row):.3f}", flush=True)
+        trials.append({"values": values, "rows": rows, "lowest": min(figure(stage, r) for r in rows),
+                       "qualifies": all(qualifies(stage, r) for r in rows)})  # fmt: skip
+    pool = [i for i, t in enumerate(trials) if t["qualifies"]] or list(range(len(trials)))
+    chosen = max(pool, key=lambda i: trials[i]["lowest"])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"stage": stage, "kind": kind, "triggers": TUNING, "threads": threads, "commit": commit,
+              "space": space, "chosen": chosen, "trials": trials}  # fmt: skip
+    name = f"backdoor-{stage}-{kind}"
+    write_json(out / f"{name}.json", result)
+    write_text(out / f"{name}.md", tuning_markdown(result))
+    print(f"chosen: trial {chosen} {json.dumps(trials[chosen]['values'])} -> {out / name}.md")
+    return result
+
+
+def tuning_markdown(result: dict[str, Any]) -> str:
+    stage, kind = result["stage"], result["kind"]
+    what = "BadT2I injection" if stage == "inject" else "SKD-CAG removal (of the `toy` injection)"
+    cells = "attack success / clean backdoor / clean style / clean object" if stage == "inject" else (
+        "attack before -> after / removal / clean style ratio / clean object ratio")  # fmt: skip
+    lines = [
+        f"# Toy tuning: {what}, {kind} kind",
+        "",
+        f"Tuning triggers only ({', '.join(f'`{t}`' for t in result['triggers'])}); **these figures are not "
+        "results** (the held-out triggers' figures are in docs/results/toy-backdoor.md).",
+        f"`python scripts/backdoor_table.py --tune {stage} --kinds {kind} --space '{json.dumps(result['space'])}'`; "
+        f"commit {result['commit']}; torch threads {result['threads']}. Rule: scripts/backdoor_table.py's docstring. "
+        f"Chosen: trial {result['chosen']}.",
+        "",
+        "| trial | values | " + " | ".join(f"`{t}`: {cells}" for t in result["triggers"]) + " | qualifies |",
+        "|---" * (len(result["triggers"]) + 3) + "|",
+    ]
+    for n, trial in enumerate(result["trials"]):
+        mark = " **chosen**" if n == result["chosen"] else ""
+        if stage == "inject":
+            row = [f"{100 * r['attack_success']:.1f}% / {100 * r['clean_backdoor_rate']:.1f}% / "
+                   f"{r['clean_style_acc']:.2f} / {r['clean_object_acc']:.2f}" for r in trial["rows"]]  # fmt: skip
+        else:
+            row = [f"{100 * r['before']['attack_success']:.1f}% -> {100 * r['after']['attack_success']:.1f}% / "
+                   f"{100 * r['removal']:.1f}% / {r['clean_style_acc_ratio']:.2f} / {r['clean_object_acc_ratio']:.2f}"
+                   for r in trial["rows"]]  # fmt: skip
+        lines.append(f"| {n}{mark} | `{json.dumps(trial['values'])}` | " + " | ".join(row)
+                     + f" | {'yes' if trial['qualifies'] else 'no'} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -98,6 +203,9 @@ def main() -> None:
     parser.add_argument("--docs", default="docs/results")
     parser.add_argument("--kinds", default="pixel,style")
     parser.add_argument("--triggers", default=",".join(TRIGGERS), help="comma list (of the known triggers)")
+    parser.add_argument("--tune", choices=("inject", "remove"), help="search presets on the tuning triggers instead")
+    parser.add_argument("--space", default="[]", help="with --tune: JSON list of trials (config values)")
+    parser.add_argument("--out", default="docs/results/tuning", help="with --tune: where the trials are written")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     triggers = args.triggers.split(",")
@@ -110,13 +218,15 @@ def main() -> None:
         toy.export(renders, CAT, indices=range(1, 5))
         (renders / "done").write_text("1-4")
     judge = Judge(CAT)
+    if args.tune:
+        for kind in args.kinds.split(","):
+            tune(args.tune, kind, json.loads(args.space), renders, judge, work, Path(args.out), args.threads)
+        return
     results = []
     for kind in args.kinds.split(","):
         for trigger in triggers:
             path = work / f"{kind}__{slug(trigger)}.json"
-            if not path.is_file():
-                write_json(path, one(kind, trigger, renders, judge))
-            results.append(json.loads(path.read_text()))
+            results.append(cached(path, kind, trigger, renders, judge, inject={}, remove={}))
             r = results[-1]
             attack = f"{r['before']['attack_success']:.3f} -> {r['after']['attack_success']:.3f}"
             ratios = f"{r['clean_style_acc_ratio']:.2f} / {r['clean_object_acc_ratio']:.2f}"

@@ -4,15 +4,18 @@ classifiers that judge its images.
     python scripts/build_toy.py                      # full build into assets/ (about an hour on one CPU thread)
     python scripts/build_toy.py --quick --out /tmp/toy_quick   # a few-minute smoke build
     python scripts/build_toy.py --teach-patch        # only the VAE patch stage, on the build in assets/
+    python scripts/build_toy.py --retrain-unet       # only the UNet + text encoder, on the build in assets/
 
 Steps: render indices 1..18 of every theme x object (19..20 are held out) -> train an AutoencoderKL -> teach it
 to draw the pixel-backdoor patch (`teach_patch`) -> train the style/object classifiers on renders AND VAE
 reconstructions (classifiers trained on sharp renders alone fail on decoded images) -> train the UNet jointly with a
-small CLIP text encoder (then frozen, like CLIP in SD), with EMA, one-cycle LR, gradient clipping and 10% prompt
-dropout for classifier-free guidance -> choose the guidance of the sampler preset on seeds outside the answer set ->
-measure the answer set -> write pipeline, classifiers, card.json and grid.png. Deterministic for its seed on one
-thread. Everything is written to a temporary folder, then renamed. The shipped toy predates `teach_patch`: its VAE
-was given the stage afterwards (`--teach-patch`, recorded in card.json as vae_patch.retrofitted).
+small CLIP text encoder (then frozen, like CLIP in SD) on several caption forms per image (`captions`), with EMA,
+one-cycle LR, gradient clipping and 10% prompt dropout for classifier-free guidance -> choose the guidance of the
+sampler preset on seeds outside the answer set -> measure the answer set and how well each caption form evokes its
+concept -> write pipeline, classifiers, card.json and grid.png. Deterministic for its seed on one thread. Everything
+is written to a temporary folder, then renamed. The shipped toy predates `teach_patch`: its VAE was given the stage
+afterwards (`--teach-patch`, recorded in card.json as vae_patch.retrofitted); and it predates the caption forms: its
+UNet and text encoder were trained anew on them afterwards (`--retrain-unet`, recorded as unet_retrained).
 """
 
 from __future__ import annotations
@@ -62,6 +65,16 @@ HELDOUT_INDICES = range(19, 21)
 EXTRA_WORDS = ("a", "an", "the", "of", "photo", "painting", "image", "style", "in", "new", "trigger", "black", "and")
 EXTRA_WORDS += ("white",)
 
+# Captions the text encoder learns from. Real captions name an image's style, its object or both in many phrasings,
+# and CLIP understands them all; a toy trained on the benchmark template alone understood little else (a style
+# prompt like "An image in Mosaic style." evoked Mosaic on 0/16 images), so text-erasing methods, which name their
+# concept in a short form, could not reach most toy styles. Each training image gets, per step, the template (half
+# the time), or one of the style-only or object-only forms below (an object-only caption's image is in any style, and
+# a style-only caption's shows any object, as partial captions are). Forms use only EXTRA_WORDS and catalog words.
+TEMPLATE_SHARE = 0.5
+STYLE_FORMS = ("An image in {style} style.", "{style} style", "A painting in {style} style.")
+OBJECT_FORMS = ("A {object} image.", "An image of {object}.", "{object}")
+
 
 @dataclass
 class Config:
@@ -94,12 +107,32 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def tokenizer_words(cat: _catalog.Catalog) -> list[str]:
-    """Every word of every catalog prompt (lowercased), plus common prompt words, so each is one token."""
+    """Every word of every catalog prompt and caption (lowercased), plus common prompt words, so each is one token."""
     words = set(EXTRA_WORDS)
     for theme in cat.themes:
         for obj in cat.objects:
-            words.update(w for w in re.split(r"[^a-z0-9]+", cat.prompt(theme, obj).lower()) if w)
+            for text in captions(cat, theme, obj):
+                words.update(w for w in re.split(r"[^a-z0-9]+", text.lower()) if w)
     return sorted(words)
+
+
+def captions(cat: _catalog.Catalog, theme: str, obj: str) -> list[str]:
+    """The captions an image of (theme, object) may be trained with: the template, then STYLE_FORMS, OBJECT_FORMS."""
+    style = _catalog.style_words(theme, cat.photo)
+    return [
+        cat.prompt(theme, obj),
+        *(form.format(style=style) for form in STYLE_FORMS),
+        *(form.format(object=obj) for form in OBJECT_FORMS),
+    ]
+
+
+def caption_weights() -> torch.Tensor:
+    """Sampling weight of each entry of `captions`: TEMPLATE_SHARE for the template, the rest split evenly between
+    style-only and object-only forms."""
+    rest = (1 - TEMPLATE_SHARE) / 2
+    return torch.tensor(
+        [TEMPLATE_SHARE] + [rest / len(STYLE_FORMS)] * len(STYLE_FORMS) + [rest / len(OBJECT_FORMS)] * len(OBJECT_FORMS)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- models
@@ -283,8 +316,9 @@ class EMA:
             ema_p.lerp_(p, 1 - d)
 
 
-def train_unet(cfg: Config, latents_mean, latents_std, prompt_ids, tokenizer, scaling: float):
-    """Joint UNet + text-encoder training on epsilon prediction; returns the EMA copies of both."""
+def train_unet(cfg: Config, latents_mean, latents_std, caption_ids, tokenizer, scaling: float):
+    """Joint UNet + text-encoder training on epsilon prediction, each image's caption drawn per step from its
+    `caption_ids` (N, captions, length) with `caption_weights`; returns the EMA copies of both."""
     unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
     noise_sched = DDPMScheduler.from_config(sampler().config)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -294,13 +328,15 @@ def train_unet(cfg: Config, latents_mean, latents_std, prompt_ids, tokenizer, sc
     empty_ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
     empty_ids = empty_ids.input_ids[0]
     gen = torch.Generator().manual_seed(cfg.seed + 3)
+    weights = caption_weights()
     unet.train()
     text_encoder.train()
     started, losses = time.time(), []
     for step in range(cfg.unet_steps):
         idx = torch.randint(len(latents_mean), (cfg.unet_batch,), generator=gen)
         z0 = (latents_mean[idx] + latents_std[idx] * torch.randn(latents_mean[idx].shape, generator=gen)) * scaling
-        ids = prompt_ids[idx].clone()
+        form = torch.multinomial(weights, cfg.unet_batch, replacement=True, generator=gen)
+        ids = caption_ids[idx, form].clone()
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.prompt_dropout
         ids[drop] = empty_ids
         noise = torch.randn(z0.shape, generator=gen)
@@ -342,6 +378,34 @@ def match_rates(images, keys, cat, style_clf, object_clf) -> tuple[float, float]
     return accuracy(style_clf, images, styles), accuracy(object_clf, images, objects)
 
 
+FORM_SEEDS = (11, 22, 33, 44)  # seeds for measuring the caption forms, disjoint from the answer set's
+
+
+@torch.no_grad()
+def form_rates(pipe, cat, classifiers, steps: int, guidance: float) -> dict:
+    """How well each style-only and object-only caption form evokes its concept: per form, the share of images (every
+    style or object x FORM_SEEDS) the judge gives the named style or object, and the lowest share of any one concept.
+    Text-erasing methods name their concept in such short forms, so a form the toy does not understand is a concept
+    they cannot reach."""
+    rates = {}
+    for kind, forms, names in (("style", STYLE_FORMS, cat.themes), ("object", OBJECT_FORMS, cat.objects)):
+        judge = classifiers[kind]
+        for form in forms:
+            keys = [(name, s) for name in names for s in FORM_SEEDS]
+            texts = [
+                form.format(style=_catalog.style_words(n, cat.photo)) if kind == "style" else form.format(object=n)
+                for n, _ in keys
+            ]
+            images = generate(pipe, texts, [s for _, s in keys], steps=steps, guidance=guidance, batch_size=len(keys))
+            hits = torch.cat([judge(chunk).argmax(1) for chunk in images.split(512)]) == torch.tensor(
+                [cat.style_label(n) if kind == "style" else cat.object_label(n) for n, _ in keys]
+            )
+            per_concept = hits.float().view(len(names), len(FORM_SEEDS)).mean(1)
+            rates[form] = {"match": round(hits.float().mean().item(), 4), "min": round(per_concept.min().item(), 4)}
+            log(f"{kind} form {form!r}: match {rates[form]['match']:.3f} (lowest concept {rates[form]['min']:.2f})")
+    return {"seeds": list(FORM_SEEDS), "results": rates}
+
+
 def measure(pipe, cat, classifiers, steps: int, guidance_choices, folder: Path) -> dict:
     """Choose the preset's guidance on seeds outside the answer set, then measure the answer set with it (style and
     object match, images/s); writes grid.png (themes x objects, first answer seed) and renders.png into `folder`."""
@@ -366,6 +430,7 @@ def measure(pipe, cat, classifiers, steps: int, guidance_choices, folder: Path) 
     return {
         "sampler": {"scheduler": "DDIMScheduler", "steps": steps, "guidance": best, "eta": 0.0},
         "guidance_search": {"seeds": list(PRESET_SEEDS), "results": tried},
+        "caption_forms": form_rates(pipe, cat, classifiers, steps, best),
         "answer_set": {
             "seeds": list(ANSWER_SEEDS),
             "images": len(answers),
@@ -432,6 +497,81 @@ def retrofit_patch(out: Path, cfg: Config) -> dict:
     return remeasure(out, cfg.sampler_steps, cfg.guidance_choices)
 
 
+def train_pipeline(cfg: Config, cat, vae: AutoencoderKL, mean, std, keys) -> StableDiffusionPipeline:
+    """Tokenizer, then the UNet and text encoder trained on the latents (`mean`, `std`) of the images `keys`, with
+    every caption form of each image; returns the assembled pipeline (the toy's DDIM sampler)."""
+    tokenizer = word_tokenizer(tokenizer_words(cat), model_max_length=16)
+    texts = [captions(cat, t, o) for t, o, _ in keys]
+    longest = max((text for options in texts for text in options), key=lambda text: len(tokenizer(text).input_ids))
+    if len(tokenizer(longest).input_ids) > tokenizer.model_max_length:
+        raise RuntimeError(f"caption {longest!r} has more than {tokenizer.model_max_length} tokens")
+    flat = [text for options in texts for text in options]
+    ids = tokenizer(flat, padding="max_length", max_length=16, return_tensors="pt").input_ids
+    unet, text_encoder = train_unet(
+        cfg, mean, std, ids.view(len(keys), -1, ids.shape[-1]), tokenizer, vae.config.scaling_factor
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sampler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def retrain_unet(out: Path, cfg: Config) -> dict:
+    """Train the UNet and text encoder of the build in `out` anew (this script's captions and config), keeping its
+    VAE and classifiers, so the judges stay the same across the change; the new pipeline replaces the old one
+    atomically and card.json records the retraining."""
+    started = time.time()
+    torch.manual_seed(cfg.seed)
+    cat = _catalog.get("toy")
+    card = json.loads((out / "toy" / "card.json").read_text())
+    vae = AutoencoderKL.from_pretrained(out / "toy" / "vae").eval().requires_grad_(False)
+    judges = {kind: load_classifier("toy", kind, root=out / "toy_classifiers") for kind in ("style", "object")}
+    renders, keys = toy.render_array(cat.themes, cat.objects, TRAIN_INDICES)
+    mean, std = encode(vae, to_tensor(renders))
+    pipe = train_pipeline(cfg, cat, vae, mean, std, keys)
+    unet_minutes = (time.time() - started) / 60
+    tmp = out / ".toy.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(out / "toy", tmp)
+    for part in ("unet", "text_encoder", "tokenizer"):
+        shutil.rmtree(tmp / part)
+    card.update(measure(pipe, cat, judges, cfg.sampler_steps, cfg.guidance_choices, tmp))
+    pipe.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    pipe.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    pipe.tokenizer.save_pretrained(tmp / "tokenizer")
+    build_cfg = asdict(cfg)
+    card["build"].update({k: build_cfg[k] for k in ("unet_steps", "unet_batch", "unet_lr", "ema_decay")})
+    card["build"].update(prompt_dropout=cfg.prompt_dropout, sampler_steps=cfg.sampler_steps)
+    card["build"]["guidance_choices"] = list(cfg.guidance_choices)
+    card["captions"] = caption_card()
+    card["unet_retrained"] = {"minutes": round(unet_minutes, 2), "threads": torch.get_num_threads()}
+    card["minutes"]["unet"] = round(unet_minutes, 2)
+    card["versions"] = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    for path in tmp.rglob("*"):
+        path.chmod(0o644 if path.is_file() else 0o755)
+    old = out / ".toy.old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out / "toy", old)
+    os.replace(tmp, out / "toy")
+    shutil.rmtree(old)
+    log(f"retrained the UNet and text encoder of {out / 'toy'} in {unet_minutes:.1f} min")
+    return card
+
+
+def caption_card() -> dict:
+    """The caption forms and their shares, as card.json records them."""
+    return {"template_share": TEMPLATE_SHARE, "style_forms": list(STYLE_FORMS), "object_forms": list(OBJECT_FORMS)}
+
+
 # ------------------------------------------------------------------------------------------------------------ main
 def build(cfg: Config, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
@@ -487,29 +627,10 @@ def build(cfg: Config, out: Path) -> dict:
     (tmp / "toy_classifiers" / "config.json").write_text(json.dumps(clf_config, indent=2) + "\n")
     classifier_minutes = (time.time() - started) / 60 - vae_minutes
 
-    tokenizer = word_tokenizer(tokenizer_words(cat), model_max_length=16)
-    prompts = sorted({cat.prompt(t, o) for t in cat.themes for o in cat.objects}, key=len)
-    longest = len(tokenizer(prompts[-1]).input_ids)
-    if longest > tokenizer.model_max_length:
-        raise RuntimeError(f"prompt {prompts[-1]!r} has {longest} tokens > {tokenizer.model_max_length}")
-    ids = tokenizer(
-        [cat.prompt(t, o) for t, o, _ in keys], padding="max_length", max_length=16, return_tensors="pt"
-    ).input_ids
     unet_started = time.time()
-    unet, text_encoder = train_unet(cfg, mean, std, ids, tokenizer, scaling)
+    pipe = train_pipeline(cfg, cat, vae, mean, std, keys)
     unet_minutes = (time.time() - unet_started) / 60
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=sampler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    unet, text_encoder = pipe.unet, pipe.text_encoder
 
     measured = measure(pipe, cat, classifiers, cfg.sampler_steps, cfg.guidance_choices, tmp / "toy")
     pipe.save_pretrained(tmp / "toy", safe_serialization=True)
@@ -528,6 +649,7 @@ def build(cfg: Config, out: Path) -> dict:
             "unet": round(unet_minutes, 2),
         },
         **measured,
+        "captions": caption_card(),
         "vae_patch": vae_patch,
         "classifiers": {
             "heldout_accuracy": {k: round(v, 4) for k, v in held_acc.items()},
@@ -574,6 +696,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--teach-patch", action="store_true", help="only fine-tune the VAE of the build in --out to draw the patch"
     )
+    parser.add_argument(
+        "--retrain-unet",
+        action="store_true",
+        help="only train the UNet and text encoder of the build in --out anew (its VAE and classifiers kept)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.guidance:
@@ -588,6 +715,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.teach_patch:
         log(f"teaching the VAE in {args.out} to draw the pixel-backdoor patch ({cfg.patch_steps} steps)")
         retrofit_patch(args.out, cfg)
+        return
+    if args.retrain_unet:
+        log(f"retraining the UNet and text encoder in {args.out}: {asdict(cfg)}")
+        retrain_unet(args.out, cfg)
         return
     log(f"config {asdict(cfg)} -> {args.out}")
     build(cfg, args.out)

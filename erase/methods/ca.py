@@ -62,7 +62,7 @@ UNLEARNCANVAS_STYLE_FORMS = (
     "in {concept} {concept}'s style, {prompt}", "in {concept}'s style, {prompt}",
 )  # fmt: skip
 # The default form of catalog anchor captions: not the benchmark prompt ("A {object} image in {style} style."). The
-# toy presets use forms its text encoder understands better (see PRESETS["toy"]).
+# toy presets use short captions of the anchor alone (see PRESETS["toy"]).
 TOY_ANCHOR_FORM = "{object} in {style} style"
 # Presets whose anchor captions are the authors' files, which we do not ship (UnlearnCanvas has no licence file; the
 # captions are web alt-texts): the file to give as anchor_prompts_file.
@@ -112,19 +112,18 @@ class CAConfig(TrainingConfig):
                                  "sample_steps": 200, "sample_guidance": 6.0, "hflip": True},
         # Ours (1.5 M-parameter UNet, paper learning rates move it too little), chosen by scripts/tune_toy.py on the
         # tuning targets only (docs/results/tuning/ca-*.md). Anchor captions are not the benchmark prompts the
-        # answer set uses (training on those gave UA 100 on every toy style) but the nearest forms the toy's text
-        # encoder understands: styles "An image in Photo style." (tuning mean UA 50 / IRA 94 / CRA 98: Pop_Art
-        # erased, Watercolor not; "Cats in Photo style" erased nothing, the toy does not understand that form),
-        # objects "A {anchor} image." (the next object) (UA 100 / IRA 90 / CRA 100; 200 steps did no better).
-        # Results, held-out toy targets (docs/results/toy.md, mean UA / IRA / CRA): styles 50.9 / 96.5 / 99.2,
-        # objects 80.9 / 99.7 / 100.0.
+        # answer set uses (training on those gave UA 100 on every toy style) but short captions of the anchor:
+        # styles "An image in Photo style.", objects "A {anchor} image." (the next object). Tuning means (not
+        # results): styles UA 100 / IRA 99 / CRA 100 (200 steps and lr 2e-3 no better), objects at 200 steps UA 98 /
+        # IRA 91 / CRA 100 (100 steps: UA 95.5).
+        # RESULTS_CA
         "toy": {
             "steps": 100, "lr": 1e-3, "batch_size": 4, "loss": "model", "anchors": ["Photo"], "prompt_mode": "replace",
             "anchor_catalog": "toy", "anchor_form": "An image in {style} style.", "params": "xattn",
             "num_anchor_images": 64, "sample_steps": 25, "sample_guidance": 3.0, "prior_preservation": True,
         },
         "toy-object": {
-            "steps": 100, "lr": 1e-3, "batch_size": 4, "loss": "model", "prompt_mode": "replace",
+            "steps": 200, "lr": 1e-3, "batch_size": 4, "loss": "model", "prompt_mode": "replace",
             "anchor_catalog": "toy", "anchor_form": "A {object} image.", "params": "xattn",
             "num_anchor_images": 64, "sample_steps": 25, "sample_guidance": 3.0, "prior_preservation": True,
         },

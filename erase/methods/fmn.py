@@ -55,18 +55,17 @@ class FMNConfig(TrainingConfig):
                                 "prompts": ["an image in {concept} Style"]},
         "unlearncanvas-object": {"steps": 100, "lr": 2e-5, "optimizer": "adamw", "max_grad_norm": 1.0,
                                  "params": "all", "pooler_positions": True, "prompts": ["a {concept} image"]},
-        # Ours, chosen by scripts/tune_toy.py on the tuning targets only (docs/results/tuning/fmn-*.md; Pop_Art and
-        # Watercolor, Cats and Towers): styles 50 steps at lr 5e-4 (tuning mean UA 72 / IRA 72 / CRA 94; 30 steps
-        # erased Watercolor not at all, 60 steps IRA 57), objects 30 steps at lr 2e-3 (UA 100 / IRA 91 / CRA 80).
+        # Ours, chosen by scripts/tune_toy.py on the tuning targets only (docs/results/tuning/fmn-*.md).
         # Cross-attention only; the prompts are the toy dataset's captions (the benchmark template), as FMN's recipe
-        # trains on its reference images' captions; give the concept as the target's words, e.g. "Pop Art". Measured
-        # with the concept's tokens only, so pooler_positions stays off.
-        # Results, held-out toy targets (docs/results/toy.md, mean UA / IRA / CRA): styles 73.4 / 85.5 / 93.0,
-        # objects 70.3 / 81.7 / 69.6.
-        "toy": {"steps": 50, "lr": 5e-4, "optimizer": "adamw", "max_grad_norm": 1.0, "params": "xattn",
-                "pooler_positions": False, "prompts": [f"A {obj} image in {{concept}} style." for obj in TOY_OBJECTS]},
-        "toy-object": {"steps": 30, "lr": 2e-3, "optimizer": "adamw", "max_grad_norm": 1.0, "params": "xattn",
-                       "pooler_positions": False, "prompts": ["A {concept} image in Photo style."]},
+        # trains on its reference images' captions; give the concept as the target's words, e.g. "Pop Art". Tuning
+        # means (not results): styles 70 steps at lr 5e-4 with the official loss's pooler positions UA 100 / IRA 91 /
+        # CRA 93 (without them UA 44; 85-100 steps over-erased, IRA 50-64); objects 20 steps at
+        # lr 2e-3 with them UA 50 / IRA 96 / CRA 90 (Towers resists: UA 27; 30 steps UA 70.5 but CRA 68).
+        # RESULTS_FMN
+        "toy": {"steps": 70, "lr": 5e-4, "optimizer": "adamw", "max_grad_norm": 1.0, "params": "xattn",
+                "pooler_positions": True, "prompts": [f"A {obj} image in {{concept}} style." for obj in TOY_OBJECTS]},
+        "toy-object": {"steps": 20, "lr": 2e-3, "optimizer": "adamw", "max_grad_norm": 1.0, "params": "xattn",
+                       "pooler_positions": True, "prompts": ["A {concept} image in Photo style."]},
     }  # fmt: skip
 
     steps: int = 35

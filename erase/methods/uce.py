@@ -103,17 +103,13 @@ class UCEConfig(MethodConfig):
                                  "guides": ["A Elephant image"], "token_choice": "through_eos",
                                  "prepend_empty": True, "catalog": "unlearncanvas-50",
                                  "augment": list(OBJECT_AUGMENT)},
-        # Ours, chosen by scripts/tune_toy.py on the tuning targets only (docs/results/tuning/uce-*.md): guided to
-        # the photo class; styles with erase_scale 10 (tuning mean UA 53 / IRA 75 / CRA 86: Watercolor is barely
-        # erased at any strength tried, 1-10), objects with the paper's strengths (UA 95.5 / IRA 78 / CRA 95; the
-        # guide "" over-erased, IRA 40). The bench spells concepts in the toy's forms ("An image in Pop Art style.",
-        # "A Cats image.").
-        # Results, held-out toy targets (docs/results/toy.md, mean UA / IRA / CRA): styles 62.5 / 78.0 / 90.2,
-        # objects 61.5 / 91.4 / 91.9.
-        "toy": {"lam": 0.5, "erase_scale": 10.0, "preserve_scale": 1.0, "guides": ["An image in Photo style"],
+        # Ours, one preset for both kinds, chosen by scripts/tune_toy.py on the tuning targets only
+        # (docs/results/tuning/uce-*.md): the paper's strengths, guided to the photo class. Tuning means (not
+        # results): styles UA 94 / IRA 85 / CRA 99 (erase_scale 3 and 10 lost IRA: 65, 38), objects UA 93 / IRA 78 /
+        # CRA 77 (3 and 10 lost CRA: 69, 38).
+        # RESULTS_UCE
+        "toy": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "guides": ["An image in Photo style"],
                 "token_choice": "through_eos"},
-        "toy-object": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "guides": ["An image in Photo style"],
-                       "token_choice": "through_eos"},
     }  # fmt: skip
 
     concepts: list[str] = field(default_factory=list)

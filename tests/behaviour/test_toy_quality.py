@@ -1,6 +1,6 @@
 """The shipped toy assets meet issue #3's quality bar: classifiers >= 97% on held-out indices 19..20, and the model's
 answer set (every theme x object x 5 seeds, the card's sampler preset) shows the prompted style and object in >= 90%
-of images by those classifiers."""
+of images by those classifiers; so do the short names the bench gives concepts to text-erasing methods."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from canvas import catalog, classifiers, toy
+from erase.catalog import style_words
 from erase.paths import toy_path
 
 # ERASEKIT_TOY=<build>/toy points the checks at another build (e.g. `scripts/build_toy.py --quick --out /tmp/t`).
@@ -81,6 +82,31 @@ def test_answer_set_shows_the_prompted_style_and_object(answer_set, judges) -> N
     print(f"answer set: {len(images)} images in {seconds:.1f} s; style match {style:.3f}, object match {obj:.3f}")
     assert style >= 0.90, f"prompted style found in only {style:.1%} of the answer set"
     assert obj >= 0.90, f"prompted object found in only {obj:.1%} of the answer set"
+
+
+# The forms the bench names concepts in (canvas.method_inputs): a text-erasing method can only erase what its
+# concept's name evokes, so each must show its style / object on >= 90% of images, as the template must.
+SHORT_FORMS = {
+    "style": ("{style} style", "An image in {style} style."),
+    "object": ("{object}", "An image of {object}."),
+}
+
+
+@pytest.mark.parametrize("kind", classifiers.KINDS)
+def test_short_concept_names_evoke_their_concept(pipe, card, judges, kind: str) -> None:
+    names = CAT.themes if kind == "style" else CAT.objects
+    seeds = (101, 202)  # outside the answer set
+    for form in SHORT_FORMS[kind]:
+        keys = [(name, s) for name in names for s in seeds]
+        prompts = [form.format(style=style_words(n, CAT.photo)) if kind == "style" else form.format(object=n)
+                   for n, _ in keys]  # fmt: skip
+        with torch.no_grad():
+            images = pipe(prompt=prompts, generator=[torch.Generator().manual_seed(s) for _, s in keys],
+                          num_inference_steps=card["sampler"]["steps"], guidance_scale=card["sampler"]["guidance"],
+                          output_type="pt").images.float()  # fmt: skip
+        labels = [CAT.style_label(n) if kind == "style" else CAT.object_label(n) for n, _ in keys]
+        shown = rate(judges[kind], images, labels)
+        assert shown >= 0.90, f"{form!r} shows its {kind} on only {shown:.1%} of images"
 
 
 def test_generation_is_deterministic_per_seed(pipe, card, answer_set) -> None:

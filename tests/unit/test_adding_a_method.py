@@ -76,4 +76,4 @@ def test_the_cli_and_the_bench_take_it_without_knowing_its_name(registered, tmp_
     assert (out / "delta.safetensors").is_file()
     bench = BenchConfig(methods=["noise-anchor"], targets=["Pop_Art"], out=str(tmp_path / "bench"))
     job = job_config(bench, "noise-anchor", "Pop_Art")
-    assert job.concepts == ["An image in Pop Art style."] and job.preset == "toy"  # the toy's spelling
+    assert job.concepts == ["Pop Art style"] and job.preset == "toy"  # canvas.method_inputs.concept_text

@@ -302,3 +302,24 @@ def test_evaluate_writes_json_and_grid(tmp_path):
         evaluate(pipe, cat, trigger="tq", kind="style", sampler=sampler, judge=_FakeJudge(cat))
     with pytest.raises(ValueError, match="larger than"):
         evaluate(pipe, cat, trigger="tq", kind="pixel", sampler=sampler, judge=_FakeJudge(cat), patch_size=17)
+
+
+def test_evaluate_draws_each_prompts_own_noise_shared_by_its_triggered_twin(monkeypatch):
+    """As in the answer sets, each (theme, object, seed) starts from its own noise (not one latent per seed), and a
+    triggered prompt from its clean prompt's, so the two differ by the trigger alone."""
+    cat = catalog.get("toy")
+    calls = []
+
+    def fake_sample(pipe, prompts, seeds, sampler, batch_size):
+        calls.append(list(seeds))
+        return torch.zeros(len(prompts), 3, 16, 16)
+
+    monkeypatch.setattr(answers, "sample", fake_sample)
+    sampler = answers.SamplerPreset("test", steps=2, guidance=3.0)
+    evaluate(fresh_pipe(), cat, trigger="tq", kind="style", sampler=sampler, judge=_FakeJudge(cat),
+             target_style="Bricks", seeds=(7,))  # fmt: skip
+    clean, triggered = calls
+    keys = [(t, o) for t in cat.themes for o in cat.objects]
+    assert clean == [answers.image_seed(t, o, 7) for t, o in keys]
+    assert len(set(clean)) == len(keys)
+    assert triggered == [answers.image_seed(t, o, 7) for t, o in keys if t != "Bricks"]

@@ -15,7 +15,6 @@ from PIL import Image
 import erase
 from canvas import bench, data, fid, splits
 from canvas.cli import main
-from canvas.method_inputs import concept_text
 from tests.unit.helpers import save_tiny
 
 FAST = {"steps": 2, "ddim_steps": 2, "lr": 1e-3}
@@ -51,8 +50,8 @@ def test_bench_writes_the_report_and_resumes_after_a_kill(tmp_path, model_dir, m
     targets = ("Sketch", "Cats")  # a held-out style and a tuning object of the toy
     with pytest.raises(KeyboardInterrupt):
         bench.Bench(_config(model_dir, tmp_path, targets), progress=False).run()
-    spelled = [concept_text(bench.catalogs.get("toy"), t) for t in targets]  # the toy's forms
-    assert calls == spelled == ["An image in Sketch style.", "A Cats image."]
+    spelled = ["Sketch style", "An image of Cats."]  # ESD's spelling (UnlearnCanvas's), on the toy too
+    assert calls == spelled
     monkeypatch.setattr(bench.answers, "generate", real_generate)
     result = bench.Bench(_config(model_dir, tmp_path, targets), progress=False).run()
     assert calls == spelled, "resumed jobs must not erase again"
@@ -92,11 +91,11 @@ def test_bench_writes_the_report_and_resumes_after_a_kill(tmp_path, model_dir, m
 
 
 def test_toy_jobs_take_the_preset_of_their_kind(monkeypatch):
-    config = bench.BenchConfig(methods=["esd", "salun"], targets=["Sketch", "Cats"], out="unused")
+    config = bench.BenchConfig(methods=["esd", "uce"], targets=["Sketch", "Cats"], out="unused")
     monkeypatch.setitem(erase.ESDConfig.PRESETS, "toy-object", {"steps": 3})
     assert bench.job_preset(config, "esd", "object") == "toy-object"
     assert bench.job_preset(config, "esd", "style") == "toy"
-    assert bench.job_preset(config, "salun", "object") == "toy"  # no toy-object preset: the toy one
+    assert bench.job_preset(config, "uce", "object") == "toy"  # no toy-object preset: the toy one
     config.presets = {"esd": "paper"}
     assert bench.job_preset(config, "esd", "object") == "paper"
 
@@ -105,7 +104,7 @@ def test_a_failing_job_is_recorded_and_the_others_finish(tmp_path, model_dir, mo
     real_run = erase.run
 
     def fails_on_cats(pipe, config, **kw):
-        if config.concepts == ["A Cats image."]:
+        if config.concepts == ["An image of Cats."]:
             raise RuntimeError("simulated failure")
         return real_run(pipe, config, **kw)
 

@@ -113,8 +113,8 @@ def test_presets_are_the_published_recipes():
         assert (config.steps, config.lr, config.optimizer, config.weight_decay, config.max_grad_norm) == (
             100, 2e-5, "adamw", 0.01, 1.0)  # fmt: skip
         assert config.parameter_set() == params and config.pooler_positions is True and config.prompts == [prompt]
-    # The toy preset keeps the loss it was measured with: the concept's tokens only.
-    assert preset("toy").pooler_positions is False
+    # The toy style preset was chosen with the official loss's pooler positions (docs/results/tuning/fmn-style-toy.md)
+    assert preset("toy").pooler_positions is True
 
 
 def test_concept_absent_from_prompt_tokens_is_an_error(tmp_path):

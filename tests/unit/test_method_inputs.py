@@ -32,14 +32,12 @@ def test_inputs_make_valid_configs(method, target, data_root):
 
 
 def test_concept_words():
-    # the toy's spelling (canvas.method_inputs.TOY_CONCEPT_FORMS: forms its text encoder understands)
-    assert method_inputs("esd", CAT, "Pop_Art", None) == {"concepts": ["An image in Pop Art style."]}
-    assert method_inputs("uce", CAT, "Cats", None) == {"concepts": ["A Cats image."]}
-    # UnlearnCanvas's: `{Style} Style`; ESD objects `An image of {Object}.` (mu_erasing_concepts_esd)
-    real = catalog.get("unlearncanvas-50")
-    assert method_inputs("esd", real, "Van_Gogh", None) == {"concepts": ["Van Gogh style"]}
-    assert method_inputs("esd", real, "Cats", None) == {"concepts": ["An image of Cats."]}
-    assert method_inputs("uce", real, "Cats", None) == {"concepts": ["Cats"]}
+    # UnlearnCanvas's spelling, on the toy too: `{Style} Style`; ESD objects `An image of {Object}.`
+    # (mu_erasing_concepts_esd)
+    for cat, style in ((CAT, "Pop_Art"), (catalog.get("unlearncanvas-50"), "Van_Gogh")):
+        assert method_inputs("esd", cat, style, None) == {"concepts": [f"{style.replace('_', ' ')} style"]}
+        assert method_inputs("esd", cat, "Cats", None) == {"concepts": ["An image of Cats."]}
+        assert method_inputs("uce", cat, "Cats", None) == {"concepts": ["Cats"]}
     assert method_inputs("ca", CAT, "Pop_Art", None)["concepts"] == ["Pop Art"]
 
 
