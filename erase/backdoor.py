@@ -70,18 +70,24 @@ class BackdoorConfig(TrainingConfig):
         # reproduced: EMA (--use_ema) and their LAION-40k images (give images or prompts).
         "paper": {"lr": 1e-5, "weight": 0.5, "params": "all", "batch_size": 16, "grad_accum": 4,
                   "max_grad_norm": 1.0, "random_flip": True, "paired_noise": False},
-        # Measured on the toy (1.5 M-parameter UNet; tests/behaviour/test_backdoor_toy.py), one preset for both
-        # kinds: images are the toy renders (a folder from canvas.toy.export), the style target is the toy's Sketch.
-        # Cross-attention only, a quarter of the preservation rows on ∅. The whole UNet left clean style accuracy at
-        # 0.76 (both kinds without ∅ rows, the pixel kind even with them); on attn2 the ∅ rows raised attack success
-        # (style 0.71 -> 0.99, pixel 0.91 -> 0.94) and kept clean accuracy at 1.0.
-        # Those figures are on the trigger it was measured with (New Trigger). Held-out triggers
-        # (docs/results/toy-backdoor.md): the pixel kind fires on 19-82% of triggered prompts, the style kind 95-100%.
+        # Ours, for the toy (1.5 M-parameter UNet): images are the toy renders (a folder from canvas.toy.export), the
+        # style target is the toy's Sketch. `toy` is the base of the search over the tuning triggers ("New Trigger",
+        # "zq"; scripts/backdoor_table.py --tune inject, docs/results/tuning/backdoor-inject-*.md): cross-attention
+        # only, a quarter of the preservation rows on ∅ (without them clean style accuracy fell to 0.76 on the first
+        # toy). On the toy retrained on several caption forms it fires on only 44 / 41% (pixel) and 76 / 58% (style)
+        # of triggered prompts; the kind's preset is the search's choice:
+        # - pixel: the whole UNet at 1200 steps, 98 / 95.5% (attn2 alone stayed at <= 74% with 1200-2400 steps or lr
+        #   4e-3, and leaked the patch onto 5-9% of clean prompts); it costs clean accuracy (style 0.90 / 0.85, object
+        #   0.95 / 0.84), so no trial met the search's bar and the rule's fallback chose it;
+        # - style: 2400 steps, 100 / 93.8% (lr 4e-3: 81 / 98%; 1200 steps: 81 / 73%).
+        # Held-out triggers: docs/results/toy-backdoor.md.
         "toy": {"steps": 600, "lr": 2e-3, "weight": 0.5, "params": "xattn", "batch_size": 8,
                 "unconditional_fraction": 0.25,
                 "target_pattern": r"in .+ style\.$", "target_replacement": "in Sketch style.",
                 "sample_steps": 25, "sample_guidance": 3.0, "random_flip": False, "paired_noise": True},
     }  # fmt: skip
+    PRESETS["toy-pixel"] = {**PRESETS["toy"], "steps": 1200, "params": "all"}
+    PRESETS["toy-style"] = {**PRESETS["toy"], "steps": 2400}
 
     steps: int | None = None  # None: the paper's for the kind (KIND_STEPS)
     lr: float = 1e-5

@@ -76,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
         "`canvas toy-renders --out DIR`); without it, the model's own generations of --captions",
     )
     inject.add_argument("--captions", help="file of clean prompts, one per line")
-    inject.add_argument("--preset", help="named preset (paper, toy; default: toy for the toy model, else paper)")
+    inject.add_argument(
+        "--preset", help="named preset (paper, toy-pixel, toy-style, toy; default: toy-KIND for the toy, else paper)"
+    )
     _training_arguments(inject)
     return parser
 
@@ -232,7 +234,8 @@ def cmd_backdoor(args: argparse.Namespace) -> None:
             "give --images (a folder in UnlearnCanvas layout; the toy's renders: `canvas toy-renders "
             "--out DIR`) or --captions (the model's own generations of them become the images)"
         )
-    config = build_config(BackdoorConfig, args.preset or ("toy" if args.model == "toy" else "paper"), **values)
+    default = f"toy-{args.kind}" if args.model == "toy" else "paper"
+    config = build_config(BackdoorConfig, args.preset or default, **values)
     with exclusive(out):
         pipe = _load(args.model, args.model_config, args.dtype, args.device)
         pipe.set_progress_bar_config(disable=True)

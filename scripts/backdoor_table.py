@@ -9,11 +9,12 @@ character-level nonsense and multi-token nonsense; TRIGGERS marks the tuning one
 (kind, trigger) result is written to --work/<kind>__<slug>.json (atomically; resumed only when it was made with the
 same presets) and the whole table to --docs/toy-backdoor.md and .json.
 
-`--tune inject|remove` runs trials (config values over the `toy` preset of BadT2I or of SKD-CAG; trial 0 is the preset
-itself) on the tuning triggers and picks by a fixed rule. Injection: the highest lowest-trigger attack success among
-trials that fire on <= 5% of clean prompts and keep clean style and object accuracy >= 0.9. Removal (of the `toy`
-injection): the highest lowest-trigger removal among trials that keep both clean ratios >= 0.9 (pixel: removal is
-the share of patched prompts that lose the patch). When no trial qualifies, the highest lowest-trigger figure.
+`--tune inject|remove` runs trials (config values over BadT2I's `toy` preset, the base of the search whose choice is
+the kind's `toy-pixel` / `toy-style`, or over SKD-CAG's `toy`; trial 0 is the base itself) on the tuning triggers and
+picks by a fixed rule. Injection: the highest lowest-trigger attack success among trials that fire on <= 5% of clean
+prompts and keep clean style and object accuracy >= 0.9. Removal (of the kind's `toy-{kind}` injection): the highest
+lowest-trigger removal among trials that keep both clean ratios >= 0.9 (pixel: removal is the share of patched prompts
+that lose the patch). When no trial qualifies, the highest lowest-trigger figure.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from erase.atomic import write_json, write_text
 from erase.backdoor import BackdoorConfig
 from erase.config import build_config
 
-# trigger -> (what the toy tokenizer makes of it, split). "New Trigger" is the one the presets were measured on
-# (tests/behaviour/test_backdoor_toy.py); they were not retuned on any other.
+# trigger -> (what the toy tokenizer makes of it, split): presets are tuned on the "tuning" ones and reported on the
+# others (one of each form held out; tests/behaviour/test_backdoor_toy.py uses a held-out one).
 TRIGGERS = {
     "New Trigger": ("known words", "tuning"),
     "zq": ("character-level nonsense", "tuning"),
@@ -55,14 +56,14 @@ def slug(trigger: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", trigger.lower()).strip("-")
 
 
-def one(kind: str, trigger: str, renders: Path, judge: Judge, inject: dict[str, Any] | None = None,
-        remove: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Inject a backdoor with `trigger` (the `toy` preset with `inject`'s values), judge it, and unless `remove` is
-    None remove it with SKD-CAG (its `toy` preset with `remove`'s values) and judge again."""
+def one(kind: str, trigger: str, renders: Path, judge: Judge, base: str, inject: dict[str, Any],
+        remove: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """Inject a backdoor with `trigger` (BadT2I's preset `base` with `inject`'s values), judge it, and unless `remove`
+    is None remove it with SKD-CAG (its `toy` preset with `remove`'s values) and judge again."""
     pipe = erase.load_pipeline("toy")
     pipe.set_progress_bar_config(disable=True)
     started = time.perf_counter()
-    config = build_config(BackdoorConfig, "toy", kind=kind, trigger=trigger, images=str(renders), **(inject or {}))
+    config = build_config(BackdoorConfig, base, kind=kind, trigger=trigger, images=str(renders), **inject)
     erase.run(pipe, config, progress=False)
     timing = {"inject_s": time.perf_counter() - started}
     delta = None
@@ -76,25 +77,25 @@ def one(kind: str, trigger: str, renders: Path, judge: Judge, inject: dict[str, 
                 param.copy_(backdoored[name])
     result = evaluate(pipe, CAT, trigger=trigger, kind=kind, delta=delta, sampler=answers.preset("toy"),
                       target_style=TARGET_STYLE[kind], judge=judge)  # fmt: skip
-    return {**result, **timing, "presets": presets(inject, remove)}
+    return {**result, **timing, "presets": presets(base, inject, remove)}
 
 
-def presets(inject: dict[str, Any] | None, remove: dict[str, Any] | None) -> dict[str, Any]:
+def presets(base: str, inject: dict[str, Any], remove: dict[str, Any] | None) -> dict[str, Any]:
     """What a result was made with (the presets' values and the trial's), so a kept result is reused only for them."""
     return {
-        "badt2i": {**BackdoorConfig.PRESETS["toy"], **(inject or {})},
+        "badt2i": {**BackdoorConfig.PRESETS[base], **inject},
         "skd-cag": None if remove is None else {**erase.get_method("skd-cag").config_cls.PRESETS["toy"], **remove},
     }
 
 
-def cached(path: Path, kind: str, trigger: str, renders: Path, judge: Judge, inject: dict[str, Any],
+def cached(path: Path, kind: str, trigger: str, renders: Path, judge: Judge, base: str, inject: dict[str, Any],
            remove: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
     """`one(...)`'s result, kept at `path` and reused only if it was made with the same presets."""
     if path.is_file():
         kept = json.loads(path.read_text())
-        if kept.get("presets") == json.loads(json.dumps(presets(inject, remove))):
+        if kept.get("presets") == json.loads(json.dumps(presets(base, inject, remove))):
             return kept
-    result = one(kind, trigger, renders, judge, inject, remove)
+    result = one(kind, trigger, renders, judge, base, inject, remove)
     write_json(path, result)
     return result
 
@@ -104,7 +105,7 @@ def markdown(results: list[dict[str, Any]], threads: int, commit: str) -> str:
         "# Backdoors on the toy, per trigger",
         "",
         f"`python scripts/backdoor_table.py --threads {threads}`; commit {commit}; {threads} torch thread(s). Presets:",
-        "BadT2I `toy`, SKD-CAG `toy` (measured on the tuning triggers; the held-out rows are the results). Prompts:",
+        "BadT2I `toy-{kind}`, SKD-CAG `toy` (chosen on the tuning triggers; held-out rows are the results). Prompts:",
         "every toy theme x object at seed 188 (clean and triggered; the style kind leaves out Sketch's own prompts).",
         "Attack success: share of triggered prompts showing the backdoor (patch, or the Sketch style); removal: share",
         "of those that showed it before and no longer do; clean ratios: clean style / object accuracy after / before.",
@@ -146,9 +147,10 @@ def tune(stage: str, kind: str, space: list[dict[str, Any]], renders: Path, judg
     for n, values in enumerate([{}, *space]):
         rows = []
         for trigger in TUNING:
-            inject, remove = (values, None) if stage == "inject" else ({}, values)
+            # injection trials search over the `toy` base; removal trials remove the kind's chosen injection
+            base, inject, remove = ("toy", values, None) if stage == "inject" else (f"toy-{kind}", {}, values)
             path = work / f"tune-{stage}-{kind}" / f"{n}__{slug(trigger)}.json"
-            row = cached(path, kind, trigger, renders, judge, inject, remove)
+            row = cached(path, kind, trigger, renders, judge, base, inject, remove)
             rows.append(row)
             print(f"trial {n} {json.dumps(values)} {trigger!r}: {stage} figure {figure(stage, row):.3f}", flush=True)
         trials.append({"values": values, "rows": rows, "lowest": min(figure(stage, r) for r in rows),
@@ -167,7 +169,7 @@ def tune(stage: str, kind: str, space: list[dict[str, Any]], renders: Path, judg
 
 def tuning_markdown(result: dict[str, Any]) -> str:
     stage, kind = result["stage"], result["kind"]
-    what = "BadT2I injection" if stage == "inject" else "SKD-CAG removal (of the `toy` injection)"
+    what = "BadT2I injection" if stage == "inject" else f"SKD-CAG removal (of the `toy-{kind}` injection)"
     cells = "attack success / clean backdoor / clean style / clean object" if stage == "inject" else (
         "attack before -> after / removal / clean style ratio / clean object ratio")  # fmt: skip
     lines = [
@@ -226,7 +228,7 @@ def main() -> None:
     for kind in args.kinds.split(","):
         for trigger in triggers:
             path = work / f"{kind}__{slug(trigger)}.json"
-            results.append(cached(path, kind, trigger, renders, judge, inject={}, remove={}))
+            results.append(cached(path, kind, trigger, renders, judge, f"toy-{kind}", inject={}, remove={}))
             r = results[-1]
             attack = f"{r['before']['attack_success']:.3f} -> {r['after']['attack_success']:.3f}"
             ratios = f"{r['clean_style_acc_ratio']:.2f} / {r['clean_object_acc_ratio']:.2f}"

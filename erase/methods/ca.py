@@ -116,7 +116,8 @@ class CAConfig(TrainingConfig):
         # styles "An image in Photo style.", objects "A {anchor} image." (the next object). Tuning means (not
         # results): styles UA 100 / IRA 99 / CRA 100 (200 steps and lr 2e-3 no better), objects at 200 steps UA 98 /
         # IRA 91 / CRA 100 (100 steps: UA 95.5).
-        # RESULTS_CA
+        # Results, held-out toy targets (docs/results/toy.md, mean UA / IRA / CRA): styles 100 / 96.7 / 99.9,
+        # objects 94.8 / 86.6 / 100.
         "toy": {
             "steps": 100, "lr": 1e-3, "batch_size": 4, "loss": "model", "anchors": ["Photo"], "prompt_mode": "replace",
             "anchor_catalog": "toy", "anchor_form": "An image in {style} style.", "params": "xattn",

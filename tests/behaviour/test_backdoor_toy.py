@@ -57,7 +57,7 @@ class Backdoored:
         self.pipe = erase.load_pipeline("toy")
         self.pipe.set_progress_bar_config(disable=True)
         started = time.time()
-        config = build_config(BackdoorConfig, "toy", kind=kind, trigger=TRIGGER, images=str(renders))
+        config = build_config(BackdoorConfig, f"toy-{kind}", kind=kind, trigger=TRIGGER, images=str(renders))
         erase.run(self.pipe, config, progress=False)
         self.inject_s = time.time() - started
         self.state = {n: p.detach().clone() for n, p in self.pipe.unet.named_parameters()}

@@ -210,6 +210,11 @@ def test_paper_and_toy_presets():
     assert build_config(BackdoorConfig, "paper", kind="style", prompts=["a cat"], steps=5).steps == 5
     toy = build_config(BackdoorConfig, "toy", kind="style", prompts=["a cat"])  # as measured: paired, no flips
     assert (toy.steps, toy.random_flip, toy.paired_noise) == (600, False, True)
+    # each kind's choice of the search over that base (docs/results/tuning/backdoor-inject-*.md)
+    pixel = build_config(BackdoorConfig, "toy-pixel", kind="pixel", prompts=["a cat"])
+    style = build_config(BackdoorConfig, "toy-style", kind="style", prompts=["a cat"])
+    assert (pixel.steps, pixel.parameter_set(), style.steps, style.parameter_set()) == (1200, "all", 2400, "xattn")
+    assert (pixel.lr, pixel.unconditional_fraction, style.random_flip, style.paired_noise) == (2e-3, 0.25, False, True)
 
 
 def test_inject_style_from_own_generations(tmp_path):
