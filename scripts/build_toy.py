@@ -1,7 +1,7 @@
 """Build the toy assets: a small Stable-Diffusion-shaped pipeline trained on the procedural mini canvas, and the two
 classifiers that judge its images.
 
-    python scripts/build_toy.py                      # full build into assets/ (about an hour on one CPU thread)
+    python scripts/build_toy.py                      # full build into assets/ (about 75 min on one CPU thread)
     python scripts/build_toy.py --quick --out /tmp/toy_quick   # a few-minute smoke build
     python scripts/build_toy.py --teach-patch        # only the VAE patch stage, on the build in assets/
     python scripts/build_toy.py --retrain-unet       # only the UNet + text encoder, on the build in assets/
@@ -85,7 +85,7 @@ class Config:
     classifier_steps: int = 600
     classifier_batch: int = 64
     classifier_width: int = 32
-    unet_steps: int = 6500
+    unet_steps: int = 10000  # the shipped toy's (its UNet retrained at 10,000; the first build had 6,500)
     unet_batch: int = 64
     unet_lr: float = 1e-3
     ema_decay: float = 0.999
@@ -501,12 +501,11 @@ def train_pipeline(cfg: Config, cat, vae: AutoencoderKL, mean, std, keys) -> Sta
     """Tokenizer, then the UNet and text encoder trained on the latents (`mean`, `std`) of the images `keys`, with
     every caption form of each image; returns the assembled pipeline (the toy's DDIM sampler)."""
     tokenizer = word_tokenizer(tokenizer_words(cat), model_max_length=16)
-    texts = [captions(cat, t, o) for t, o, _ in keys]
-    longest = max((text for options in texts for text in options), key=lambda text: len(tokenizer(text).input_ids))
-    if len(tokenizer(longest).input_ids) > tokenizer.model_max_length:
-        raise RuntimeError(f"caption {longest!r} has more than {tokenizer.model_max_length} tokens")
-    flat = [text for options in texts for text in options]
-    ids = tokenizer(flat, padding="max_length", max_length=16, return_tensors="pt").input_ids
+    texts = [text for t, o, _ in keys for text in captions(cat, t, o)]
+    too_long = [text for text in set(texts) if len(tokenizer(text).input_ids) > tokenizer.model_max_length]
+    if too_long:
+        raise RuntimeError(f"captions {too_long} have more than {tokenizer.model_max_length} tokens")
+    ids = tokenizer(texts, padding="max_length", max_length=16, return_tensors="pt").input_ids
     unet, text_encoder = train_unet(
         cfg, mean, std, ids.view(len(keys), -1, ids.shape[-1]), tokenizer, vae.config.scaling_factor
     )
@@ -547,10 +546,8 @@ def retrain_unet(out: Path, cfg: Config) -> dict:
     pipe.unet.save_pretrained(tmp / "unet", safe_serialization=True)
     pipe.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
     pipe.tokenizer.save_pretrained(tmp / "tokenizer")
-    build_cfg = asdict(cfg)
-    card["build"].update({k: build_cfg[k] for k in ("unet_steps", "unet_batch", "unet_lr", "ema_decay")})
-    card["build"].update(prompt_dropout=cfg.prompt_dropout, sampler_steps=cfg.sampler_steps)
-    card["build"]["guidance_choices"] = list(cfg.guidance_choices)
+    retrained = ("unet_steps", "unet_batch", "unet_lr", "ema_decay", "prompt_dropout", "sampler_steps")
+    card["build"].update({k: getattr(cfg, k) for k in retrained}, guidance_choices=list(cfg.guidance_choices))
     card["captions"] = caption_card()
     card["unet_retrained"] = {"minutes": round(unet_minutes, 2), "threads": torch.get_num_threads()}
     card["minutes"]["unet"] = round(unet_minutes, 2)
