@@ -210,6 +210,12 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results/tuning", help="with --tune: where the trials are written")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        space = json.loads(args.space)
+    except json.JSONDecodeError as err:
+        raise SystemExit(
+            f"--space is not JSON ({err}): {args.space!r}; give a list of trials, e.g. '[{{\"steps\": 1200}}]'"
+        ) from None
     triggers = args.triggers.split(",")
     unknown = [t for t in triggers if t not in TRIGGERS]
     if unknown:
@@ -222,7 +228,7 @@ def main() -> None:
     judge = Judge(CAT)
     if args.tune:
         for kind in args.kinds.split(","):
-            tune(args.tune, kind, json.loads(args.space), renders, judge, work, Path(args.out), args.threads)
+            tune(args.tune, kind, space, renders, judge, work, Path(args.out), args.threads)
         return
     results = []
     for kind in args.kinds.split(","):
