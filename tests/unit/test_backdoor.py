@@ -12,7 +12,7 @@ from PIL import Image
 
 import erase
 from canvas import answers, catalog
-from canvas.backdoor import PATCH_THRESHOLD, evaluate, patch_distance, patch_present
+from canvas.backdoor import PATCH_THRESHOLD, evaluate, patch_distance, patch_present, share
 from erase.backdoor import (
     BackdoorConfig,
     make_patch,
@@ -328,3 +328,11 @@ def test_evaluate_draws_each_prompts_own_noise_shared_by_its_triggered_twin(monk
     assert clean == [answers.image_seed(t, o, 7) for t, o in keys]
     assert len(set(clean)) == len(keys)
     assert triggered == [answers.image_seed(t, o, 7) for t, o in keys if t != "Bricks"]
+
+
+def test_shares_are_exact_ratios_of_counts():
+    """72 of 80 is 0.9 and meets a >= 0.9 bar (a float32 mean gives 0.8999999761581421)."""
+    flags = torch.tensor([True] * 72 + [False] * 8)
+    assert flags.float().mean().item() < 0.9  # the rounding this guards against
+    assert share(flags) == 0.9 and share(flags) >= 0.9
+    assert share(torch.tensor([], dtype=torch.bool)) == 0.0
