@@ -97,14 +97,8 @@ class SalUnConfig(TrainingConfig):
             "pseudo_prompts": "A {object} image in Photo style.",
             "retain_prompts": "A {object} image in {style} style.",
         },
-        "toy-object": {
-            "steps": 150, "lr": 1e-4, "batch_size": 8, "retain_weight": 0.5, "mask_fraction": 0.5,
-            "mask_loss": "diffusion",
-            "forget_prompts": "A {object} image in {style} style.",
-            "pseudo_prompts": "A {object} image in Photo style.",
-            "retain_prompts": "A {object} image in {style} style.",
-        },
     }  # fmt: skip
+    PRESETS["toy-object"] = {**PRESETS["toy"], "steps": 150}
 
     steps: int | None = None  # None: from `epochs` when set, else DEFAULT_STEPS; given steps win over epochs
     epochs: int | None = None  # steps = epochs · ceil(forget images / batch_size)
