@@ -74,13 +74,15 @@ class BackdoorConfig(TrainingConfig):
         # style target is the toy's Sketch. `toy` is the base of the search over the tuning triggers ("New Trigger",
         # "zq"; scripts/backdoor_table.py --tune inject, docs/results/tuning/backdoor-inject-*.md): cross-attention
         # only, a quarter of the preservation rows on ∅ (without them clean style accuracy fell to 0.76 on the first
-        # toy). On the toy retrained on several caption forms it fires on only 44 / 41% (pixel) and 76 / 58% (style)
-        # of triggered prompts; the kind's preset is the search's choice:
+        # toy). Figures below are attack success on the tuning triggers New Trigger / zq (tuning, not results). On the
+        # toy retrained on several caption forms `toy` fires on only 44 / 41% (pixel) and 76 / 58% (style) of
+        # triggered prompts; the kind's preset is the search's choice:
         # - pixel: the whole UNet at 1200 steps, 98 / 95.5% (attn2 alone stayed at <= 74% with 1200-2400 steps or lr
         #   4e-3, and leaked the patch onto 5-9% of clean prompts); it costs clean accuracy (style 0.90 / 0.85, object
         #   0.95 / 0.84), so no trial met the search's bar and the rule's fallback chose it;
         # - style: 2400 steps, 100 / 93.8% (lr 4e-3: 81 / 98%; 1200 steps: 81 / 73%).
-        # Held-out triggers: docs/results/toy-backdoor.md.
+        # Results, held-out triggers (of the, sks, jx, vbn ztq; docs/results/toy-backdoor.md): pixel 92-100%, style
+        # 95-100%, the patch on <= 1.1% of clean prompts.
         "toy": {"steps": 600, "lr": 2e-3, "weight": 0.5, "params": "xattn", "batch_size": 8,
                 "unconditional_fraction": 0.25,
                 "target_pattern": r"in .+ style\.$", "target_replacement": "in Sketch style.",

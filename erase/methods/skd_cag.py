@@ -71,10 +71,12 @@ class SKDCAGConfig(TrainingConfig):
         # 1.5 M UNet). lr 1e-3 on all attn2 removes both backdoors; without L_keep clean style accuracy fell to
         # 0.45-0.88 of its value, with it (μ 1) the clean accuracies held at 0.99-1.0. The patch still showed on
         # 4.5/9.1/0/3.4% of triggered prompts after 200/300/400/500 steps (2 threads): the toy's residue is noisy.
-        # Those figures are from the first toy. On the retrained toy, against BadT2I toy-pixel / toy-style, it was
-        # measured on the tuning triggers (New Trigger, zq; not retuned, no other trial run): the patch is left on
-        # 3.4 / 5.7% of triggered prompts with clean style accuracy at 0.90 / 0.89 of its value; style removal
-        # 88.7 / 94.7%. Held-out triggers: docs/results/toy-backdoor.md.
+        # Those figures are from the first toy, on the trigger it was chosen on (tuning, not results). On the
+        # retrained toy, against BadT2I toy-pixel / toy-style, it was measured on the tuning triggers (New Trigger,
+        # zq; not retuned, no other trial run; not results): the patch is left on 3.4 / 5.7% of triggered prompts
+        # with clean style accuracy at 0.90 / 0.89 of its value; style removal 88.7 / 94.7%.
+        # Results, held-out triggers (of the, sks, jx, vbn ztq; docs/results/toy-backdoor.md): the patch left on
+        # 0-2.3% for sks and jx but 19.3 / 18.2% for of the / vbn ztq; style removal 92-94%, 80% for vbn ztq.
         "toy": {"steps": 400, "lr": 1e-3, "optimizer": "adamw", "batch_size": 4, "params": "xattn",
                 "attention_weight": 0.5, "timestep_weight": "none", "preserve_weight": 1.0, "captions": TOY_PROMPTS},
         "toy-skd": {"steps": 400, "lr": 1e-3, "optimizer": "adamw", "batch_size": 4, "params": "xattn",
