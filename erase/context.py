@@ -36,14 +36,16 @@ class RunContext:
     local: bool = False  # train in this process alone even under `accelerate launch` (one job per process)
     grad_masks: dict[str, torch.Tensor] | None = None
     run_key: str | None = None  # the run's identity (erase.runner.run_key): only its own checkpoints are resumed
+    last_outcome: TrainOutcome | None = None  # what the last `train` call returned (losses, resume point)
 
-    def train(self, loss_fn: LossFn) -> TrainOutcome:
-        """Run the shared training loop over the declared parameters with the method's loss."""
+    def train(self, loss_fn: LossFn, params: dict[str, nn.Parameter] | None = None) -> TrainOutcome:
+        """Run the shared training loop with the method's loss over the declared parameters, or over `params`
+        (parameters of the UNet by their names in it, e.g. an adapter's while it is attached as a submodule)."""
         if not isinstance(self.config, TrainingConfig):
             raise TypeError(f"{type(self.config).__name__} has no training settings; only fine-tuning methods train")
         outcome = train(
             self.pipe.unet,
-            self.params,
+            self.params if params is None else params,
             loss_fn,
             self.config,
             accelerator=self.accelerator,
@@ -53,6 +55,7 @@ class RunContext:
             grad_masks=self.grad_masks,
             checkpoint_key=self.run_key,
         )
+        self.last_outcome = outcome
         if self.grad_masks is not None:
             moved = restore_outside_masks(self.params, self.frozen.original, self.grad_masks)
             if moved:

@@ -1,7 +1,9 @@
 """Delta: exactly the tensors an erasure changed, plus what is needed to trust and re-apply them.
 
 Tensor names carry their component (`unet.down_blocks...`, `text_encoder....`), so one file serves every method.
-Saved as `delta.safetensors` (the tensors) and `delta.json` (method, config, versions, base fingerprint).
+Saved as `delta.safetensors` (the tensors) and `delta.json` (method, config, versions, base fingerprint). An
+inference-time or adapter method changes no weight: its Delta carries a `Runtime` patch instead (erase.runtime),
+whose tensors are stored in the same file under `runtime.` and whose kind and settings under "runtime" in the JSON.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_dir, atomic_write, write_json
+from .runtime import Handle, Runtime
 
 COMPONENTS = ("unet", "text_encoder")
 TENSORS_FILE, META_FILE = "delta.safetensors", "delta.json"
+RUNTIME_PREFIX = "runtime."
 
 
 def fingerprint(pipe, components: tuple[str, ...] = COMPONENTS) -> str:
@@ -54,19 +58,26 @@ def _parameter(pipe, full_name: str) -> nn.Parameter:
 
 @dataclass
 class Delta:
-    """New values of the changed tensors, keyed `<component>.<parameter name>`, with metadata."""
+    """New values of the changed tensors, keyed `<component>.<parameter name>`, with metadata, and the runtime
+    patch of an inference-time or adapter method (None for the others)."""
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)
+    runtime: Runtime | None = None
     _originals: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+    _handles: dict[int, Handle] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_changes(
-        cls, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], metadata: dict[str, Any]
+        cls,
+        before: dict[str, torch.Tensor],
+        after: dict[str, torch.Tensor],
+        metadata: dict[str, Any],
+        runtime: Runtime | None = None,
     ) -> Delta:
         """Keep exactly the tensors whose values differ (bitwise) between `before` and `after`."""
         changed = {n: after[n].detach().cpu().clone() for n in after if not torch.equal(before[n], after[n])}
-        return cls(changed, metadata)
+        return cls(changed, metadata, runtime)
 
     def digest(self) -> str:
         """A hash of the tensors' names, shapes, dtypes and bytes: what a delta changes, exactly."""
@@ -75,21 +86,28 @@ class Delta:
             tensor = self.tensors[name].detach().cpu().contiguous()
             h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if self.runtime is not None:
+            self.runtime.update_digest(h)
         return h.hexdigest()[:16]
 
     @property
     def nbytes(self) -> int:
-        """Storage of the tensors, the UnlearnCanvas storage figure (the JSON metadata aside)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        """Storage of the tensors and of the runtime patch, the UnlearnCanvas storage figure (the rest of the JSON
+        metadata aside)."""
+        runtime = self.runtime.nbytes if self.runtime is not None else 0
+        return sum(t.numel() * t.element_size() for t in self.tensors.values()) + runtime
 
     def save(self, directory: str | Path) -> Path:
         """Write delta.safetensors and delta.json into `directory`, each atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(
-            directory / TENSORS_FILE, lambda p: save_file({k: v.contiguous() for k, v in self.tensors.items()}, p)
-        )
-        write_json(directory / META_FILE, self.metadata)
+        tensors = dict(self.tensors)
+        metadata = dict(self.metadata)
+        if self.runtime is not None:
+            tensors.update({RUNTIME_PREFIX + k: v for k, v in self.runtime.tensors.items()})
+            metadata["runtime"] = {"kind": self.runtime.kind, "settings": self.runtime.settings}
+        atomic_write(directory / TENSORS_FILE, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p))
+        write_json(directory / META_FILE, metadata)
         return directory
 
     @classmethod
@@ -116,7 +134,7 @@ class Delta:
                 raise ValueError(f"{tensors_path}: tensor {name!r} is {tensor.dtype}, not a float weight")
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{tensors_path}: tensor {name!r} holds NaN or infinite values")
-        return cls(tensors, metadata)
+        return cls(*_split_runtime(tensors, metadata, meta_path))
 
     def check_base(self, pipe) -> None:
         """Refuse a pipeline other than the delta's base, and a delta that does not say what its base was."""
@@ -140,9 +158,13 @@ class Delta:
             if p.shape != self.tensors[name].shape:
                 raise ValueError(f"delta tensor {name!r} has shape {tuple(self.tensors[name].shape)}, "
                                  f"the pipeline's {tuple(p.shape)}")  # fmt: skip
+        if self.runtime is not None and id(pipe) in self._handles:
+            raise ValueError("this delta's runtime patch is already attached to this pipeline; revert it first")
         self._originals.setdefault(id(pipe), {n: p.detach().clone() for n, p in targets.items()})
         for name, p in targets.items():
             p.copy_(self.tensors[name].to(device=p.device, dtype=p.dtype))
+        if self.runtime is not None:
+            self._handles[id(pipe)] = self.runtime.attach(pipe)
 
     @torch.no_grad()
     def revert(self, pipe) -> None:
@@ -150,6 +172,9 @@ class Delta:
         originals = self._originals.pop(id(pipe), None)
         if originals is None:
             raise ValueError("this delta was not applied to this pipeline (nothing to revert)")
+        handle = self._handles.pop(id(pipe), None)
+        if handle is not None:
+            handle.remove()
         for name, value in originals.items():
             _parameter(pipe, name).copy_(value)
 
@@ -157,6 +182,9 @@ class Delta:
         """Apply onto `pipe` and save the complete diffusers pipeline into `directory` (written beside, then
         renamed into place, so a crash leaves no half-written pipeline)."""
         directory = Path(directory)
+        if self.runtime is not None:
+            raise ValueError(f"this delta is a runtime patch ({self.runtime.kind}), not weights: a diffusers "
+                             "folder cannot carry it; apply the delta to the base model instead")  # fmt: skip
         if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
             raise FileExistsError(f"{directory} exists and is not an empty folder; choose a new output folder")
         self.apply(pipe, force=force)
@@ -166,3 +194,24 @@ class Delta:
         finally:
             self.revert(pipe)
         return directory
+
+
+def _split_runtime(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, Any], meta_path: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], Runtime | None]:
+    """Weights, metadata and the runtime patch of a loaded delta (the `runtime.` tensors and JSON entry)."""
+    described = metadata.pop("runtime", None)
+    runtime_tensors = {k[len(RUNTIME_PREFIX) :]: v for k, v in tensors.items() if k.startswith(RUNTIME_PREFIX)}
+    weights = {k: v for k, v in tensors.items() if not k.startswith(RUNTIME_PREFIX)}
+    if described is None:
+        if runtime_tensors:
+            raise ValueError(f"{meta_path} describes no runtime patch, but the delta holds runtime tensors")
+        return weights, metadata, None
+    if (
+        not isinstance(described, dict)
+        or not isinstance(described.get("kind"), str)
+        or not isinstance(described.get("settings", {}), dict)
+    ):
+        raise ValueError(f"{meta_path}: 'runtime' must be an object with a text 'kind' and an object 'settings', "
+                         f"got {described!r}")  # fmt: skip
+    return weights, metadata, Runtime(described["kind"], runtime_tensors, described.get("settings", {}))

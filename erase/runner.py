@@ -67,7 +67,8 @@ def run(
     """
     spec = method_of(config)
     unet = pipe.unet
-    params = select(unet, config.parameter_set())
+    # A runtime patch trains no base weight: its parameter set (if any) says where the patch goes, not what moves.
+    params = {} if spec.patches_at_runtime else select(unet, config.parameter_set())
     base_fingerprint = fingerprint(pipe)
     frozen = FrozenOriginal(unet, list(params))
     ctx = RunContext(
@@ -76,11 +77,15 @@ def run(
         run_key=run_key(config, base_fingerprint),
     )  # fmt: skip
     outcome = TrainOutcome()
+    runtime = None
     with Meter(unet.device) as meter:
         if spec.kind == "fine-tune":
             outcome = ctx.train(spec.make_loss(ctx))
-        else:
+        elif spec.kind == "closed-form":
             spec.edit(ctx)
+        else:
+            runtime = spec.build(ctx)
+            outcome = ctx.last_outcome or outcome  # an adapter trains through ctx.train
     before = {f"unet.{n}": t for n, t in frozen.original.items()}
     after = {f"unet.{n}": p.detach() for n, p in params.items()}
     config_dict = dataclasses.asdict(config)
@@ -88,7 +93,11 @@ def run(
         "method": spec.name, "config": config_dict, "versions": versions(), "base_fingerprint": base_fingerprint,
         "parameter_set": config.parameter_set(),
     }  # fmt: skip
-    delta = Delta.from_changes(before, after, metadata)
+    delta = Delta.from_changes(before, after, metadata, runtime)
+    if runtime is not None:
+        if fingerprint(pipe) != base_fingerprint:
+            raise RuntimeError(f"{spec.name} is a runtime patch but changed the base model's weights")
+        delta.apply(pipe)  # the pipeline leaves carrying the erasure, as after every other method
     record = {
         **metadata,
         "wall_time_s": meter.wall_time_s + outcome.previous_s,

@@ -13,6 +13,7 @@ from ..backdoor import BackdoorConfig
 from ..backdoor import make_loss as backdoor_loss
 from ..config import MethodConfig
 from ..context import RunContext
+from ..runtime import Runtime
 from ..train import LossFn
 from . import ca, esd, fmn, salun, skd_cag, uce
 
@@ -24,7 +25,8 @@ INPUTS = ("concepts", "anchors", "images", "forget_images", "retain_images", "tr
 @dataclass(frozen=True)
 class MethodSpec:
     """What a method is. A fine-tuning method gives `make_loss(ctx) -> loss_fn` for the shared training loop, a
-    closed-form one `edit(ctx)`, which changes `ctx.params` in place."""
+    closed-form one `edit(ctx)`, which changes `ctx.params` in place; an inference-time or adapter method
+    `build(ctx) -> Runtime`, a patch (erase.runtime) that changes no weight of the base and is returned detached."""
 
     name: str
     config_cls: type[MethodConfig]
@@ -34,15 +36,21 @@ class MethodSpec:
     components: tuple[str, ...] = ("unet",)
     make_loss: Callable[[RunContext], LossFn] | None = None
     edit: Callable[[RunContext], None] | None = None
+    build: Callable[[RunContext], Runtime] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"method {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if not set(self.components) <= set(COMPONENTS) or not set(self.inputs) <= set(INPUTS):
             raise ValueError(f"method {self.name!r}: components must be within {COMPONENTS}, inputs within {INPUTS}")
-        hook = {"fine-tune": self.make_loss, "closed-form": self.edit}.get(self.kind)
+        hook = {"fine-tune": self.make_loss, "closed-form": self.edit}.get(self.kind, self.build)
         if hook is None:
-            raise ValueError(f"method {self.name!r} of kind {self.kind!r} has no implementation here yet")
+            raise ValueError(f"method {self.name!r} of kind {self.kind!r} gives no implementation for its kind")
+
+    @property
+    def patches_at_runtime(self) -> bool:
+        """Whether the method's result is a runtime patch (a hook or an adapter) rather than changed weights."""
+        return self.kind in ("inference-time", "adapter")
 
     def needs(self, what: str) -> bool:
         return what in self.inputs
