@@ -4,6 +4,8 @@ A method supplies the parameters to train and a loss function; this loop owns ev
 process or many), mixed precision, gradient accumulation and checkpointing, the optimizer, resumable checkpoints,
 the non-finite-loss guard and the progress bar. Randomness is per sample, seeded by (seed, step, sample index), so
 a resumed run and a run split over several processes draw exactly the same samples as one uninterrupted process.
+A loss function that keeps state along the run (ESD's trajectory pool) gives a `resume(samples)` attribute: a resumed
+run calls it with the number of samples this process drew in the finished steps.
 """
 
 from __future__ import annotations
@@ -228,6 +230,8 @@ def train(
         outcome.resumed_from = len(outcome.losses)
         if outcome.resumed_from > settings.steps:
             raise ValueError(f"checkpoint in {ckpt} is at step {outcome.resumed_from}, past steps={settings.steps}")
+        if hasattr(loss_fn, "resume"):  # a loss with state along the run (e.g. a sample pool) skips what was drawn
+            loss_fn.resume(outcome.resumed_from * share * settings.grad_accum)
     started = time.perf_counter()
 
     def keep(failed: str | None = None) -> None:

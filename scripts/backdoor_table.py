@@ -36,6 +36,8 @@ from canvas.judge import Judge
 from erase.atomic import write_json, write_text
 from erase.backdoor import BackdoorConfig
 from erase.config import build_config
+from erase.delta import Delta, fingerprint
+from erase.runner import run_key
 
 # trigger -> (what the toy tokenizer makes of it, split): presets are tuned on the "tuning" ones and reported on the
 # others (one of each form held out; tests/behaviour/test_backdoor_toy.py uses a held-out one).
@@ -56,16 +58,28 @@ def slug(trigger: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", trigger.lower()).strip("-")
 
 
+def injected(pipe, kind: str, trigger: str, renders: Path, base: str, inject: dict[str, Any], keep: Path) -> float:
+    """Backdoor `pipe` with `trigger` (BadT2I's preset `base` with `inject`'s values); the injection's Delta is kept
+    under `keep` and reused only when it was made from the same config on the same base. Returns its training time."""
+    config = build_config(BackdoorConfig, base, kind=kind, trigger=trigger, images=str(renders), **inject)
+    key = run_key(config, fingerprint(pipe))
+    folder = keep / f"{kind}__{slug(trigger)}__{key}"
+    if (folder / "record.json").is_file():
+        Delta.load(folder).apply(pipe)
+        return json.loads((folder / "record.json").read_text())["wall_time_s"]
+    result = erase.run(pipe, config, progress=False)
+    result.delta.save(folder)
+    write_json(folder / "record.json", result.record)  # last: its presence marks a complete folder
+    return result.record["wall_time_s"]
+
+
 def one(kind: str, trigger: str, renders: Path, judge: Judge, base: str, inject: dict[str, Any],
         remove: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
     """Inject a backdoor with `trigger` (BadT2I's preset `base` with `inject`'s values), judge it, and unless `remove`
     is None remove it with SKD-CAG (its `toy` preset with `remove`'s values) and judge again."""
     pipe = erase.load_pipeline("toy")
     pipe.set_progress_bar_config(disable=True)
-    started = time.perf_counter()
-    config = build_config(BackdoorConfig, base, kind=kind, trigger=trigger, images=str(renders), **inject)
-    erase.run(pipe, config, progress=False)
-    timing = {"inject_s": time.perf_counter() - started}
+    timing = {"inject_s": injected(pipe, kind, trigger, renders, base, inject, renders.parent / "injected")}
     delta = None
     if remove is not None:
         backdoored = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}

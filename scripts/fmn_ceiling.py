@@ -99,7 +99,7 @@ def main() -> None:
         print(target, {k: f"{v:.0f}" for k, v in shown.items()}, flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
-        "# FMN's ceiling on the toy: styles with cross-attention to token positions blocked",
+        "# FMN's ceiling on the toy: targets with cross-attention to token positions blocked",
         "",
         f"Command: `python scripts/fmn_ceiling.py --threads {args.threads} --seeds {args.seeds}`; commit {commit}; "
         f"torch threads {args.threads}; {time.perf_counter() - started:.0f} s.",

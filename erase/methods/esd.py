@@ -143,14 +143,20 @@ class TrajectoryPool:
 
     With the frozen sampler x_t does not depend on training, so one batched run of n trajectories serves
     n·ddim_steps training samples instead of n, and the target's frozen passes come with it. Refill r is seeded by
-    (seed, process, r), so a run is deterministic; a resumed run or one over several processes draws other (equally
-    distributed) states than one uninterrupted process, as the pool's position is not checkpointed.
+    (seed, process, r), so a run is deterministic, and a resumed run `skip`s the states its finished steps took (one
+    over several processes draws other, equally distributed, states than one process).
     """
 
-    def __init__(self, refill: Callable[[torch.Generator], list[PoolState]], seed: int, process: int = 0):
-        self._refill, self._seed, self._process = refill, seed, process
+    def __init__(self, refill: Callable[[torch.Generator], list[PoolState]], seed: int, process: int, per_refill: int):
+        self._refill, self._seed, self._process, self._per_refill = refill, seed, process, per_refill
         self._states: list[PoolState] = []
         self.refills = 0
+
+    def skip(self, count: int) -> None:
+        """Move past the first `count` states, as if they had been taken: whole refills are never computed."""
+        self.refills += count // self._per_refill
+        for _ in range(count % self._per_refill):
+            self.take()
 
     def take(self) -> PoolState:
         if not self._states:
@@ -206,7 +212,7 @@ def make_pool(ctx: RunContext) -> TrajectoryPool | None:
 
     # One run over several processes: each its own pool, or they would all hand out the same states.
     process = 0 if ctx.local else ctx.accelerator.process_index if ctx.accelerator else process_state().process_index
-    return TrajectoryPool(refill, cfg.seed, process)
+    return TrajectoryPool(refill, cfg.seed, process, n * cfg.ddim_steps)
 
 
 def make_loss(ctx: RunContext) -> LossFn:
@@ -267,4 +273,6 @@ def make_loss(ctx: RunContext) -> LossFn:
         prediction = model(x_t, t, encoder_hidden_states=seen).sample
         return F.mse_loss(prediction.float(), target.float())
 
+    if pool is not None:
+        loss_fn.resume = pool.skip  # a resumed run hands out the states after those its finished steps took
     return loss_fn

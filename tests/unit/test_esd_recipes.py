@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import erase
+from erase import train
 from erase.context import RunContext
 from erase.frozen import FrozenOriginal
 from erase.methods import esd
@@ -310,3 +311,31 @@ def test_pool_feeds_the_loss_and_is_seeded():
 def test_bad_pool_and_anchor_values_are_named(values, message):
     with pytest.raises(ValueError, match=message):
         small_esd(**values)
+
+
+@pytest.mark.parametrize("count", [0, 5, 12, 17])
+def test_pool_skip_lands_where_taking_would(count):
+    """3 trajectories x 4 steps = 12 states a refill: skipping within, at and past a refill."""
+    config = small_esd(concepts=["van gogh", "cat"], ddim_steps=4, trajectory_pool=3)
+    taking, skipping = (esd.make_pool(context(fresh_pipe(), config)) for _ in range(2))
+    for _ in range(count):
+        taking.take()
+    skipping.skip(count)
+    for _ in range(14):
+        a, b = taking.take(), skipping.take()
+        assert torch.equal(a.x, b.x) and a.t == b.t and a.concept == b.concept
+
+
+def test_a_resumed_pooled_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+    config = small_esd(steps=3, batch_size=2, ddim_steps=3, trajectory_pool=2)
+    whole = erase.run(fresh_pipe(), config, progress=False).delta
+    real = train.sample_seed
+    train.sample_seed = lambda s, k, i: (_ for _ in ()).throw(KeyboardInterrupt) if k == 2 else real(s, k, i)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            erase.run(fresh_pipe(), config, checkpoint_dir=tmp_path, progress=False)
+    finally:
+        train.sample_seed = real
+    resumed = erase.run(fresh_pipe(), config, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.record["resumed_from_step"] == 2
+    assert whole.digest() == resumed.delta.digest()
