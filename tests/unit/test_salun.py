@@ -11,7 +11,7 @@ from PIL import Image
 import erase
 from erase.context import RunContext
 from erase.frozen import FrozenOriginal
-from erase.images import diffusion_loss, encode_latents, image_size, load_images
+from erase.images import diffusion_loss, encode_latents, image_prompts, image_size, load_images
 from erase.methods import salun
 from erase.params import select
 from erase.sampling import sample_seed
@@ -152,8 +152,8 @@ def test_bad_image_sets_are_refused(image_sets, tmp_path):
 
 def test_prompts_per_image_from_folders(image_sets):
     files = sorted((image_sets[0] / "Van_Gogh" / "Cats").glob("*.png"))
-    assert salun._prompts("p", "A {object} image in {style} style.", files) == ["A Cats image in Van Gogh style."] * 3
-    assert salun._prompts("p", ["x", "y", "z"], files) == ["x", "y", "z"]
+    assert image_prompts("p", "A {object} image in {style} style.", files) == ["A Cats image in Van Gogh style."] * 3
+    assert image_prompts("p", ["x", "y", "z"], files) == ["x", "y", "z"]
 
 
 def _embed(pipe, prompt: str) -> torch.Tensor:
