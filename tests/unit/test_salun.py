@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-from PIL import Image
 
 import erase
 from erase.context import RunContext
@@ -16,17 +15,7 @@ from erase.methods import salun
 from erase.params import select
 from erase.sampling import sample_seed
 from erase.text import PromptEncoder
-from tests.unit.helpers import fresh_pipe
-
-
-def write_images(folder, count: int = 2, seed: int = 0):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        g = torch.Generator().manual_seed(seed + i)
-        Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()).save(
-            folder / f"{i}.png"
-        )
-    return folder
+from tests.unit.helpers import fresh_pipe, write_images
 
 
 @pytest.fixture
