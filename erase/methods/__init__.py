@@ -14,7 +14,7 @@ from ..backdoor import make_loss as backdoor_loss
 from ..config import MethodConfig
 from ..context import RunContext
 from ..train import LossFn
-from . import ca, esd, fmn, salun, skd_cag, uce
+from . import ca, erasediff, esd, fmn, salun, skd_cag, uce
 
 KINDS = ("fine-tune", "closed-form", "inference-time", "adapter")
 COMPONENTS = ("unet", "text_encoder")
@@ -81,6 +81,14 @@ METHODS: dict[str, MethodSpec] = _rows(
         "Saliency Unlearning: relabel the forget set, masked",
         ("forget_images", "retain_images"),
         make_loss=salun.make_loss,
+    ),
+    MethodSpec(
+        "erasediff",
+        erasediff.EraseDiffConfig,
+        "fine-tune",
+        "EraseDiff: retain loss plus the forget constraint after K inner relabelling steps",
+        ("forget_images", "retain_images"),
+        make_loss=erasediff.make_loss,
     ),
     MethodSpec(
         "uce",
