@@ -92,23 +92,22 @@ def ca_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[
     return {**inputs, "anchor_catalog": cat.name}
 
 
-def salun_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
-    """SalUn: forget images of the split role forget_retain (the target's), relabelled as photo (a style) or as the
-    next object (an object). Retain images: on UnlearnCanvas its recipe's (mu_saliency_unlearn_salun: the photo
-    class's images for a style, the next object's images for an object, each forget image's pseudo prompt the
-    matching retain prompt) and its mask prompt "An image in {target} Style."; on the toy every other image."""
+def relabel_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Methods that relabel forget images and keep retain images (SalUn, EraseDiff): forget images of the split role
+    forget_retain (the target's), relabelled as photo (a style) or as the next object (an object). Retain images:
+    on UnlearnCanvas its recipes' (mu_saliency_unlearn_salun, mu_erase_diff_ediff: the photo class's images for a
+    style, the next object's images for an object, each forget image's pseudo prompt the matching retain prompt);
+    on the toy every other image."""
     roles = splits.load()
     style = cat.is_style(target)
     forget = _items(cat, target, roles.forget_retain, forget=True)
     pseudo = [cat.prompt(cat.photo, o) if style else cat.prompt(t, _other_object(cat, o)) for t, o, _ in forget]
-    values: dict[str, Any] = {}
     if _is_unlearncanvas(cat):
         indices = roles.forget_retain
         if style:  # in the forget images' order, so retain prompt k is forget image k's pseudo prompt
             retain = [(cat.photo, o, i) for o in cat.objects for i in indices]
         else:
             retain = [(t, _other_object(cat, target), i) for t in cat.themes for i in indices]
-        values["mask_prompts"] = f"An image in {target} Style."  # generate_mask.py:143, the name as given
     else:
         retain = _items(cat, target, roles.forget_retain, forget=False)
     return {
@@ -117,8 +116,16 @@ def salun_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mappi
         "pseudo_prompts": pseudo,
         "retain_images": _files(data_root, retain),
         "retain_prompts": [cat.prompt(t, o) for t, o, _ in retain],
-        **values,
     }
+
+
+def salun_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """SalUn: the relabelling inputs, and on UnlearnCanvas its mask prompt "An image in {target} Style."
+    (generate_mask.py:143, the name as given)."""
+    inputs = relabel_inputs(cat, target, data_root, given)
+    if _is_unlearncanvas(cat):
+        inputs["mask_prompts"] = f"An image in {target} Style."
+    return inputs
 
 
 def backdoor_removal_inputs(
@@ -146,6 +153,7 @@ INPUTS: dict[str, InputsFn] = {
     "fmn": fmn_inputs,
     "ca": ca_inputs,
     "salun": salun_inputs,
+    "erasediff": relabel_inputs,
     "skd-cag": backdoor_removal_inputs,
 }
 

@@ -43,6 +43,39 @@ def image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return files
 
 
+def named_image_files(name: str, source) -> list[Path]:
+    """`image_files(source)` for the config field `name`: a missing source, or one with no image, is an error that
+    names the field (e.g. "forget_images: image source '...' does not exist")."""
+    if source is None or (not isinstance(source, str | os.PathLike) and not list(source)):
+        raise ValueError(f"{name} must name a folder or image files, got {source!r}")
+    try:
+        return image_files(source)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{name}: {err}") from None
+
+
+def image_prompts(name: str, prompts: str | Sequence[str], files: Sequence[Path]) -> list[str]:
+    """One prompt per image: a template filled from each image's folders, or a list given one-to-one.
+
+    A template may use `{object}` and `{style}`: the image's parent and grandparent folder names with underscores
+    as spaces, so the UnlearnCanvas layout <Style>/<Object>/<idx>.jpg gives "A {object} image in {style} style."
+    per image. `name` (the config field) is named in the errors."""
+    if isinstance(prompts, str):
+        out = []
+        for path in files:
+            words = {"object": path.parent.name.replace("_", " "), "style": path.parent.parent.name.replace("_", " ")}
+            try:
+                out.append(prompts.format(**words))
+            except (KeyError, IndexError, ValueError):
+                raise ValueError(f"{name} template {prompts!r}: only {{object}} and {{style}} can be filled") from None
+        return out
+    prompts = list(prompts)
+    if len(prompts) != len(files) or any(not isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name}: give one template or one prompt per image ({len(files)} images), "
+                         f"got {len(prompts)} prompts")  # fmt: skip
+    return prompts
+
+
 def to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """(B, 3, size, size) in [-1, 1], the VAE's input range; images are resized with bicubic filtering."""
     arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) for im in images]
@@ -56,6 +89,14 @@ def load_images(source, size: int) -> torch.Tensor:
 def image_size(pipe) -> int:
     """Pixel size the pipeline generates by default: latent size times the VAE's downsampling."""
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def encoded_image_set(pipe, name: str, source, prompts: str | Sequence[str]) -> tuple[torch.Tensor, list[str]]:
+    """The latents of `source`'s images at the pipeline's size, on the UNet's device, and one prompt per image:
+    a forget or retain set of a data-driven method (`name`, its config field, is named in errors)."""
+    files = named_image_files(name, source)
+    texts = image_prompts(name, prompts, files)
+    return encode_latents(pipe.vae, load_images(files, image_size(pipe))).to(pipe.unet.device), texts
 
 
 @torch.no_grad()

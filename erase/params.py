@@ -11,7 +11,8 @@ NAMED_SETS = {
     "kv": "cross-attention keys and values (attn2.to_k, attn2.to_v)",
     "xattn": "every cross-attention module (attn2.*)",
     "noxattn": "everything except cross-attention",
-    "esd-u": "everything except cross-attention, the time embedding and conv_out (ESD-u of the paper-era code)",
+    "esd-u": "everything except cross-attention, the time embedding and the output layers (conv_norm_out, conv_out): "
+    "the CompVis code's 'noxattn' (ESD-u of the paper-era code, EraseDiff's NSFW recipe)",
     "all": "every parameter",
 }
 
@@ -56,7 +57,8 @@ def _in_named_set(name: str, set_name: str) -> bool:
     if set_name == "noxattn":
         return ".attn2." not in f".{name}"
     if set_name == "esd-u":
-        return ".attn2." not in f".{name}" and not name.startswith(("time_embedding.", "conv_out."))
+        # The CompVis code skips `out.*` (LDM's GroupNorm out.0 and conv out.2) and `time_embed*`.
+        return ".attn2." not in f".{name}" and not name.startswith(("time_embedding.", "conv_norm_out.", "conv_out."))
     return True  # "all"
 
 

@@ -15,7 +15,7 @@ from ..config import MethodConfig
 from ..context import RunContext
 from ..runtime import Runtime
 from ..train import LossFn
-from . import ca, esd, fmn, salun, skd_cag, uce
+from . import ca, erasediff, esd, fmn, salun, skd_cag, uce
 
 KINDS = ("fine-tune", "closed-form", "inference-time", "adapter")
 COMPONENTS = ("unet", "text_encoder")
@@ -89,6 +89,14 @@ METHODS: dict[str, MethodSpec] = _rows(
         "Saliency Unlearning: relabel the forget set, masked",
         ("forget_images", "retain_images"),
         make_loss=salun.make_loss,
+    ),
+    MethodSpec(
+        "erasediff",
+        erasediff.EraseDiffConfig,
+        "fine-tune",
+        "EraseDiff: retain loss plus the forget constraint after K inner relabelling steps",
+        ("forget_images", "retain_images"),
+        make_loss=erasediff.make_loss,
     ),
     MethodSpec(
         "uce",

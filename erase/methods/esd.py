@@ -31,7 +31,7 @@ ANCHORS = ("empty", "concept")
 @dataclass
 class ESDConfig(TrainingConfig):
     """ESD's parameter sets are its variants: `params` "esd-x" (default), "esd-u" (the paper-era code's: no time
-    embedding, no conv_out), "esd-x-strict" or "esd-all" (erase.params)."""
+    embedding, no output layers), "esd-x-strict" or "esd-all" (erase.params)."""
 
     DEFAULT_PARAMS: ClassVar[str] = "esd-x"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {

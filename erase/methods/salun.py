@@ -18,17 +18,17 @@ Weights outside the mask stay bit-identical: their gradients are exactly zero, s
 moves them (its moments stay zero). Weight decay would move them, so it is refused; a final check restores and
 warns should any masked weight have moved anyway (e.g. a quantized optimizer).
 
-Prompts (our scheme): `forget_prompts`, `pseudo_prompts`, `retain_prompts` and `mask_prompts` are each one template
-for every image, or a list with one prompt per image (in the sorted order of erase.images.image_files). A template
-may use `{object}` and `{style}`: the image's parent and grandparent folder names with underscores as spaces, so
-the UnlearnCanvas layout <Style>/<Object>/<idx>.jpg gives "A {object} image in {style} style." per image.
+Prompts (our scheme, erase.images.image_prompts): `forget_prompts`, `pseudo_prompts`, `retain_prompts` and
+`mask_prompts` are each one template for every image, or a list with one prompt per image (in the sorted order of
+erase.images.image_files). A template may use `{object}` and `{style}`: the image's parent and grandparent folder
+names with underscores as spaces, so the UnlearnCanvas layout <Style>/<Object>/<idx>.jpg gives
+"A {object} image in {style} style." per image.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -38,7 +38,7 @@ from torch import nn
 from ..config import TrainingConfig
 from ..context import RunContext
 from ..frozen import unwrap
-from ..images import denoising_target, diffusion_loss, encode_latents, image_files, image_size, load_images, noised
+from ..images import denoising_target, diffusion_loss, encoded_image_set, image_prompts, named_image_files, noised
 from ..params import select
 from ..sampling import sample_seed
 from ..train import LossFn
@@ -146,47 +146,23 @@ class SalUnConfig(TrainingConfig):
             raise ValueError(f"mask_scope {self.mask_scope!r} is not one of {', '.join(MASK_SCOPES)}")
         if not isinstance(self.mask_guidance, int | float) or isinstance(self.mask_guidance, bool):
             raise ValueError(f"mask_guidance must be a number, got {self.mask_guidance!r}")
-        forget = _files("forget_images", self.forget_images)
-        _prompts("forget_prompts", self.forget_prompts, forget)
-        _prompts("pseudo_prompts", self.pseudo_prompts, forget)
+        forget = named_image_files("forget_images", self.forget_images)
+        image_prompts("forget_prompts", self.forget_prompts, forget)
+        image_prompts("pseudo_prompts", self.pseudo_prompts, forget)
         if self.mask_prompts is not None:
-            _prompts("mask_prompts", self.mask_prompts, forget)
+            image_prompts("mask_prompts", self.mask_prompts, forget)
         if self.epochs is not None:
             self.steps = self._steps_of_epochs(len(forget))
         if self.retain_weight > 0:
             if self.retain_images is None or (not isinstance(self.retain_images, str) and not list(self.retain_images)):
                 raise ValueError(f"retain_images is required when retain_weight > 0 (got {self.retain_images!r}); "
                                  "give retain images or set retain_weight=0")  # fmt: skip
-            _prompts("retain_prompts", self.retain_prompts, _files("retain_images", self.retain_images))
+            retain = named_image_files("retain_images", self.retain_images)
+            image_prompts("retain_prompts", self.retain_prompts, retain)
 
     def _steps_of_epochs(self, count: int) -> int:
         """epochs · ceil(count / batch_size): the batches of `epochs` passes over `count` forget images."""
         return self.epochs * math.ceil(count / self.batch_size)
-
-
-def _files(name: str, source) -> list[Path]:
-    try:
-        return image_files(source)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{name}: {err}") from None
-
-
-def _prompts(name: str, prompts: str | list[str], files: list[Path]) -> list[str]:
-    """One prompt per image: a template filled from each image's folders, or a list given one-to-one."""
-    if isinstance(prompts, str):
-        out = []
-        for path in files:
-            words = {"object": path.parent.name.replace("_", " "), "style": path.parent.parent.name.replace("_", " ")}
-            try:
-                out.append(prompts.format(**words))
-            except (KeyError, IndexError, ValueError):
-                raise ValueError(f"{name} template {prompts!r}: only {{object}} and {{style}} can be filled") from None
-        return out
-    prompts = list(prompts)
-    if len(prompts) != len(files) or any(not isinstance(p, str) for p in prompts):
-        raise ValueError(f"{name}: give one template or one prompt per image ({len(files)} images), "
-                         f"got {len(prompts)} prompts")  # fmt: skip
-    return prompts
 
 
 def guided_mask_loss(
@@ -260,8 +236,9 @@ def _mask(ctx: RunContext, forget: torch.Tensor) -> dict[str, torch.Tensor]:
     """The saliency masks of the parameter set, ranked over the config's mask scope with its mask loss."""
     cfg: SalUnConfig = ctx.config
     unet = ctx.pipe.unet
-    files = _files("forget_images", cfg.forget_images)
-    prompts = _prompts("mask_prompts", cfg.mask_prompts if cfg.mask_prompts is not None else cfg.forget_prompts, files)
+    files = named_image_files("forget_images", cfg.forget_images)
+    mask_prompts = cfg.mask_prompts if cfg.mask_prompts is not None else cfg.forget_prompts
+    prompts = image_prompts("mask_prompts", mask_prompts, files)
     ranked = select(unet, "all") if cfg.mask_scope == "unet" else ctx.params
     null = ctx.encode("") if cfg.mask_loss == "guided" else None
     masks = saliency_mask(
@@ -275,17 +252,15 @@ def make_loss(ctx: RunContext) -> LossFn:
     """The SalUn loss for the training loop; computes the saliency mask first and hands it to the loop as
     `ctx.grad_masks`, so only the salient weights train."""
     cfg: SalUnConfig = ctx.config
-    unet, vae, scheduler = ctx.pipe.unet, ctx.pipe.vae, ctx.pipe.scheduler
-    size = image_size(ctx.pipe)
-
-    def data(source, prompts: str | list[str], name: str) -> tuple[torch.Tensor, list[str]]:
-        files = _files(name, source)
-        return encode_latents(vae, load_images(files, size)).to(unet.device), _prompts(name, prompts, files)
-
-    forget, forget_prompts = data(cfg.forget_images, cfg.forget_prompts, "forget_images")
-    pseudo_prompts = _prompts("pseudo_prompts", cfg.pseudo_prompts, _files("forget_images", cfg.forget_images))
+    scheduler = ctx.pipe.scheduler
+    forget, forget_prompts = encoded_image_set(ctx.pipe, "forget_images", cfg.forget_images, cfg.forget_prompts)
+    pseudo_prompts = image_prompts(
+        "pseudo_prompts", cfg.pseudo_prompts, named_image_files("forget_images", cfg.forget_images)
+    )
     retain, retain_prompts = (
-        data(cfg.retain_images, cfg.retain_prompts, "retain_images") if cfg.retain_weight > 0 else (None, [])
+        encoded_image_set(ctx.pipe, "retain_images", cfg.retain_images, cfg.retain_prompts)
+        if cfg.retain_weight > 0
+        else (None, [])
     )
 
     ctx.grad_masks = _mask(ctx, forget)

@@ -1,10 +1,11 @@
-"""Shared pieces of the unit tests: a saved tiny pipeline and small ESD configs."""
+"""Shared pieces of the unit tests: a saved tiny pipeline, small ESD configs and random image folders."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import erase
 from erase.testing import tiny_pipeline
@@ -14,6 +15,16 @@ def fresh_pipe(seed: int = 0):
     pipe = tiny_pipeline(seed)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def write_images(folder: Path, count: int = 2, seed: int = 0) -> Path:
+    """`count` random 16x16 PNGs (0.png, 1.png, ...) in `folder`, made if missing: images for data-driven methods."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        g = torch.Generator().manual_seed(seed + i)
+        pixels = torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return folder
 
 
 def small_esd(**overrides):

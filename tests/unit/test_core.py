@@ -23,10 +23,12 @@ def test_named_parameter_sets_partition_the_unet():
     assert kv and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in kv)
     assert kv < xattn and xattn | noxattn == everything and not xattn & noxattn
     assert set(select(unet, "*attn2.to_k.*,*attn2.to_v.*")) == kv
-    # ESD-u as the paper-era code trains it: outside attn2, without the time embedding and conv_out
+    # ESD-u as the paper-era code trains it: outside attn2, without the time embedding and LDM's `out.*`
+    # (out.0 the GroupNorm conv_norm_out, out.2 conv_out)
     esd_u = set(select(unet, "esd-u"))
-    assert esd_u == {n for n in noxattn if not n.startswith(("time_embedding.", "conv_out."))}
-    assert any(n.startswith("time_embedding.") for n in noxattn) and any(n.startswith("conv_out.") for n in noxattn)
+    left_out = ("time_embedding.", "conv_norm_out.", "conv_out.")
+    assert esd_u == {n for n in noxattn if not n.startswith(left_out)}
+    assert all(any(n.startswith(prefix) for n in noxattn) for prefix in left_out)
 
 
 @pytest.mark.parametrize("spec", ["", "attn3", ["*nothing*"]])

@@ -14,18 +14,19 @@ def data_root(tmp_path_factory):
     return toy.export(tmp_path_factory.mktemp("data"), CAT, indices=range(1, 4))
 
 
-@pytest.mark.parametrize("method", ["esd", "uce", "fmn", "ca", "salun"])
+@pytest.mark.parametrize("method", ["esd", "uce", "fmn", "ca", "salun", "erasediff"])
 @pytest.mark.parametrize("target", ["Pop_Art", "Cats"])
 def test_inputs_make_valid_configs(method, target, data_root):
     values = method_inputs(method, CAT, target, data_root)
     presets = erase.get_method(method).config_cls.PRESETS
-    preset = "toy-object" if target == "Cats" and "toy-object" in presets else "toy"  # as the bench picks
+    kind = "object" if target == "Cats" else "style"
+    preset = next((p for p in (f"toy-{kind}", "toy") if p in presets), None)  # as the bench picks (job_preset)
     config = erase.make_config(method, preset, **values)
     if method == "fmn":
         prompt = config.prompt_pairs()[0][1]
         assert prompt in {CAT.prompt(t, o) for t in CAT.themes for o in CAT.objects}
         assert len(config.images) == (8 if target == "Pop_Art" else 11)
-    if method == "salun":
+    if method in ("salun", "erasediff"):
         assert len(values["forget_images"]) == len(values["forget_prompts"]) == len(values["pseudo_prompts"])
         assert all("Pop_Art" in f for f in values["forget_images"]) == (target == "Pop_Art")
         assert any("/Pop_Art/" in f for f in values["retain_images"]) == (target != "Pop_Art")

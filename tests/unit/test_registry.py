@@ -35,6 +35,17 @@ METHOD_EXAMPLES = {
         "lr": 1e-3,
         "batch_size": 2,
     },
+    "erasediff": {
+        "forget_images": "{tmp}/forget",
+        "retain_images": "{tmp}/retain",
+        "forget_prompts": "a van gogh painting",
+        "pseudo_prompts": "a photo",
+        "retain_prompts": "a photo of a {{object}}",
+        "steps": 2,
+        "lr": 1e-3,
+        "batch_size": 2,
+        "inner_steps": 2,
+    },
     "uce": {"concepts": ["van gogh"], "guides": ["painting"], "preserve": ["cat"]},
     "fmn": {
         "concepts": ["van gogh"],
@@ -48,7 +59,11 @@ METHOD_EXAMPLES = {
 
 
 # Image folders (under tmp_path) an example reads: filled with small random images before its config is built.
-EXAMPLE_IMAGES = {"salun": ("forget/cat", "retain/dog"), "fmn": ("fmn-images",)}
+EXAMPLE_IMAGES = {
+    "salun": ("forget/cat", "retain/dog"),
+    "erasediff": ("forget/cat", "retain/dog"),
+    "fmn": ("fmn-images",),
+}
 
 
 def example(name: str, tmp_path):

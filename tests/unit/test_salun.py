@@ -6,27 +6,16 @@ import warnings
 
 import pytest
 import torch
-from PIL import Image
 
 import erase
 from erase.context import RunContext
 from erase.frozen import FrozenOriginal
-from erase.images import diffusion_loss, encode_latents, image_size, load_images
+from erase.images import diffusion_loss, encode_latents, image_prompts, image_size, load_images
 from erase.methods import salun
 from erase.params import select
 from erase.sampling import sample_seed
 from erase.text import PromptEncoder
-from tests.unit.helpers import fresh_pipe
-
-
-def write_images(folder, count: int = 2, seed: int = 0):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        g = torch.Generator().manual_seed(seed + i)
-        Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()).save(
-            folder / f"{i}.png"
-        )
-    return folder
+from tests.unit.helpers import fresh_pipe, write_images
 
 
 @pytest.fixture
@@ -152,8 +141,8 @@ def test_bad_image_sets_are_refused(image_sets, tmp_path):
 
 def test_prompts_per_image_from_folders(image_sets):
     files = sorted((image_sets[0] / "Van_Gogh" / "Cats").glob("*.png"))
-    assert salun._prompts("p", "A {object} image in {style} style.", files) == ["A Cats image in Van Gogh style."] * 3
-    assert salun._prompts("p", ["x", "y", "z"], files) == ["x", "y", "z"]
+    assert image_prompts("p", "A {object} image in {style} style.", files) == ["A Cats image in Van Gogh style."] * 3
+    assert image_prompts("p", ["x", "y", "z"], files) == ["x", "y", "z"]
 
 
 def _embed(pipe, prompt: str) -> torch.Tensor:
