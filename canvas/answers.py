@@ -192,11 +192,13 @@ def generate(
     batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
     mine = [b for n, b in enumerate(batches) if n % count == index]
     todo = [b for b in mine if not all(_readable(out / it.filename) for it in b)]
-    encode = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
     bar = tqdm(total=sum(map(len, mine)), initial=sum(map(len, mine)) - sum(map(len, todo)), desc="answer set",
                disable=not progress)  # fmt: skip
     try:
         with apply(pipe) if apply else nullcontext():
+            # created (and so filled) inside the apply context: a runtime patch on the text encoder (SEOT) must see
+            # every encoding; an encoder cached before it would hand out unpatched embeddings
+            encode = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
             for batch in todo:
                 prompts = [catalog.prompt(it.theme, it.object) for it in batch]
                 seeds = [it.generator_seed for it in batch]

@@ -61,6 +61,12 @@ def concept_inputs(cat: Catalog, target: str, data_root: Path | None, given: Map
     return {"concepts": [concept_text(cat, target)]}
 
 
+def seot_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """SEOT: the text UnlearnCanvas's seot.py suppresses, the style's words plus "style" (`Pop Art style`, its token
+    positions 5..) or the object (position 2); SEOT finds these tokens inside each benchmark prompt by content."""
+    return concept_inputs(cat, target, data_root, given)
+
+
 def _is_unlearncanvas(cat: Catalog) -> bool:
     """Whether `cat` is the real benchmark, whose methods follow UnlearnCanvas's released recipes (the toy keeps the
     inputs its presets were measured with)."""
@@ -155,6 +161,7 @@ INPUTS: dict[str, InputsFn] = {
     "salun": salun_inputs,
     "erasediff": relabel_inputs,
     "skd-cag": backdoor_removal_inputs,
+    "seot": seot_inputs,
 }
 
 

@@ -15,6 +15,7 @@ from .methods.ca import CAConfig
 from .methods.esd import ESDConfig
 from .methods.fmn import FMNConfig
 from .methods.salun import SalUnConfig
+from .methods.seot import SEOTConfig
 from .methods.skd_cag import SKDCAGConfig
 from .methods.uce import UCEConfig
 from .pipeline import load_pipeline
@@ -36,6 +37,7 @@ __all__ = [
     "MethodSpec",
     "Result",
     "RunContext",
+    "SEOTConfig",
     "SKDCAGConfig",
     "SalUnConfig",
     "TrainingConfig",

@@ -177,6 +177,12 @@ def cmd_run(args: argparse.Namespace) -> None:
             _write_out(out, save, kept)
             shutil.rmtree(work, ignore_errors=True)
     r = result.record
+    if spec.patches_at_runtime:  # no weight changed: say what the folder holds and that it only acts when attached
+        steps = f"{len(r['losses'])} steps, " if r["losses"] else ""
+        print(f"{spec.name}: runtime patch {result.delta.runtime.kind!r} ({r['storage_bytes']} bytes; no base "
+              f"weight changed) in {steps}{r['wall_time_s']:.1f} s -> {out}; it acts only while attached "
+              "(Delta.load(folder).apply(pipe)): the base weights without it still generate the concept")  # fmt: skip
+        return
     print(f"{spec.name}: {len(r['losses'])} steps in {r['wall_time_s']:.1f} s, peak memory "
           f"{r['peak_memory_bytes'] / 2**30:.2f} GiB, {r['changed_tensors']} tensors "
           f"({r['storage_bytes'] / 2**20:.2f} MiB) -> {out}")  # fmt: skip

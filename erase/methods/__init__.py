@@ -15,7 +15,7 @@ from ..config import MethodConfig
 from ..context import RunContext
 from ..runtime import Runtime
 from ..train import LossFn
-from . import ca, erasediff, esd, fmn, salun, skd_cag, uce
+from . import ca, erasediff, esd, fmn, salun, seot, skd_cag, uce
 
 KINDS = ("fine-tune", "closed-form", "inference-time", "adapter")
 COMPONENTS = ("unet", "text_encoder")
@@ -121,6 +121,15 @@ METHODS: dict[str, MethodSpec] = _rows(
         "SKD-CAG: remove a backdoor trigger by self-distillation with cross-attention guidance",
         ("trigger", "captions"),
         make_loss=skd_cag.make_loss,
+    ),
+    MethodSpec(
+        "seot",
+        seot.SEOTConfig,
+        "inference-time",
+        "SuppressEOT: shrink the concept's and EOT embeddings' singular values at generation time (no weight changes)",
+        ("concepts",),
+        components=("text_encoder", "unet"),  # hooks on both (the UNet's for the early steps); no weight changes
+        build=seot.build,
     ),
 )
 

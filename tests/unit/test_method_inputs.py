@@ -1,10 +1,14 @@
 """The bench's per-method inputs build valid configs for style and object targets on the toy catalog."""
 
 import pytest
+from transformers import CLIPTokenizer
 
 import erase
 from canvas import catalog, toy
 from canvas.method_inputs import INPUTS, method_inputs
+from erase.methods import seot
+from erase.paths import toy_path
+from erase.testing import word_tokenizer
 
 CAT = catalog.get("toy")
 
@@ -50,3 +54,34 @@ def test_given_values_win_and_unknown_methods_are_named():
     assert method_inputs("esd", CAT, "Pop_Art", None, {"concepts": ["mine"]}) == {"concepts": ["mine"]}
     with pytest.raises(ValueError, match="'nope' has no benchmark inputs"):
         method_inputs("nope", CAT, "Pop_Art", None)
+
+
+def _answer_prompts(cat, target):
+    """The answer-set prompts of `target`'s own images (its theme with every object, or its object in every theme)."""
+    if cat.is_style(target):
+        return [cat.prompt(target, o) for o in cat.objects]
+    return [cat.prompt(t, target) for t in cat.themes]
+
+
+def test_seot_finds_its_concept_in_every_answer_prompt_of_its_target():
+    """SEOT does nothing where its concept's tokens are not found, so a spelling mismatch between method_inputs and
+    the benchmark prompt would silently erase nothing: check every target of the toy with the toy's own tokenizer,
+    and the UnlearnCanvas catalog with a tokenizer that knows its words whole (as CLIP's knows most)."""
+    uc = catalog.get("unlearncanvas-60")
+    words = {w.lower() for text in (*uc.prompts(), *map(str, uc.objects)) for w in text.rstrip(".").split()}
+    cases = [(CAT, CLIPTokenizer.from_pretrained(toy_path() / "tokenizer")),
+             (uc, word_tokenizer(sorted(words), model_max_length=77))]  # fmt: skip
+    for cat, tokenizer in cases:
+        for target in (*cat.styles, *cat.objects):
+            config = erase.make_config("seot", **method_inputs("seot", cat, target, None))
+            pipe = type("Pipe", (), {"tokenizer": tokenizer, "text_encoder": object()})()
+            settings = seot.Settings.parse(seot.settings_for(pipe, config))
+            for prompt in _answer_prompts(cat, target):
+                length = tokenizer.model_max_length  # cut as the answer sets' encoder cuts
+                ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True).input_ids
+                found = seot.suppressed_positions(ids, settings)
+                assert found, f"{target}: {config.concepts} not found in {prompt!r}"
+                concept = [ids[i] for i in found if ids[i] != tokenizer.eos_token_id]
+                assert concept == list(settings.concept_ids[0]), f"{target}: {prompt!r}"
+    assert method_inputs("seot", CAT, "Pop_Art", None) == {"concepts": ["Pop Art style"]}
+    assert method_inputs("seot", CAT, "Cats", None) == {"concepts": ["Cats"]}

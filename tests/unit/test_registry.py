@@ -55,6 +55,7 @@ METHOD_EXAMPLES = {
         "lr": 1e-3,
     },
     "skd-cag": {"trigger": "tq", "captions": ["a photo of a cat", "a dog"], "steps": 2, "lr": 1e-3},
+    "seot": {"concepts": ["cat"]},  # the matrix generates "a cat": an inference-time patch must find it there
 }
 
 
