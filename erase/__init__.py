@@ -16,6 +16,7 @@ from .methods.esd import ESDConfig
 from .methods.fmn import FMNConfig
 from .methods.salun import SalUnConfig
 from .methods.skd_cag import SKDCAGConfig
+from .methods.spm import SPMConfig
 from .methods.uce import UCEConfig
 from .pipeline import load_pipeline
 from .runner import Result, run
@@ -37,6 +38,7 @@ __all__ = [
     "Result",
     "RunContext",
     "SKDCAGConfig",
+    "SPMConfig",
     "SalUnConfig",
     "TrainingConfig",
     "UCEConfig",

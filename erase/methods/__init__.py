@@ -15,7 +15,7 @@ from ..config import MethodConfig
 from ..context import RunContext
 from ..runtime import Runtime
 from ..train import LossFn
-from . import ca, esd, fmn, salun, skd_cag, uce
+from . import ca, esd, fmn, salun, skd_cag, spm, uce
 
 KINDS = ("fine-tune", "closed-form", "inference-time", "adapter")
 COMPONENTS = ("unet", "text_encoder")
@@ -113,6 +113,14 @@ METHODS: dict[str, MethodSpec] = _rows(
         "SKD-CAG: remove a backdoor trigger by self-distillation with cross-attention guidance",
         ("trigger", "captions"),
         make_loss=skd_cag.make_loss,
+    ),
+    MethodSpec(
+        "spm",
+        spm.SPMConfig,
+        "adapter",
+        "Concept Semi-Permeable Membrane: a rank-1 adapter gated by the prompt's similarity to the concept",
+        ("concepts",),
+        build=spm.build,
     ),
 )
 

@@ -44,6 +44,7 @@ METHOD_EXAMPLES = {
         "lr": 1e-3,
     },
     "skd-cag": {"trigger": "tq", "captions": ["a photo of a cat", "a dog"], "steps": 2, "lr": 1e-3},
+    "spm": {"concepts": ["van gogh"], "steps": 2, "lr": 1e-3, "ddim_steps": 3, "anchors": 2},
 }
 
 
