@@ -134,6 +134,15 @@ def salun_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mappi
     return inputs
 
 
+def spm_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """SPM: on UnlearnCanvas its recipe's target text, the bare folder name for styles and objects alike
+    (mu_semipermeable_membrane_spm/configs/<target>/prompt.yaml: `Van_Gogh`, `Dogs`); on the toy the short forms its
+    text encoder learned (`Pop Art style`, `Cats`), as for the other text-erasing methods."""
+    if _is_unlearncanvas(cat):
+        return {"concepts": [target]}
+    return concept_inputs(cat, target, data_root, given)
+
+
 def backdoor_removal_inputs(
     cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -162,6 +171,7 @@ INPUTS: dict[str, InputsFn] = {
     "erasediff": relabel_inputs,
     "skd-cag": backdoor_removal_inputs,
     "seot": seot_inputs,
+    "spm": spm_inputs,
 }
 
 

@@ -17,6 +17,7 @@ from .methods.fmn import FMNConfig
 from .methods.salun import SalUnConfig
 from .methods.seot import SEOTConfig
 from .methods.skd_cag import SKDCAGConfig
+from .methods.spm import SPMConfig
 from .methods.uce import UCEConfig
 from .pipeline import load_pipeline
 from .runner import Result, run
@@ -39,6 +40,7 @@ __all__ = [
     "RunContext",
     "SEOTConfig",
     "SKDCAGConfig",
+    "SPMConfig",
     "SalUnConfig",
     "TrainingConfig",
     "UCEConfig",

@@ -15,7 +15,7 @@ from ..config import MethodConfig
 from ..context import RunContext
 from ..runtime import Runtime
 from ..train import LossFn
-from . import ca, erasediff, esd, fmn, salun, seot, skd_cag, uce
+from . import ca, erasediff, esd, fmn, salun, seot, skd_cag, spm, uce
 
 KINDS = ("fine-tune", "closed-form", "inference-time", "adapter")
 COMPONENTS = ("unet", "text_encoder")
@@ -130,6 +130,14 @@ METHODS: dict[str, MethodSpec] = _rows(
         ("concepts",),
         components=("text_encoder", "unet"),  # hooks on both (the UNet's for the early steps); no weight changes
         build=seot.build,
+    ),
+    MethodSpec(
+        "spm",
+        spm.SPMConfig,
+        "adapter",
+        "Concept Semi-Permeable Membrane: a rank-1 adapter gated by the prompt's similarity to the concept",
+        ("concepts",),
+        build=spm.build,
     ),
 )
 

@@ -44,6 +44,13 @@ def test_concept_words():
         assert method_inputs("esd", cat, "Cats", None) == {"concepts": ["An image of Cats."]}
         assert method_inputs("uce", cat, "Cats", None) == {"concepts": ["Cats"]}
     assert method_inputs("ca", CAT, "Pop_Art", None)["concepts"] == ["Pop Art"]
+    # SPM: UnlearnCanvas's recipe names the target by its folder name (configs/<target>/prompt.yaml); the toy keeps
+    # the short forms its text encoder learned.
+    unlearncanvas = catalog.get("unlearncanvas-50")
+    assert method_inputs("spm", unlearncanvas, "Van_Gogh", None) == {"concepts": ["Van_Gogh"]}
+    assert method_inputs("spm", unlearncanvas, "Cats", None) == {"concepts": ["Cats"]}
+    assert method_inputs("spm", CAT, "Pop_Art", None) == {"concepts": ["Pop Art style"]}
+    assert method_inputs("spm", CAT, "Cats", None) == {"concepts": ["Cats"]}
 
 
 def test_every_registered_method_has_benchmark_inputs():

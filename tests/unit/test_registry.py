@@ -56,6 +56,7 @@ METHOD_EXAMPLES = {
     },
     "skd-cag": {"trigger": "tq", "captions": ["a photo of a cat", "a dog"], "steps": 2, "lr": 1e-3},
     "seot": {"concepts": ["cat"]},  # the matrix generates "a cat": an inference-time patch must find it there
+    "spm": {"concepts": ["van gogh"], "steps": 2, "lr": 1e-3, "ddim_steps": 3, "anchors": 2},
 }
 
 
