@@ -15,6 +15,7 @@ from .methods.ca import CAConfig
 from .methods.esd import ESDConfig
 from .methods.fmn import FMNConfig
 from .methods.salun import SalUnConfig
+from .methods.scissorhands import ScissorhandsConfig
 from .methods.seot import SEOTConfig
 from .methods.skd_cag import SKDCAGConfig
 from .methods.uce import UCEConfig
@@ -40,6 +41,7 @@ __all__ = [
     "SEOTConfig",
     "SKDCAGConfig",
     "SalUnConfig",
+    "ScissorhandsConfig",
     "TrainingConfig",
     "UCEConfig",
     "__version__",
