@@ -27,9 +27,12 @@ we follow (JingWu321/Scissorhands SD/shs_nsfw.py and shs_cls.py; UnlearnCanvas m
    a negative product with some memory is replaced by GEM's projection (erase.projection, margin `project_margin`
    0.5 as the code's). Ours is exact; the code adds 1e-3 to the Gram diagonal for quadprog, which can leave a
    negative product. It runs as the loop's `grad_transform` (erase.train), after accumulation, before clipping.
-Not copied: the codes' loops always take the first batch of an unshuffled loader (next(iter(dl))), so their SNIP
-passes and memories reuse one batch (their memories also accumulate without zero_grad); ours take successive
-batches, cyclically, with fresh t and noise each, and independent samples per step as every method here.
+Not copied: the codes take next(iter(loader)) at every use, so with their unshuffled forget loaders the SNIP
+passes, the memories and every training step see the first forget batch only (and UnlearnCanvas's memories
+accumulate without zero_grad); ours take successive batches, cyclically, with fresh t and noise each, and draw
+independent samples per step as every method here. shs_nsfw.py and train-erase.py re-encode the forget images for
+the pseudo prediction (another VAE posterior sample); we use one x_t for both, as SalUn. UnlearnCanvas keeps
+memories and projects only over attn2 (train-erase.py:163); we cover the trained set.
 Prompts and image sets: as SalUn's (erase.images.image_prompts: one template with {object}/{style}, or a list).
 """
 
@@ -212,7 +215,7 @@ def connection_sensitivity(
         return loss
 
     grads = summed_gradients(model, params, [batch_loss(b, rows) for b, rows in enumerate(batches)], absolute=True)
-    return {name: (g * params[name].detach().float()).abs() for name, g in grads.items()}
+    return {name: g.mul_(params[name].detach().float()).abs_() for name, g in grads.items()}  # in place: one copy
 
 
 def initial_values(name: str, shape: tuple[int, ...], mode: str, std: float, bound: float, generator) -> torch.Tensor:
