@@ -99,11 +99,12 @@ def ca_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[
 
 
 def relabel_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
-    """Methods that relabel forget images and keep retain images (SalUn, EraseDiff): forget images of the split role
-    forget_retain (the target's), relabelled as photo (a style) or as the next object (an object). Retain images:
-    on UnlearnCanvas its recipes' (mu_saliency_unlearn_salun, mu_erase_diff_ediff: the photo class's images for a
-    style, the next object's images for an object, each forget image's pseudo prompt the matching retain prompt);
-    on the toy every other image."""
+    """Methods that relabel forget images and keep retain images (SalUn, EraseDiff, Scissorhands): forget images of
+    the split role forget_retain (the target's), relabelled as photo (a style) or as the next object (an object).
+    Retain images: on UnlearnCanvas its recipes' (mu_saliency_unlearn_salun, mu_erase_diff_ediff and
+    mu_scissorhands_shs share generate_dataset.py and the run scripts: the photo class's images for a style, the
+    next object's images for an object, each forget image's pseudo prompt the matching retain prompt); on the toy
+    every other image. (Scissorhands' SNIP pass uses the forget prompts, train-erase.py:63-72: no mask prompt.)"""
     roles = splits.load()
     style = cat.is_style(target)
     forget = _items(cat, target, roles.forget_retain, forget=True)
@@ -169,6 +170,7 @@ INPUTS: dict[str, InputsFn] = {
     "ca": ca_inputs,
     "salun": salun_inputs,
     "erasediff": relabel_inputs,
+    "scissorhands": relabel_inputs,
     "skd-cag": backdoor_removal_inputs,
     "seot": seot_inputs,
     "spm": spm_inputs,

@@ -15,6 +15,7 @@ from .methods.ca import CAConfig
 from .methods.esd import ESDConfig
 from .methods.fmn import FMNConfig
 from .methods.salun import SalUnConfig
+from .methods.scissorhands import ScissorhandsConfig
 from .methods.seot import SEOTConfig
 from .methods.skd_cag import SKDCAGConfig
 from .methods.spm import SPMConfig
@@ -42,6 +43,7 @@ __all__ = [
     "SKDCAGConfig",
     "SPMConfig",
     "SalUnConfig",
+    "ScissorhandsConfig",
     "TrainingConfig",
     "UCEConfig",
     "__version__",

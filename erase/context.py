@@ -13,7 +13,7 @@ from torch import nn
 from .config import MethodConfig, TrainingConfig
 from .frozen import FrozenOriginal
 from .text import PromptEncoder
-from .train import LossFn, TrainOutcome, train
+from .train import GradTransform, LossFn, TrainOutcome, train
 
 
 @dataclass
@@ -22,7 +22,8 @@ class RunContext:
 
     `params` are the live tensors of the declared parameter set (`config.parameter_set()`), `frozen` answers as the
     original model would, `encode` caches prompt embeddings. A method that trains a masked subset of its parameters
-    sets `grad_masks` (name -> 0/1 tensor) before `train`; weights outside the masks then never move.
+    sets `grad_masks` (name -> 0/1 tensor) before `train`; weights outside the masks then never move. One that
+    changes the whole gradient before each optimizer step (a projection) sets `grad_transform` (erase.train).
     """
 
     pipe: Any  # a diffusers StableDiffusion-style pipeline
@@ -37,6 +38,7 @@ class RunContext:
     grad_masks: dict[str, torch.Tensor] | None = None
     run_key: str | None = None  # the run's identity (erase.runner.run_key): only its own checkpoints are resumed
     last_outcome: TrainOutcome | None = None  # what the last `train` call returned (losses, resume point)
+    grad_transform: GradTransform | None = None
 
     def train(self, loss_fn: LossFn, params: dict[str, nn.Parameter] | None = None) -> TrainOutcome:
         """Run the shared training loop with the method's loss over the declared parameters, or over `params`
@@ -54,6 +56,7 @@ class RunContext:
             progress=self.progress,
             grad_masks=self.grad_masks,
             checkpoint_key=self.run_key,
+            grad_transform=self.grad_transform,
         )
         self.last_outcome = outcome
         if self.grad_masks is not None:

@@ -34,6 +34,8 @@ from .sampling import sample_seed
 
 # loss_fn(model, generators) -> mean loss over the samples, one torch.Generator per sample of this micro-batch.
 LossFn = Callable[[nn.Module, list[torch.Generator]], torch.Tensor]
+# grad_transform(params, step): changes the trained parameters' `.grad` in place before the optimizer step.
+GradTransform = Callable[[dict[str, nn.Parameter], int], None]
 
 OPTIMIZERS = ("adam", "adamw", "adam8bit")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -185,12 +187,17 @@ def train(
     progress: bool = True,
     grad_masks: dict[str, torch.Tensor] | None = None,
     checkpoint_key: str | None = None,
+    grad_transform: GradTransform | None = None,
 ) -> TrainOutcome:
     """Train `params` (names as in `model.named_parameters()`) of `model` in place to minimise `loss_fn`.
 
     The trained tensors are fp32 master weights during the loop (optimizers need them; a half-precision model's
     tensors are cast back on exit; without `mixed_precision` such a model runs under autocast to its own dtype).
     `grad_masks` (name -> 0/1 tensor) trains only the masked entries: every gradient is multiplied by its mask.
+    `grad_transform(params, step)`, for a method whose update needs the whole gradient at once (a projection, not a
+    per-tensor hook), runs once per optimizer step on the complete gradient: accumulated, synchronised across
+    processes (so every process changes it alike), masked; before clipping (a positive rescaling, which keeps the
+    directions a projection guarantees) and the step. Under fp16 with accelerate it sees the loss-scaled gradient.
 
     With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` steps, on Ctrl-C (one process) and on a
     non-finite loss (marked failed, so it is never resumed); a checkpoint there is resumed only when it carries
@@ -266,6 +273,8 @@ def train(
                         )
                     accelerator.backward(loss)
                     step_loss += loss.detach().float() / settings.grad_accum
+                    if grad_transform is not None and accelerator.sync_gradients:
+                        grad_transform(params, step)
                     if settings.max_grad_norm and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(list(params.values()), settings.max_grad_norm)
                     if accelerator.sync_gradients:

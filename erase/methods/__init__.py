@@ -15,7 +15,7 @@ from ..config import MethodConfig
 from ..context import RunContext
 from ..runtime import Runtime
 from ..train import LossFn
-from . import ca, erasediff, esd, fmn, salun, seot, skd_cag, spm, uce
+from . import ca, erasediff, esd, fmn, salun, scissorhands, seot, skd_cag, spm, uce
 
 KINDS = ("fine-tune", "closed-form", "inference-time", "adapter")
 COMPONENTS = ("unet", "text_encoder")
@@ -97,6 +97,14 @@ METHODS: dict[str, MethodSpec] = _rows(
         "EraseDiff: retain loss plus the forget constraint after K inner relabelling steps",
         ("forget_images", "retain_images"),
         make_loss=erasediff.make_loss,
+    ),
+    MethodSpec(
+        "scissorhands",
+        scissorhands.ScissorhandsConfig,
+        "fine-tune",
+        "Scissorhands: re-initialise the weights most sensitive to the forget set, then repair",
+        ("forget_images", "retain_images"),
+        make_loss=scissorhands.make_loss,
     ),
     MethodSpec(
         "uce",

@@ -22,7 +22,8 @@ Prompts (our scheme, erase.images.image_prompts): `forget_prompts`, `pseudo_prom
 `mask_prompts` are each one template for every image, or a list with one prompt per image (in the sorted order of
 erase.images.image_files). A template may use `{object}` and `{style}`: the image's parent and grandparent folder
 names with underscores as spaces, so the UnlearnCanvas layout <Style>/<Object>/<idx>.jpg gives
-"A {object} image in {style} style." per image.
+"A {object} image in {style} style." per image. The relabelling and retain terms are erase.relabel's, shared with
+Scissorhands; the mask's ranking and guided loss erase.saliency's.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainingConfig
 from ..context import RunContext
-from ..frozen import unwrap
-from ..images import denoising_target, diffusion_loss, encoded_image_set, image_prompts, named_image_files, noised
+from ..images import diffusion_loss, image_prompts, named_image_files
 from ..params import select
+from ..relabel import load_forget_retain, relabel_terms
+from ..saliency import guided_mask_loss, summed_gradients, top_fraction
 from ..sampling import sample_seed
 from ..train import LossFn
 
@@ -165,25 +166,6 @@ class SalUnConfig(TrainingConfig):
         return self.epochs * math.ceil(count / self.batch_size)
 
 
-def guided_mask_loss(
-    model: nn.Module,
-    scheduler,
-    latents: torch.Tensor,
-    emb: torch.Tensor,
-    null_emb: torch.Tensor,
-    guidance: float,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """−MSE(ε, (1+g)·e(x_t, c) − g·e(x_t, ∅)): the public generate_mask.py's forgetting loss, whose gradient says
-    which weights carry the concept under classifier-free guidance (one x_t, t for both terms; one UNet call)."""
-    x_t, t, noise = noised(scheduler, latents, generator)
-    target = denoising_target(scheduler, latents, noise, t)
-    n = latents.shape[0]
-    out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([emb, null_emb])).sample
-    cond, uncond = out[:n].float(), out[n:].float()
-    return -F.mse_loss((1 + guidance) * cond - guidance * uncond, target.float())
-
-
 def saliency_mask(
     model: nn.Module,
     params: dict[str, nn.Parameter],
@@ -197,39 +179,22 @@ def saliency_mask(
     guidance: float = 7.5,
 ) -> dict[str, torch.Tensor]:
     """Boolean masks holding exactly round(fraction·n) ones over the n weights: the largest |Σ_batches ∇ℓ_f|, ℓ_f
-    the guided mask loss when `null_emb` (one ∅ embedding) is given, else the plain diffusion loss."""
-    grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    stored = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    try:
-        for b, start in enumerate(range(0, len(latents), batch_size)):
+    the guided mask loss (erase.saliency) when `null_emb` (one ∅ embedding) is given, else the plain diffusion
+    loss."""
+
+    def batch_loss(b: int, start: int):
+        def loss() -> torch.Tensor:
             g = torch.Generator().manual_seed(sample_seed(seed, "salun-mask", b))
             x, e = latents[start : start + batch_size], emb[start : start + batch_size]
             if null_emb is None:
-                loss = diffusion_loss(model, scheduler, x, e, g)
-            else:
-                loss = guided_mask_loss(model, scheduler, x, e, null_emb.expand_as(e), guidance, g)
-            for name, grad in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
-                if grad is not None:
-                    grads[name] += grad.float()
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(stored[name])
-    flat = torch.cat([g.abs().reshape(-1) for g in grads.values()])  # (n,)
-    keep = round(fraction * flat.numel())
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    if keep > 0:
-        threshold = torch.kthvalue(flat, flat.numel() - keep + 1).values  # γ: the keep-th largest |g|
-        chosen = flat > threshold
-        ties = (flat == threshold).nonzero().reshape(-1)[: keep - int(chosen.sum())]
-        chosen[ties] = True
-    masks, offset = {}, 0
-    for name, g in grads.items():
-        masks[name] = chosen[offset : offset + g.numel()].reshape(g.shape)
-        offset += g.numel()
-    return masks
+                return diffusion_loss(model, scheduler, x, e, g)
+            return guided_mask_loss(model, scheduler, x, e, null_emb.expand_as(e), guidance, g)
+
+        return loss
+
+    losses = [batch_loss(b, start) for b, start in enumerate(range(0, len(latents), batch_size))]
+    grads = summed_gradients(model, params, losses)
+    return top_fraction({name: g.abs() for name, g in grads.items()}, fraction)
 
 
 def _mask(ctx: RunContext, forget: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -252,44 +217,14 @@ def make_loss(ctx: RunContext) -> LossFn:
     """The SalUn loss for the training loop; computes the saliency mask first and hands it to the loop as
     `ctx.grad_masks`, so only the salient weights train."""
     cfg: SalUnConfig = ctx.config
-    scheduler = ctx.pipe.scheduler
-    forget, forget_prompts = encoded_image_set(ctx.pipe, "forget_images", cfg.forget_images, cfg.forget_prompts)
-    pseudo_prompts = image_prompts(
-        "pseudo_prompts", cfg.pseudo_prompts, named_image_files("forget_images", cfg.forget_images)
-    )
-    retain, retain_prompts = (
-        encoded_image_set(ctx.pipe, "retain_images", cfg.retain_images, cfg.retain_prompts)
-        if cfg.retain_weight > 0
-        else (None, [])
-    )
-
-    ctx.grad_masks = _mask(ctx, forget)
+    data = load_forget_retain(
+        ctx.pipe, cfg.forget_images, cfg.forget_prompts, cfg.pseudo_prompts,
+        cfg.retain_images if cfg.retain_weight > 0 else None, cfg.retain_prompts,
+    )  # fmt: skip
+    ctx.grad_masks = _mask(ctx, data.forget)
 
     def loss_fn(model, generators: list[torch.Generator]) -> torch.Tensor:
-        xs, ts, forget_embs, pseudo_embs, r_xs, r_ts, r_targets, r_embs = [], [], [], [], [], [], [], []
-        for g in generators:
-            j = int(torch.randint(len(forget), (1,), generator=g))
-            x_t, t, _ = noised(scheduler, forget[j : j + 1], g)
-            xs.append(x_t)
-            ts.append(t)
-            forget_embs.append(ctx.encode(forget_prompts[j]))
-            pseudo_embs.append(ctx.encode(pseudo_prompts[j]))
-            if retain is not None:
-                k = int(torch.randint(len(retain), (1,), generator=g))
-                rx_t, rt, noise = noised(scheduler, retain[k : k + 1], g)
-                r_xs.append(rx_t)
-                r_ts.append(rt)
-                r_targets.append(denoising_target(scheduler, retain[k : k + 1], noise, rt))
-                r_embs.append(ctx.encode(retain_prompts[k]))
-        x_t, t = torch.cat(xs), torch.cat(ts)
-        with torch.no_grad():  # relabelled target from the model being trained, detached (public code)
-            target = unwrap(model)(x_t, t, encoder_hidden_states=torch.cat(pseudo_embs)).sample
-        n = len(xs)
-        inputs, steps, embs = [x_t, *r_xs], [t, *r_ts], [torch.cat(forget_embs), *r_embs]
-        prediction = model(torch.cat(inputs), torch.cat(steps), encoder_hidden_states=torch.cat(embs)).sample.float()
-        loss = F.mse_loss(prediction[:n], target.float())
-        if retain is not None:
-            loss = loss + cfg.retain_weight * F.mse_loss(prediction[n:], torch.cat(r_targets).float())
-        return loss
+        relabel, retain = relabel_terms(model, ctx.pipe.scheduler, ctx.encode, data, generators)
+        return relabel if retain is None else relabel + cfg.retain_weight * retain
 
     return loss_fn

@@ -18,7 +18,7 @@ def data_root(tmp_path_factory):
     return toy.export(tmp_path_factory.mktemp("data"), CAT, indices=range(1, 4))
 
 
-@pytest.mark.parametrize("method", ["esd", "uce", "fmn", "ca", "salun", "erasediff"])
+@pytest.mark.parametrize("method", ["esd", "uce", "fmn", "ca", "salun", "erasediff", "scissorhands"])
 @pytest.mark.parametrize("target", ["Pop_Art", "Cats"])
 def test_inputs_make_valid_configs(method, target, data_root):
     values = method_inputs(method, CAT, target, data_root)
@@ -30,7 +30,7 @@ def test_inputs_make_valid_configs(method, target, data_root):
         prompt = config.prompt_pairs()[0][1]
         assert prompt in {CAT.prompt(t, o) for t in CAT.themes for o in CAT.objects}
         assert len(config.images) == (8 if target == "Pop_Art" else 11)
-    if method in ("salun", "erasediff"):
+    if method in ("salun", "erasediff", "scissorhands"):
         assert len(values["forget_images"]) == len(values["forget_prompts"]) == len(values["pseudo_prompts"])
         assert all("Pop_Art" in f for f in values["forget_images"]) == (target == "Pop_Art")
         assert any("/Pop_Art/" in f for f in values["retain_images"]) == (target != "Pop_Art")

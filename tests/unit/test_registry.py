@@ -46,6 +46,19 @@ METHOD_EXAMPLES = {
         "batch_size": 2,
         "inner_steps": 2,
     },
+    "scissorhands": {
+        "forget_images": "{tmp}/forget",
+        "retain_images": "{tmp}/retain",
+        "forget_prompts": "a van gogh painting",
+        "pseudo_prompts": "a photo",
+        "retain_prompts": "a photo of a {{object}}",
+        "steps": 2,
+        "lr": 1e-3,
+        "batch_size": 2,
+        "sparsity": 0.05,
+        "project": True,  # the projection path too: deterministic, and only trained tensors change
+        "project_every": 1,
+    },
     "uce": {"concepts": ["van gogh"], "guides": ["painting"], "preserve": ["cat"]},
     "fmn": {
         "concepts": ["van gogh"],
@@ -64,6 +77,7 @@ METHOD_EXAMPLES = {
 EXAMPLE_IMAGES = {
     "salun": ("forget/cat", "retain/dog"),
     "erasediff": ("forget/cat", "retain/dog"),
+    "scissorhands": ("forget/cat", "retain/dog"),
     "fmn": ("fmn-images",),
 }
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import erase
+from erase import relabel
 from erase.context import RunContext
 from erase.frozen import FrozenOriginal
 from erase.images import diffusion_loss, encode_latents, image_prompts, image_size, load_images
@@ -96,7 +97,7 @@ def test_relabelling_loss_equals_formula(image_sets, monkeypatch):
     draws = [(torch.randn(1, 4, 8, 8, generator=g), torch.tensor([t]), torch.randn(1, 4, 8, 8, generator=g))
              for t in (50, 700)]  # fmt: skip
     calls = iter(draws)
-    monkeypatch.setattr(salun, "noised", lambda scheduler, latents, generator: next(calls))
+    monkeypatch.setattr(relabel, "noised", lambda scheduler, latents, generator: next(calls))
     value = loss_fn(pipe.unet, [torch.Generator().manual_seed(0)])
 
     def embed(prompt):
