@@ -116,6 +116,12 @@ class ScissorhandsConfig(TrainingConfig):
             "retain_prompts": "A {object} image in {style} style.",
         },
     }  # fmt: skip
+    # Ours, chosen by scripts/tune_toy.py on the tuning targets only (docs/results/tuning/scissorhands-*.md): each
+    # kind's UnlearnCanvas recipe trained for 200 steps at lr 1e-4 with α 1 (its 12 steps at lr 1e-5 leave a toy
+    # target untouched, UA 0). Tuning means (not results), UA / IRA / CRA: styles 100 / 99.7 / 100, objects
+    # 100 / 100 / 100. Held-out results: docs/results/toy.md.
+    PRESETS["toy"] = {**PRESETS["unlearncanvas-style"], "steps": 200, "lr": 1e-4, "alpha": 1.0}
+    PRESETS["toy-object"] = {**PRESETS["unlearncanvas-object"], "steps": 200, "lr": 1e-4, "alpha": 1.0}
 
     steps: int | None = None  # None: from `epochs` when set, else DEFAULT_STEPS; given steps win over epochs
     epochs: int | None = None  # steps = epochs · ceil(forget images / batch_size)
