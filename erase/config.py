@@ -43,6 +43,26 @@ class TrainingConfig(TrainSettings, MethodConfig):
         TrainSettings.__post_init__(self)
 
 
+def steps_before_epochs(config: Any, default: int) -> None:
+    """For configs with `steps` and `epochs` (data-driven methods): check `epochs`, and let given `steps` win (also
+    over a preset's epochs, which are then dropped); with neither, `default` steps. Call before the loop settings'
+    own checks; `steps_of_epochs` turns the epochs into steps once the forget set's size is known."""
+    if config.epochs is not None and (not isinstance(config.epochs, int) or isinstance(config.epochs, bool)
+                                      or config.epochs < 1):  # fmt: skip
+        raise ValueError(f"epochs must be a positive integer or None, got {config.epochs!r}")
+    if config.steps is None:
+        config.steps = default
+    else:
+        config.epochs = None
+
+
+def steps_of_epochs(config: Any, count: int) -> None:
+    """With `epochs` set: steps = epochs · ceil(count / batch_size), the batches of that many passes over `count`
+    forget images (the loop draws samples at random, so an epoch is that many samples, not one pass over each)."""
+    if config.epochs is not None:
+        config.steps = config.epochs * math.ceil(count / config.batch_size)
+
+
 SCALARS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a text"}
 
 

@@ -44,7 +44,6 @@ each one template for every image, `{object}` / `{style}` filled from the image'
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TrainingConfig
+from ..config import TrainingConfig, steps_before_epochs, steps_of_epochs
 from ..context import RunContext
 from ..frozen import unwrap
 from ..images import denoising_target, encoded_image_set, image_prompts, named_image_files, noised
@@ -131,13 +130,7 @@ class EraseDiffConfig(TrainingConfig):
     retain_prompts: str | list[str] = "A {object} image in {style} style."
 
     def __post_init__(self) -> None:
-        if self.epochs is not None and (not isinstance(self.epochs, int) or isinstance(self.epochs, bool)
-                                        or self.epochs < 1):  # fmt: skip
-            raise ValueError(f"epochs must be a positive integer or None, got {self.epochs!r}")
-        if self.steps is None:
-            self.steps = DEFAULT_STEPS  # replaced below when epochs are set
-        else:
-            self.epochs = None  # steps given (by you or over a preset's epochs): they decide
+        steps_before_epochs(self, DEFAULT_STEPS)
         super().__post_init__()  # types first: inner_steps an integer, alpha and inner_lr finite numbers
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps (K) must be an integer >= 1, got {self.inner_steps!r}")
@@ -152,8 +145,7 @@ class EraseDiffConfig(TrainingConfig):
         image_prompts("pseudo_prompts", self.pseudo_prompts, forget)
         retain = named_image_files("retain_images", self.retain_images)
         image_prompts("retain_prompts", self.retain_prompts, retain)
-        if self.epochs is not None:
-            self.steps = self.epochs * math.ceil(len(forget) / self.batch_size)
+        steps_of_epochs(self, len(forget))
 
 
 def relabel_loss(

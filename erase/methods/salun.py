@@ -28,14 +28,13 @@ Scissorhands; the mask's ranking and guided loss erase.saliency's.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..config import TrainingConfig
+from ..config import TrainingConfig, steps_before_epochs, steps_of_epochs
 from ..context import RunContext
 from ..images import diffusion_loss, image_prompts, named_image_files
 from ..params import select
@@ -119,13 +118,7 @@ class SalUnConfig(TrainingConfig):
     mask_prompts: str | list[str] | None = None  # c_f of the mask loss; None: the forget prompts
 
     def __post_init__(self) -> None:
-        if self.epochs is not None and (not isinstance(self.epochs, int) or isinstance(self.epochs, bool)
-                                        or self.epochs < 1):  # fmt: skip
-            raise ValueError(f"epochs must be a positive integer or None, got {self.epochs!r}")
-        if self.steps is None:
-            self.steps = DEFAULT_STEPS  # replaced below when epochs are set
-        else:
-            self.epochs = None  # steps given (by you or over a preset's epochs): they decide
+        steps_before_epochs(self, DEFAULT_STEPS)
         super().__post_init__()
         if (
             isinstance(self.mask_fraction, bool) or not isinstance(self.mask_fraction, int | float)
@@ -152,18 +145,13 @@ class SalUnConfig(TrainingConfig):
         image_prompts("pseudo_prompts", self.pseudo_prompts, forget)
         if self.mask_prompts is not None:
             image_prompts("mask_prompts", self.mask_prompts, forget)
-        if self.epochs is not None:
-            self.steps = self._steps_of_epochs(len(forget))
+        steps_of_epochs(self, len(forget))
         if self.retain_weight > 0:
             if self.retain_images is None or (not isinstance(self.retain_images, str) and not list(self.retain_images)):
                 raise ValueError(f"retain_images is required when retain_weight > 0 (got {self.retain_images!r}); "
                                  "give retain images or set retain_weight=0")  # fmt: skip
             retain = named_image_files("retain_images", self.retain_images)
             image_prompts("retain_prompts", self.retain_prompts, retain)
-
-    def _steps_of_epochs(self, count: int) -> int:
-        """epochs · ceil(count / batch_size): the batches of `epochs` passes over `count` forget images."""
-        return self.epochs * math.ceil(count / self.batch_size)
 
 
 def saliency_mask(

@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import TrainingConfig
+from ..config import TrainingConfig, steps_before_epochs, steps_of_epochs
 from ..context import RunContext
 from ..images import diffusion_loss, image_prompts, named_image_files
 from ..params import check_spec, select
@@ -152,13 +152,7 @@ class ScissorhandsConfig(TrainingConfig):
     project_margin: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.epochs is not None and (not isinstance(self.epochs, int) or isinstance(self.epochs, bool)
-                                        or self.epochs < 1):  # fmt: skip
-            raise ValueError(f"epochs must be a positive integer or None, got {self.epochs!r}")
-        if self.steps is None:
-            self.steps = DEFAULT_STEPS  # replaced below when epochs are set
-        else:
-            self.epochs = None  # steps given (by you or over a preset's epochs): they decide
+        steps_before_epochs(self, DEFAULT_STEPS)
         super().__post_init__()
         if not 0 < self.sparsity < 1:
             raise ValueError(f"sparsity must be in (0, 1), the fraction of weights re-initialised (the authors' "
@@ -186,8 +180,7 @@ class ScissorhandsConfig(TrainingConfig):
         for name in ("forget_prompts", "pseudo_prompts") + (("mask_prompts",) if self.mask_prompts else ()):
             image_prompts(name, getattr(self, name), forget)
         image_prompts("retain_prompts", self.retain_prompts, named_image_files("retain_images", self.retain_images))
-        if self.epochs is not None:
-            self.steps = self.epochs * math.ceil(len(forget) / self.batch_size)
+        steps_of_epochs(self, len(forget))
 
 
 def cyclic_batches(count: int, size: int, number: int) -> list[slice]:
