@@ -80,9 +80,12 @@ class SPMConfig(TrainingConfig):
         # Ours, chosen by scripts/tune_toy.py on the tuning targets only (docs/results/tuning/spm-*.md; the released
         # 3000 steps were not run there). At the released λ_LA 1000 no trial erased anything (UA 0, lr 1e-3 or 3e-3,
         # η 1 or 3): latent anchoring outweighs the erase term on the toy. Tuning means (not results), UA / IRA /
-        # CRA: styles 100 / 100 / 95.5 at λ_LA 100 (10: 100 / 99.3 / 93.8). Held-out results: docs/results/toy.md.
+        # CRA: styles 100 / 100 / 95.5 at λ_LA 100 (10: 100 / 99.3 / 93.8); objects 95.5 / 90.6 / 100 at λ_LA 10
+        # (100: UA 47.7). Held-out results: docs/results/toy.md.
         "toy": {**RELEASED, "steps": 250, "lr": 3e-3, "ddim_steps": 25, "negative_guidance": 3.0,
                 "anchor_weight": 100.0},
+        "toy-object": {**RELEASED, "steps": 250, "lr": 3e-3, "ddim_steps": 25, "negative_guidance": 3.0,
+                       "anchor_weight": 10.0},
     }  # fmt: skip
 
     concepts: list[str] = field(default_factory=list)

@@ -4,7 +4,9 @@ rest, through the whole bench (erase -> Delta -> answer set of every theme x obj
 Thresholds (issue #12's goal): UA >= 80 (the target is gone from >= 80% of its images), IRA >= 70 (the other targets
 of its kind are still recognised in >= 70% of theirs) and CRA >= 70 (the other kind too). The targets are held out:
 the presets were chosen on the split manifest's tuning targets (scripts/tune_toy.py), and each method's targets here
-are ones docs/results/toy.md shows it erasing; that table has every held-out target, the failures included.
+are ones docs/results/toy.md shows it erasing; that table has every held-out target, the failures included. A
+method that erases no toy target to UA 80 (SHORTFALLS) has its UA check as a strict expected failure, with the cause
+and the paper's figure beside its targets, and its IRA / CRA checked as for every method.
 """
 
 import json
@@ -26,7 +28,13 @@ TARGETS = {  # method -> (held-out style, held-out object); figures of docs/resu
     # that check is not met, and docs/results/toy.md says so; its style is checked.
     "fmn": ("On_Fire", None),  # 100 / 97.2 / 97.0
     "salun": ("Neon_Lines", "Trees"),  # 100 / 100 / 99.3, 100 / 100 / 100
+    "scissorhands": ("Neon_Lines", "Birds"),  # 100 / 99.7 / 100, 100 / 99.7 / 100
+    # SEOT erases no toy target (UA 0-12.5 on every held-out style; UnlearnCanvas's SEOT: style UA 56.9, object
+    # 23.3): the toy's UNet reads a target from the tokens after its name, which SEOT leaves as they are
+    # (docs/results/fmn-ceiling.md). Its erasure is checked as a known shortfall below, what it keeps as a result.
+    "seot": ("Mosaic", None),  # 0 / 100 / 100
 }
+SHORTFALLS = {"seot"}  # methods whose UA check is a documented, expected failure (strict: a pass must update this)
 
 
 def test_the_targets_are_held_out():
@@ -54,11 +62,23 @@ def rows(tmp_path_factory):
 CASES = [(m, kind) for m, pair in TARGETS.items() for kind, t in zip(("style", "object"), pair, strict=True) if t]
 
 
-@pytest.mark.parametrize(("method", "kind"), CASES)
-def test_method_erases_a_held_out_target_and_keeps_the_rest(rows, method, kind):
+def _case(method: str, kind: str):
+    if method not in SHORTFALLS:
+        return pytest.param(method, kind)
+    return pytest.param(method, kind, marks=pytest.mark.xfail(strict=True, reason="documented shortfall on the toy"))
+
+
+@pytest.mark.parametrize(("method", "kind"), [_case(m, k) for m, k in CASES])
+def test_method_erases_a_held_out_target(rows, method, kind):
     target = TARGETS[method][0 if kind == "style" else 1]
     row = rows[(method, target)]
     assert row["preset"] in ("toy", "toy-object")
     assert row["UA"] >= 80, f"{method} {target}: UA {row['UA']:.1f}"
+
+
+@pytest.mark.parametrize(("method", "kind"), CASES)
+def test_method_keeps_the_rest(rows, method, kind):
+    target = TARGETS[method][0 if kind == "style" else 1]
+    row = rows[(method, target)]
     assert row["IRA"] >= 70, f"{method} {target}: IRA {row['IRA']:.1f}"
     assert row["CRA"] >= 70, f"{method} {target}: CRA {row['CRA']:.1f}"
