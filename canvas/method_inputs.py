@@ -63,8 +63,13 @@ def concept_inputs(cat: Catalog, target: str, data_root: Path | None, given: Map
 
 def seot_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
     """SEOT: the text UnlearnCanvas's seot.py suppresses, the style's words plus "style" (`Pop Art style`, its token
-    positions 5..) or the object (position 2); SEOT finds these tokens inside each benchmark prompt by content."""
-    return concept_inputs(cat, target, data_root, given)
+    positions 5..) or the object (position 2); SEOT finds these tokens inside each benchmark prompt by content, and
+    is given the target's answer prompts so that one it would not find is an error, not a silent UA of 0."""
+    if cat.is_style(target):
+        prompts = [cat.prompt(target, o) for o in cat.objects]
+    else:
+        prompts = [cat.prompt(t, target) for t in cat.themes]
+    return {**concept_inputs(cat, target, data_root, given), "prompts": prompts}
 
 
 def _is_unlearncanvas(cat: Catalog) -> bool:

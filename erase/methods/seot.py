@@ -88,6 +88,9 @@ class SEOTConfig(MethodConfig):
     beta: float = 1.0  # β > 0: overall scale of the regularised values (the official code: 1)
     eot: str = "all"  # which EOT rows join the concept's: one of EOT_CHOICES
     retain_fraction: float = 0.2  # share of the run, from the noisy end, on original embeddings (1 − τ); 0: none
+    # Prompts the patch is meant to act on (optional; the bench gives its target's answer prompts): each must contain
+    # a concept's tokens, or the patch would silently leave it unchanged. A clear error otherwise.
+    prompts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.params is not None:
@@ -140,9 +143,11 @@ def settings_for(pipe, config: SEOTConfig) -> dict[str, Any]:
     tokenizer = pipe.tokenizer
     if tokenizer.eos_token_id is None:
         raise ValueError("SEOT needs a tokenizer with an end-of-text token (eos_token_id is None)")
+    concept_ids = [concept_token_ids(tokenizer, c) for c in config.concepts]
+    check_prompts(tokenizer, config.prompts, config.concepts, concept_ids)
     return {
         "concepts": list(config.concepts),
-        "concept_ids": [concept_token_ids(tokenizer, c) for c in config.concepts],
+        "concept_ids": concept_ids,
         "eos_token_id": int(tokenizer.eos_token_id),
         "alpha": float(config.alpha),
         "beta": float(config.beta),
@@ -150,6 +155,17 @@ def settings_for(pipe, config: SEOTConfig) -> dict[str, Any]:
         "retain_fraction": float(config.retain_fraction),
         "bypassable": BYPASSABLE,
     }
+
+
+def check_prompts(tokenizer, prompts: Sequence[str], concepts: Sequence[str], ids: Sequence[list[int]]) -> None:
+    """ValueError naming the first prompt in which no concept's tokens occur (SEOT would pass it unchanged)."""
+    wanted = [tuple(c) for c in ids]
+    for prompt in prompts:
+        tokens = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+        windows = {tuple(tokens[i : i + len(c)]) for c in wanted for i in range(len(tokens) - len(c) + 1)}
+        if not windows & set(wanted):
+            raise ValueError(f"SEOT concept(s) {list(concepts)} do not occur in prompt {prompt!r}, which the patch "
+                             "would leave unchanged; give the concept as it is written in the prompt")  # fmt: skip
 
 
 def build(ctx: RunContext) -> Runtime:

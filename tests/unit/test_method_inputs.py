@@ -90,5 +90,6 @@ def test_seot_finds_its_concept_in_every_answer_prompt_of_its_target():
                 assert found, f"{target}: {config.concepts} not found in {prompt!r}"
                 concept = [ids[i] for i in found if ids[i] != tokenizer.eos_token_id]
                 assert concept == list(settings.concept_ids[0]), f"{target}: {prompt!r}"
-    assert method_inputs("seot", CAT, "Pop_Art", None) == {"concepts": ["Pop Art style"]}
-    assert method_inputs("seot", CAT, "Cats", None) == {"concepts": ["Cats"]}
+    style, obj = method_inputs("seot", CAT, "Pop_Art", None), method_inputs("seot", CAT, "Cats", None)
+    assert style == {"concepts": ["Pop Art style"], "prompts": [CAT.prompt("Pop_Art", o) for o in CAT.objects]}
+    assert obj == {"concepts": ["Cats"], "prompts": [CAT.prompt(t, "Cats") for t in CAT.themes]}

@@ -194,6 +194,15 @@ def test_unknown_or_empty_concepts_fail_before_anything_is_written(tmp_path, cap
     assert len(err.splitlines()) == 1 and "'café'" in err and not out.exists()
 
 
+def test_a_prompt_without_the_concept_is_an_error_before_anything_is_attached():
+    pipe = fresh_pipe()
+    config = erase.make_config("seot", concepts=["van gogh"], prompts=["a van gogh painting", "a photo of a cat"])
+    with pytest.raises(ValueError, match=r"do not occur in prompt 'a photo of a cat'"):
+        erase.run(pipe, config, progress=False)
+    assert not pipe.text_encoder._forward_hooks and not pipe.unet._forward_pre_hooks
+    erase.run(pipe, erase.make_config("seot", concepts=["van gogh"], prompts=["a van gogh painting"]), progress=False)
+
+
 def test_cli_run_writes_a_patch_that_apply_refuses_to_export(tmp_path, capsys):
     model, out = save_tiny(tmp_path / "model"), tmp_path / "seot"
     capsys.readouterr()
@@ -210,7 +219,8 @@ def test_cli_run_writes_a_patch_that_apply_refuses_to_export(tmp_path, capsys):
 def test_presets_are_the_verified_recipes():
     swr = {"alpha": 1.0, "beta": 1.0, "eot": "all", "retain_fraction": 0.2}
     presets = seot.SEOTConfig.PRESETS
-    assert set(presets) == {"paper", "unlearncanvas-style", "unlearncanvas-object"}
+    assert set(presets) == {"paper", "unlearncanvas-style", "unlearncanvas-object", "toy"}
+    assert presets["toy"] == presets["paper"]  # the toy search found nothing better (docs/results/tuning/seot-*)
     assert all(values == swr for values in presets.values())
     defaults = erase.make_config("seot", concepts=["cat"])
     assert {k: getattr(defaults, k) for k in swr} == swr
