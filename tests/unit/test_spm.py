@@ -368,8 +368,9 @@ def test_presets_are_the_released_recipe():
         "anchors": 4, "anchor_rows": "released", "ddim_steps": 30, "start_guidance": 3.0, "sample_with": "trained",
         "dynamic_resolution": True, "optimizer": "adamw", "weight_decay": 1e-2, "batch_size": 1,
     }  # fmt: skip
-    assert set(spm.SPMConfig.PRESETS) == {"paper", "unlearncanvas-style", "unlearncanvas-object"}
-    for name in spm.SPMConfig.PRESETS:
+    recipes = ("paper", "unlearncanvas-style", "unlearncanvas-object")
+    assert set(spm.SPMConfig.PRESETS) == {*recipes, "toy", "toy-object"}  # the toy's: ours, tuned (tune_toy.py)
+    for name in recipes:
         config = erase.make_config("spm", name, concepts=["Van_Gogh"])
         assert {k: getattr(config, k) for k in released} == released, name
         assert config.mixed_precision == "no" and config.max_grad_norm is None and config.gate == "clipcos"
