@@ -75,6 +75,17 @@ def summary_markdown(entries: list[dict[str, Any]], split: str) -> str:
     return "\n".join(lines)
 
 
+def efficiency_markdown(entries: list[dict[str, Any]], split: str) -> str:
+    """Per method, means over the split's targets of the cost columns: training time, peak memory (RSS on a CPU),
+    storage (the Delta's tensors, or a runtime patch's tensors and settings) and the FID column."""
+    lines = ["| method | time (s) | memory (GB) | storage (bytes) | FID |", "|---|---:|---:|---:|---:|"]
+    for e in (e for e in entries if e["split"] == split):
+        fid = "-" if e["FID"] is None else f"{e['FID']:.2f}"
+        lines.append(f"| {e['method']} | {e['time_s']:.1f} | {e['memory_gb']:.2f} | {e['storage_gb'] * 1e9:,.0f} | "
+                     f"{fid} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def stage_seconds(work: Path) -> tuple[dict[str, float], int]:
     """Seconds per stage summed over jobs (each job's stages.json, written by the bench), and how many jobs
     generated an answer set."""
@@ -138,6 +149,14 @@ def main() -> None:
         "## Tuning targets (not results)",
         "",
         summary_markdown(entries, TUNING),
+        "",
+        "## Efficiency, held-out targets (one run for every method)",
+        "",
+        "Means over each method's held-out targets. Each time is its job's own record, made when the job ran (the",
+        "record's torch_threads says at how many threads; the table's jobs ran at 1 thread per process, several",
+        f"processes on 2 shared cores), so times include contention. FID: {result['fid_features']}.",
+        "",
+        efficiency_markdown(entries, HELD_OUT),
         "",
         "Per-target rows (with FID, time, memory, storage and split): [toy.csv](toy.csv); before/after grids in",
         "[toy-grids/](toy-grids/).",
