@@ -35,7 +35,7 @@ TARGETS = {  # method -> (held-out style, held-out object); figures of docs/resu
     # SEOT erases no toy target (UA 0-12.5 on every held-out style; UnlearnCanvas's SEOT: style UA 56.9, object
     # 23.3): the toy's UNet reads a target from the tokens after its name, which SEOT leaves as they are
     # (docs/results/fmn-ceiling.md). Its erasure is checked as a known shortfall below, what it keeps as a result.
-    "seot": ("Mosaic", None),  # 0 / 100 / 100
+    "seot": ("Mosaic", "Fishes"),  # 0 / 100 / 100, 0 / 100 / 100
 }
 SHORTFALLS = {"seot"}  # methods whose UA check is a documented, expected failure (strict: a pass must update this)
 
