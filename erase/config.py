@@ -63,6 +63,29 @@ def steps_of_epochs(config: Any, count: int) -> None:
         config.steps = config.epochs * math.ceil(count / config.batch_size)
 
 
+@dataclass
+class ForgetRetainConfig(TrainingConfig):
+    """A data-driven method's config (SalUn, EraseDiff, Scissorhands): forget images relabelled from their prompts to
+    pseudo prompts, retain images kept by the diffusion loss, and `steps` or `epochs` over the forget set.
+
+    Prompts are each one template for every image, `{object}` / `{style}` filled from the image's folders
+    (<Style>/<Object>/<idx>.jpg), or a list with one prompt per image (erase.images.image_prompts)."""
+
+    DEFAULT_STEPS: ClassVar[int] = 100
+
+    steps: int | None = None  # None: from `epochs` when set, else DEFAULT_STEPS; given steps win over epochs
+    epochs: int | None = None  # steps = epochs · ceil(forget images / batch_size)
+    forget_images: str | list[str] | None = None  # folder(s) or files
+    forget_prompts: str | list[str] = "A {object} image in {style} style."
+    pseudo_prompts: str | list[str] = "A {object} image in Photo style."  # c', the concept forget images map to
+    retain_images: str | list[str] | None = None
+    retain_prompts: str | list[str] = "A {object} image in {style} style."
+
+    def __post_init__(self) -> None:
+        steps_before_epochs(self, self.DEFAULT_STEPS)
+        super().__post_init__()
+
+
 SCALARS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a text"}
 
 

@@ -51,18 +51,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TrainingConfig, steps_before_epochs, steps_of_epochs
+from ..config import ForgetRetainConfig, steps_of_epochs
 from ..context import RunContext
 from ..frozen import unwrap
 from ..images import denoising_target, encoded_image_set, image_prompts, named_image_files, noised
 from ..train import LossFn
 
 INNER_OPTIMIZERS = ("adam", "sgd")
-DEFAULT_STEPS = 100
 
 
 @dataclass
-class EraseDiffConfig(TrainingConfig):
+class EraseDiffConfig(ForgetRetainConfig):
     """`inner_steps` K, `alpha` α, `inner_lr` (None: `lr`) and `inner_optimizer` of the bilevel step; forget images
     relabelled from their prompts to their pseudo prompts, retain images kept by the diffusion loss."""
 
@@ -115,22 +114,14 @@ class EraseDiffConfig(TrainingConfig):
     PRESETS["toy"] = {**PRESETS["unlearncanvas-style"], "steps": 200, "lr": 3e-4, "alpha": 1.0}
     PRESETS["toy-object"] = {**PRESETS["unlearncanvas-object"], "steps": 200, "lr": 3e-4, "alpha": 0.1}
 
-    steps: int | None = None  # None: from `epochs` when set, else DEFAULT_STEPS; given steps win over epochs
-    epochs: int | None = None  # outer steps = epochs · ceil(forget images / batch_size)
     lr: float = 1e-5  # the official scripts' default (erasediff_nsfw.py:393-399)
     batch_size: int = 8  # the official scripts' default
     inner_steps: int = 2  # K
     inner_lr: float | None = None  # step size of the inner steps; None: lr (the code's one shared optimizer)
     inner_optimizer: str = "adam"  # "adam" (the code's) or "sgd" (plain gradient steps, no moment buffers)
     alpha: float = 0.1  # α, the weight of the constraint f − f̄
-    forget_images: str | list[str] | None = None  # folder(s) or files
-    forget_prompts: str | list[str] = "A {object} image in {style} style."
-    pseudo_prompts: str | list[str] = "A {object} image in Photo style."  # c', the concept forget images map to
-    retain_images: str | list[str] | None = None
-    retain_prompts: str | list[str] = "A {object} image in {style} style."
 
     def __post_init__(self) -> None:
-        steps_before_epochs(self, DEFAULT_STEPS)
         super().__post_init__()  # types first: inner_steps an integer, alpha and inner_lr finite numbers
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps (K) must be an integer >= 1, got {self.inner_steps!r}")

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import TrainingConfig, steps_before_epochs, steps_of_epochs
+from ..config import ForgetRetainConfig, steps_of_epochs
 from ..context import RunContext
 from ..images import diffusion_loss, image_prompts, named_image_files
 from ..params import select
@@ -45,11 +45,10 @@ from ..train import LossFn
 
 MASK_LOSSES = ("guided", "diffusion")
 MASK_SCOPES = ("unet", "params")
-DEFAULT_STEPS = 100
 
 
 @dataclass
-class SalUnConfig(TrainingConfig):
+class SalUnConfig(ForgetRetainConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # The paper's class-wise recipe (OPTML-Group/Unlearn-Saliency SD/README.md; train-scripts/random_label.py:
         # Adam, --alpha 0.5 --lr 1e-5 --epochs 5, batch 8, --train_method full; generate_mask.py: guided loss,
@@ -100,15 +99,8 @@ class SalUnConfig(TrainingConfig):
     }  # fmt: skip
     PRESETS["toy-object"] = {**PRESETS["toy"], "steps": 150}
 
-    steps: int | None = None  # None: from `epochs` when set, else DEFAULT_STEPS; given steps win over epochs
-    epochs: int | None = None  # steps = epochs · ceil(forget images / batch_size)
     lr: float = 1e-5
     batch_size: int = 8
-    forget_images: str | list[str] | None = None  # folder(s) or files
-    forget_prompts: str | list[str] = "A {object} image in {style} style."
-    pseudo_prompts: str | list[str] = "A {object} image in Photo style."  # c', the concept the forget images map to
-    retain_images: str | list[str] | None = None
-    retain_prompts: str | list[str] = "A {object} image in {style} style."
     retain_weight: float = 0.5  # α
     mask_fraction: float = 0.5
     mask_batch_size: int = 8  # forget images per gradient pass while building the mask
@@ -118,7 +110,6 @@ class SalUnConfig(TrainingConfig):
     mask_prompts: str | list[str] | None = None  # c_f of the mask loss; None: the forget prompts
 
     def __post_init__(self) -> None:
-        steps_before_epochs(self, DEFAULT_STEPS)
         super().__post_init__()
         if (
             isinstance(self.mask_fraction, bool) or not isinstance(self.mask_fraction, int | float)

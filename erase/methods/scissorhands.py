@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import TrainingConfig, steps_before_epochs, steps_of_epochs
+from ..config import ForgetRetainConfig, steps_of_epochs
 from ..context import RunContext
 from ..images import diffusion_loss, image_prompts, named_image_files
 from ..params import check_spec, select
@@ -60,13 +60,12 @@ MASK_LOSSES = ("diffusion", "guided")
 MASK_SCOPES = ("unet", "params")
 FORGET_LOSSES = ("relabel", "ascent")
 MEMORIES = ("forget", "remain")
-DEFAULT_STEPS = 100
 # attn1 of LDM output_blocks.4 and .7 (shs_nsfw.py:102) in diffusers names, for SD 1.x/2.x UNets (erase.convert).
 OFFICIAL_REINIT = "up_blocks.1.attentions.1.*.attn1.*,up_blocks.2.attentions.1.*.attn1.*"
 
 
 @dataclass
-class ScissorhandsConfig(TrainingConfig):
+class ScissorhandsConfig(ForgetRetainConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # The paper's NSFW recipe (JingWu321/Scissorhands SD/train_shs.sh:1: shs_nsfw.py --train_method full
         # --sparsity 0.995 --lam 0.1 --memory_num 1 --prune_num 10 --lr 1e-5 --epochs 5 --batch_size 16; SD/README.md
@@ -123,15 +122,8 @@ class ScissorhandsConfig(TrainingConfig):
     PRESETS["toy"] = {**PRESETS["unlearncanvas-style"], "steps": 200, "lr": 1e-4, "alpha": 1.0}
     PRESETS["toy-object"] = {**PRESETS["unlearncanvas-object"], "steps": 200, "lr": 1e-4, "alpha": 1.0}
 
-    steps: int | None = None  # None: from `epochs` when set, else DEFAULT_STEPS; given steps win over epochs
-    epochs: int | None = None  # steps = epochs · ceil(forget images / batch_size)
     lr: float = 1e-5
     batch_size: int = 4
-    forget_images: str | list[str] | None = None  # folder(s) or files
-    forget_prompts: str | list[str] = "A {object} image in {style} style."
-    pseudo_prompts: str | list[str] = "A {object} image in Photo style."  # c', the concept forget images map to
-    retain_images: str | list[str] | None = None  # the remain set (required: its loss always trains)
-    retain_prompts: str | list[str] = "A {object} image in {style} style."
     alpha: float = 0.1  # weight of the forget term
     forget_loss: str = "relabel"  # "relabel" (UnlearnCanvas, shs_nsfw.py) or "ascent" (shs_cls.py)
     sparsity: float = 0.01  # fraction of the ranked weights re-initialised (the code's --sparsity is 1 − this)
@@ -152,7 +144,6 @@ class ScissorhandsConfig(TrainingConfig):
     project_margin: float = 0.5
 
     def __post_init__(self) -> None:
-        steps_before_epochs(self, DEFAULT_STEPS)
         super().__post_init__()
         if not 0 < self.sparsity < 1:
             raise ValueError(f"sparsity must be in (0, 1), the fraction of weights re-initialised (the authors' "

@@ -237,7 +237,7 @@ def test_cli_runs_erasediff(image_sets, tmp_path, capsys):
 
 def test_epochs_give_the_outer_steps(image_sets):
     assert small(image_sets, steps=None, epochs=3, batch_size=2).steps == 3 * 2  # 3 forget images: 2 batches
-    assert small(image_sets, steps=None, epochs=None).steps == erasediff.DEFAULT_STEPS
+    assert small(image_sets, steps=None, epochs=None).steps == erasediff.EraseDiffConfig.DEFAULT_STEPS
     given = small(image_sets, steps=7, epochs=3)  # given steps win, as a bench override over a preset
     assert (given.steps, given.epochs) == (7, None)
 

@@ -233,7 +233,7 @@ def test_diffusion_mask_loss_is_the_toy_presets_and_differs_from_the_guided(imag
 def test_epochs_give_the_steps_unless_steps_are_given(image_sets):
     # 3 forget images: ceil(3 / 2) = 2 batches per epoch.
     assert small_salun(image_sets, steps=None, epochs=3).steps == 6
-    assert small_salun(image_sets, steps=None, epochs=None).steps == salun.DEFAULT_STEPS
+    assert small_salun(image_sets, steps=None, epochs=None).steps == salun.SalUnConfig.DEFAULT_STEPS
     given = small_salun(image_sets, steps=7, epochs=3)  # given steps win, as a bench override over a preset
     assert (given.steps, given.epochs) == (7, None)
     with pytest.raises(ValueError, match="epochs must be a positive integer or None, got 0"):
