@@ -16,14 +16,7 @@ from erase.methods import salun
 from erase.params import select
 from erase.sampling import sample_seed
 from erase.text import PromptEncoder
-from tests.unit.helpers import fresh_pipe, write_images
-
-
-@pytest.fixture
-def image_sets(tmp_path):
-    write_images(tmp_path / "forget" / "Van_Gogh" / "Cats", 3)
-    write_images(tmp_path / "retain" / "Monet" / "Dogs", 2, seed=10)
-    return tmp_path / "forget", tmp_path / "retain"
+from tests.unit.helpers import fresh_pipe
 
 
 def small_salun(image_sets, **overrides):

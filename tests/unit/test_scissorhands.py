@@ -24,14 +24,7 @@ from erase.sampling import sample_seed
 from erase.testing import sd_shaped_pipeline
 from erase.text import PromptEncoder
 from erase.train import TrainSettings, train
-from tests.unit.helpers import fresh_pipe, save_tiny, write_images
-
-
-@pytest.fixture
-def image_sets(tmp_path):
-    write_images(tmp_path / "forget" / "Van_Gogh" / "Cats", 3)
-    write_images(tmp_path / "retain" / "Monet" / "Dogs", 2, seed=10)
-    return tmp_path / "forget", tmp_path / "retain"
+from tests.unit.helpers import fresh_pipe, save_tiny
 
 
 def small_shs(image_sets, **overrides):
