@@ -47,6 +47,12 @@ def fingerprint(pipe, components: tuple[str, ...] = COMPONENTS) -> str:
     return digest.hexdigest()[:16]
 
 
+def component_fingerprints(pipe) -> dict[str, str]:
+    """The fingerprint of each component on its own: a Delta that changes only the text encoder fits every
+    pipeline with the same text encoder, whatever its UNet."""
+    return {c: fingerprint(pipe, (c,)) for c in COMPONENTS if getattr(pipe, c, None) is not None}
+
+
 def _parameter(pipe, full_name: str) -> nn.Parameter:
     component, _, name = full_name.partition(".")
     module = getattr(pipe, component, None) if component in COMPONENTS else None
@@ -137,12 +143,25 @@ class Delta:
         return cls(*_split_runtime(tensors, metadata, meta_path))
 
     def check_base(self, pipe) -> None:
-        """Refuse a pipeline other than the delta's base, and a delta that does not say what its base was."""
+        """Refuse a pipeline other than the delta's base, and a delta that does not say what its base was. A delta
+        of weights only that records its components' fingerprints needs only the components it changes to match
+        (an erased text encoder plugs into another pipeline with the same text encoder); else the whole base."""
         expected = self.metadata.get("base_fingerprint")
         force = "or force it (force=True; `erase apply --force`)"
         if not isinstance(expected, str) or not expected:
             raise ValueError(f"this delta does not record its base model (no base_fingerprint in its metadata), so it "
                              f"cannot be checked against this pipeline; {force}")  # fmt: skip
+        recorded = self.metadata.get("component_fingerprints")
+        touched = {name.partition(".")[0] for name in self.tensors}
+        if self.runtime is None and isinstance(recorded, dict) and touched and touched <= set(recorded):
+            actual = component_fingerprints(pipe)
+            wrong = sorted(c for c in touched if recorded[c] != actual.get(c))
+            if wrong:
+                c = wrong[0]
+                raise ValueError(f"this delta changes the {', '.join(sorted(touched))}, made on base model {expected} "
+                                 f"whose {c} is {recorded[c]}, but the pipeline's {c} is {actual.get(c)}; apply it "
+                                 f"to a model with the same {c}, {force}")  # fmt: skip
+            return
         actual = fingerprint(pipe)
         if expected != actual:
             raise ValueError(f"this delta was made on base model {expected}, but the pipeline is {actual}; apply it "

@@ -1,4 +1,9 @@
-"""Named parameter sets over a UNet: the one definition of "which weights a method trains" for every method."""
+"""Named parameter sets over a pipeline's UNet and text encoder: the one definition of "which weights a method
+trains" for every method.
+
+UNet parameters keep their names in the UNet (`down_blocks.0...`); text-encoder parameters are named
+`text_encoder.<name in the text encoder>`, so one dict holds both without ambiguity (no UNet name starts so) and
+its keys are the Delta's own names minus the `unet.` prefix (`delta_name`)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,12 @@ NAMED_SETS = {
     "esd-u": "everything except cross-attention, the time embedding and the output layers (conv_norm_out, conv_out): "
     "the CompVis code's 'noxattn' (ESD-u of the paper-era code, EraseDiff's NSFW recipe)",
     "all": "every parameter",
+}
+TEXT_ENCODER = "text_encoder."  # the prefix of text-encoder names in a parameter set
+TEXT_ENCODER_SETS = {
+    "text-encoder": "every text-encoder parameter",
+    "text-encoder-layers": "the text encoder's transformer layers and final layer norm, not its embeddings "
+    "(AdvUnlearn's text_encoder_full)",
 }
 
 
@@ -40,12 +51,14 @@ def check_spec(spec: str | Sequence[str]) -> None:
     texts = [spec] if isinstance(spec, str) else spec
     if not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"parameter set must be text (named sets or glob patterns), got {spec!r}")
-    accepted = f"accepted: {', '.join(NAMED_SETS)}, the aliases {', '.join(ALIASES)}, or glob patterns"
+    accepted = (f"accepted: {', '.join([*NAMED_SETS, *TEXT_ENCODER_SETS])}, the aliases {', '.join(ALIASES)}, or "
+                "glob patterns (text-encoder ones start with 'text_encoder.')")  # fmt: skip
     patterns = _patterns(spec)
     if not patterns:
         raise ValueError(f"empty parameter set {spec!r}; {accepted}")
     for pattern in patterns:
-        if pattern not in NAMED_SETS and not any(c in pattern for c in GLOB_CHARACTERS):
+        named = pattern in NAMED_SETS or pattern in TEXT_ENCODER_SETS
+        if not named and not any(c in pattern for c in GLOB_CHARACTERS):
             raise ValueError(f"parameter set {pattern!r} is neither a named set nor a pattern over names; {accepted}")
 
 
@@ -59,29 +72,78 @@ def _in_named_set(name: str, set_name: str) -> bool:
     if set_name == "esd-u":
         # The CompVis code skips `out.*` (LDM's GroupNorm out.0 and conv out.2) and `time_embed*`.
         return ".attn2." not in f".{name}" and not name.startswith(("time_embedding.", "conv_norm_out.", "conv_out."))
-    return True  # "all"
+    if set_name == "text-encoder-layers":
+        # transformers names CLIPTextModel's tensors with or without `text_model.`, depending on its version
+        return name.removeprefix("text_model.").startswith(("encoder.", "final_layer_norm."))
+    return True  # "all", "text-encoder"
+
+
+def is_text_encoder_pattern(pattern: str) -> bool:
+    return pattern in TEXT_ENCODER_SETS or pattern.startswith(TEXT_ENCODER)
+
+
+def names_text_encoder(spec: str | Sequence[str]) -> bool:
+    """Whether a parameter set names any text-encoder tensor (then only methods that train it may take it)."""
+    return any(is_text_encoder_pattern(p) for p in _patterns(spec))
+
+
+def delta_name(name: str) -> str:
+    """A parameter set's name as the Delta names the tensor (`unet.<name>` or `text_encoder.<name>`)."""
+    return name if name.startswith(TEXT_ENCODER) else f"unet.{name}"
+
+
+def select_in(pipe, spec: str | Sequence[str]) -> dict[str, nn.Parameter]:
+    """Parameters of a pipeline named by `spec`: UNet ones (as `select` over `pipe.unet`) under their UNet names,
+    text-encoder ones (named sets `text-encoder`, `text-encoder-layers`, or patterns `text_encoder.<glob>`) under
+    `text_encoder.<name>`. Raises ValueError like `select`, also for a text-encoder set on a pipeline without one."""
+    check_spec(spec)
+    patterns = _patterns(spec)
+    text = [p for p in patterns if is_text_encoder_pattern(p)]
+    unet = [p for p in patterns if not is_text_encoder_pattern(p)]
+    selected = _select(pipe.unet, unet) if unet else {}
+    if text:
+        encoder = getattr(pipe, "text_encoder", None)
+        if encoder is None:
+            raise ValueError(
+                f"parameter set {text[0]!r} names text-encoder tensors, but the pipeline has no text_encoder"
+            )
+        for pattern in text:
+            local = pattern if pattern in TEXT_ENCODER_SETS else pattern.removeprefix(TEXT_ENCODER)
+            selected.update({TEXT_ENCODER + n: p for n, p in _select(encoder, [local], TEXT_ENCODER).items()})
+    return selected
 
 
 def select(model: nn.Module, spec: str | Sequence[str]) -> dict[str, nn.Parameter]:
     """Parameters of `model` named by `spec`: named sets, their aliases (`ALIASES`), or glob patterns over
     parameter names (a list, or one comma-separated string), e.g. `"*attn2.to_k.*,*attn2.to_v.*"`.
 
-    Raises ValueError when the spec is empty or matches nothing, so a typo never trains zero weights.
+    Raises ValueError when the spec is empty or matches nothing, so a typo never trains zero weights, and for
+    text-encoder sets, which name tensors of a pipeline (`select_in`), not of one model.
     """
     check_spec(spec)
     patterns = _patterns(spec)
+    text = [p for p in patterns if is_text_encoder_pattern(p)]
+    if text:
+        raise ValueError(f"parameter set {text[0]!r} names text-encoder tensors: select it from the pipeline "
+                         "(erase.params.select_in), not from one model")  # fmt: skip
+    return _select(model, patterns)
+
+
+def _select(model: nn.Module, patterns: list[str], prefix: str = "") -> dict[str, nn.Parameter]:
+    """`patterns` over `model`'s names; errors show the names with `prefix` (as the user wrote them)."""
     selected: dict[str, nn.Parameter] = {}
     for pattern in patterns:
+        named = pattern in NAMED_SETS or pattern in TEXT_ENCODER_SETS
         matched = {
             name: p
             for name, p in model.named_parameters()
-            if (_in_named_set(name, pattern) if pattern in NAMED_SETS else fnmatch.fnmatchcase(name, pattern))
+            if (_in_named_set(name, pattern) if named else fnmatch.fnmatchcase(name, pattern))
         }
         if not matched:
             raise ValueError(
-                f"parameter set {pattern!r} matches no parameter of {type(model).__name__}; "
-                f"accepted: {', '.join(NAMED_SETS)} or glob patterns over names such as "
-                f"{next(iter(dict(model.named_parameters())), '<none>')!r}"
+                f"parameter set {(pattern if named else prefix + pattern)!r} matches no parameter of "
+                f"{type(model).__name__}; accepted: {', '.join([*NAMED_SETS, *TEXT_ENCODER_SETS])} or glob patterns "
+                f"over names such as {prefix + next(iter(dict(model.named_parameters())), '<none>')!r}"
             )
         selected.update(matched)
     return selected

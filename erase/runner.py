@@ -16,11 +16,11 @@ import transformers
 
 from ._version import __version__
 from .context import RunContext
-from .delta import Delta, fingerprint
+from .delta import Delta, component_fingerprints, fingerprint
 from .frozen import FrozenOriginal
 from .meter import Meter
 from .methods import method_of
-from .params import select
+from .params import TEXT_ENCODER, delta_name, names_text_encoder, select_in
 from .text import PromptEncoder
 from .train import TrainOutcome
 
@@ -67,14 +67,19 @@ def run(
     """
     spec = method_of(config)
     unet = pipe.unet
+    if names_text_encoder(config.parameter_set()) and "text_encoder" not in spec.components:
+        raise ValueError(f"parameter set {config.parameter_set()!r} names text-encoder tensors, but {spec.name} "
+                         f"edits only its components ({', '.join(spec.components)})")  # fmt: skip
     # A runtime patch trains no base weight: its parameter set (if any) says where the patch goes, not what moves.
-    params = {} if spec.patches_at_runtime else select(unet, config.parameter_set())
-    base_fingerprint = fingerprint(pipe)
-    frozen = FrozenOriginal(unet, list(params))
+    params = {} if spec.patches_at_runtime else select_in(pipe, config.parameter_set())
+    base_fingerprint, base_components = fingerprint(pipe), component_fingerprints(pipe)
+    frozen = FrozenOriginal(unet, [n for n in params if not n.startswith(TEXT_ENCODER)])
+    text_names = [n.removeprefix(TEXT_ENCODER) for n in params if n.startswith(TEXT_ENCODER)]
     ctx = RunContext(
         pipe, config, params, frozen, PromptEncoder(pipe.tokenizer, pipe.text_encoder, strict=True),
         Path(checkpoint_dir) if checkpoint_dir else None, accelerator, progress, local,
         run_key=run_key(config, base_fingerprint),
+        frozen_text=FrozenOriginal(pipe.text_encoder, text_names) if text_names else None,
     )  # fmt: skip
     outcome = TrainOutcome()
     runtime = None
@@ -87,11 +92,13 @@ def run(
             runtime = spec.build(ctx)
             outcome = ctx.last_outcome or outcome  # an adapter trains through ctx.train
     before = {f"unet.{n}": t for n, t in frozen.original.items()}
-    after = {f"unet.{n}": p.detach() for n, p in params.items()}
+    if ctx.frozen_text is not None:
+        before.update({f"{TEXT_ENCODER}{n}": t for n, t in ctx.frozen_text.original.items()})
+    after = {delta_name(n): p.detach() for n, p in params.items()}
     config_dict = dataclasses.asdict(config)
     metadata = {
         "method": spec.name, "config": config_dict, "versions": versions(), "base_fingerprint": base_fingerprint,
-        "parameter_set": config.parameter_set(),
+        "component_fingerprints": base_components, "parameter_set": config.parameter_set(),
     }  # fmt: skip
     delta = Delta.from_changes(before, after, metadata, runtime)
     if runtime is not None:

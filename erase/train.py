@@ -189,7 +189,9 @@ def train(
     checkpoint_key: str | None = None,
     grad_transform: GradTransform | None = None,
 ) -> TrainOutcome:
-    """Train `params` (names as in `model.named_parameters()`) of `model` in place to minimise `loss_fn`.
+    """Train `params` of `model` in place to minimise `loss_fn` (keys name them for checkpoints; tensors of another
+    module, such as the text encoder's, may be among them: their gradients are averaged across processes as DDP
+    averages the model's).
 
     The trained tensors are fp32 master weights during the loop (optimizers need them; a half-precision model's
     tensors are cast back on exit; without `mixed_precision` such a model runs under autocast to its own dtype).
@@ -212,6 +214,8 @@ def train(
             f"({accelerator.num_processes} x {settings.grad_accum})"
         )
     model.requires_grad_(False)
+    inside = {id(p) for p in model.parameters()}
+    outside = [p for p in params.values() if id(p) not in inside]  # e.g. text-encoder tensors: DDP syncs none of them
     stored_dtypes = {n: p.dtype for n, p in params.items()}
     half = next((d for d in stored_dtypes.values() if d in (torch.float16, torch.bfloat16)), None)
     precision = accelerator.autocast if settings.mixed_precision != "no" or half is None else (
@@ -273,6 +277,8 @@ def train(
                         )
                     accelerator.backward(loss)
                     step_loss += loss.detach().float() / settings.grad_accum
+                    if outside and world > 1 and accelerator.sync_gradients:
+                        _average_gradients(accelerator, outside)
                     if grad_transform is not None and accelerator.sync_gradients:
                         grad_transform(params, step)
                     if settings.max_grad_norm and accelerator.sync_gradients:
@@ -306,6 +312,14 @@ def train(
         model.eval()
     outcome.previous_s = previous_s
     return outcome
+
+
+def _average_gradients(accelerator, params: list[nn.Parameter]) -> None:
+    """Average across processes the gradients of trained tensors outside the wrapped model, as DDP does inside it."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
 def _all_finite(accelerator, loss: torch.Tensor) -> bool:

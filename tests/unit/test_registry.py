@@ -8,8 +8,8 @@ from PIL import Image
 import erase
 from erase.delta import Delta
 from erase.methods import get_method
-from erase.params import select
-from tests.unit.helpers import fresh_pipe, generate, unet_state
+from erase.params import delta_name, select_in
+from tests.unit.helpers import fresh_pipe, generate
 
 # Small configs for the tiny random pipeline (concept words exist in its tokenizer: see erase.testing).
 METHOD_EXAMPLES = {
@@ -92,6 +92,11 @@ def example(name: str, tmp_path):
     return erase.make_config(name, **values)
 
 
+def weights(pipe) -> dict[str, torch.Tensor]:
+    """Every UNet and text-encoder tensor by its Delta name (`unet.*`, `text_encoder.*`)."""
+    return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder") for k, v in getattr(pipe, c).state_dict().items()}
+
+
 def test_every_method_has_an_example():
     assert set(erase.available_methods()) == set(METHOD_EXAMPLES)
 
@@ -99,15 +104,15 @@ def test_every_method_has_an_example():
 @pytest.mark.parametrize("name", erase.available_methods())
 def test_method_changes_only_declared_parameters_and_round_trips(name, tmp_path):
     pipe = fresh_pipe()
-    before = unet_state(pipe)
+    before = weights(pipe)
     config = example(name, tmp_path)
     result = erase.run(pipe, config, progress=False)
-    changed = {f"unet.{k}" for k, v in pipe.unet.state_dict().items() if not torch.equal(before[k], v)}
+    changed = {k for k, v in weights(pipe).items() if not torch.equal(before[k], v)}
     if get_method(name).patches_at_runtime:  # a hook or adapter: no base weight moves, the patch is the result
         assert not changed and not result.delta.tensors and result.delta.runtime is not None
         assert not torch.equal(generate(pipe), generate(fresh_pipe())), f"{name}'s patch changes no image"
     else:
-        declared = {f"unet.{n}" for n in select(fresh_pipe().unet, config.parameter_set())}
+        declared = {delta_name(n) for n in select_in(fresh_pipe(), config.parameter_set())}
         assert changed, f"{name} changed nothing"
         assert changed == set(result.delta.tensors) and changed <= declared
     result.delta.save(tmp_path / "delta")
