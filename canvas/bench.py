@@ -24,7 +24,8 @@ from canvas import answers, data, fid, grids, inception, metrics, report, splits
 from canvas import catalog as catalogs
 from canvas.catalog import Catalog
 from canvas.judge import Judge, current_feature_space, feature_space, score
-from canvas.method_inputs import method_inputs
+from canvas.method_inputs import together_inputs
+from canvas.metrics import TOGETHER, targets_of
 from erase import available_methods, get_method, make_config
 from erase.atomic import write_json
 from erase.delta import Delta, fingerprint
@@ -40,6 +41,7 @@ class BenchConfig:
     methods: list[str]
     targets: list[str]
     out: str
+    together: list[str] = field(default_factory=list)  # jobs erasing several targets at once: "A,B,C" each
     model: str = "toy"
     catalog: str | None = None  # default: "toy" for the toy model, else "unlearncanvas-50"
     sampler: str | None = None  # default: "toy" for the toy model, else "unlearncanvas"
@@ -66,7 +68,10 @@ class BenchConfig:
         if isinstance(self.targets, str) or not isinstance(self.targets, list):
             raise ValueError(f"targets must be a list of names or keywords ({', '.join(TARGET_KEYWORDS)}), "
                              f"got {self.targets!r}")  # fmt: skip
-        self.targets = resolve_targets(cat, self.targets)
+        if isinstance(self.together, str) or not isinstance(self.together, list):
+            raise ValueError(f"together must be a list of comma-separated target groups, got {self.together!r}")
+        self.together = [together_target(cat, group) for group in self.together]
+        self.targets = resolve_targets(cat, self.targets) if self.targets or not self.together else []
         answers.preset(self.sampler)
         if self.inception:
             self.inception_variant = inception.check_variant(self.inception_variant or inception.DEFAULT_VARIANT)
@@ -104,6 +109,17 @@ def resolve_targets(catalog: Catalog, specs: list[str]) -> list[str]:
     for word in words:
         resolved.extend(_expand(catalog, word))
     return list(dict.fromkeys(resolved))
+
+
+def together_target(catalog: Catalog, group: str | list[str]) -> str:
+    """One job's targets erased at once ("A,B,C", keywords allowed) as its target name "A+B+C": two or more
+    distinct targets of one kind (canvas.metrics.target_kind says why not)."""
+    names = resolve_targets(catalog, [group] if isinstance(group, str) else list(group))
+    if len(names) < 2:
+        raise ValueError(f"a together job erases two or more targets at once, got {group!r}")
+    target = TOGETHER.join(names)
+    metrics.target_kind(catalog, target)
+    return target
 
 
 def _expand(catalog: Catalog, word: str) -> tuple[str, ...]:
@@ -182,7 +198,7 @@ def job_config(config: BenchConfig, method: str, target: str):
     cat = catalogs.get(config.catalog)
     kind = metrics.target_kind(cat, target)
     data_root = Bench.data_root_of(config, cat) if get_method(method).reads_images else None
-    values = method_inputs(method, cat, target, data_root, config.overrides.get(method, {}))
+    values = together_inputs(method, cat, targets_of(target), data_root, config.overrides.get(method, {}))
     return make_config(method, job_preset(config, method, kind), **values)
 
 
@@ -195,7 +211,7 @@ class Bench:
         self.catalog = catalogs.get(config.catalog)
         self.sampler = answers.preset(config.sampler)
         self.state = process_state()
-        self.jobs = [(m, t) for m in config.methods for t in config.targets]
+        self.jobs = [(m, t) for m in config.methods for t in (*config.targets, *config.together)]
 
     def job_dir(self, method: str, target: str) -> Path:
         return self.out / "jobs" / f"{method}__{target}"
@@ -241,8 +257,8 @@ class Bench:
         the catalog, --data holds what the jobs read, the manifest splits the targets, the folder is this bench's),
         then run the jobs."""
         with exclusive(self.out) if self.state.is_main_process else nullcontext():
-            for target in self.config.targets:  # a manifest without target splits fails here, not after the jobs
-                splits.target_split(self.catalog, target)
+            for target in (*self.config.targets, *self.config.together):  # a manifest without target splits fails
+                splits.target_split(self.catalog, target)  # here, not after the jobs
             self.base_fingerprint = fingerprint(self.load_base())
             self.judge = Judge(  # loaded once
                 self.catalog, self.config.classifiers, self.config.inception, self.config.inception_variant
@@ -326,14 +342,17 @@ class Bench:
     def grid(self, method: str, target: str) -> Path:
         """Before (top) / after (bottom) images of the target's prompts, seed = the first answer-set seed."""
         seed = self.config.seeds[0]
-        if self.catalog.is_style(target):
-            items = [answers.AnswerItem(target, o, seed) for o in self.catalog.objects]
-        else:
-            items = [answers.AnswerItem(t, target, seed) for t in self.catalog.themes]
+        items, labels = [], []
+        for one in targets_of(target):  # each target erased together gets its own stretch of columns
+            if self.catalog.is_style(one):
+                items += [answers.AnswerItem(one, o, seed) for o in self.catalog.objects]
+                labels += list(self.catalog.objects)
+            else:
+                items += [answers.AnswerItem(t, one, seed) for t in self.catalog.themes]
+                labels += list(self.catalog.themes)
         before = self.base_images(items)
         after = self.job_dir(method, target) / "answers"
         rows = [[Image.open(d / it.filename).convert("RGB") for it in items] for d in (before, after)]
-        labels = [it.object if self.catalog.is_style(target) else it.theme for it in items]
         canvas_image = grids.image_grid(rows, ["before", "after"], labels, f"{method}: {target}")
         path = self.out / "grids" / f"{method}__{target}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

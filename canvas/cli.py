@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--targets", help="comma-separated styles / objects of the catalog and keywords: styles, "
                        "objects, all, tuning, held-out (the splits manifest's target splits), "
                        "e.g. held-out,Cats")  # fmt: skip
+    bench.add_argument("--together", action="append", default=[], metavar="A,B,C",
+                       help="a job that erases these targets at once (two or more of one kind; repeatable), scored "
+                       "as the mean UA over them and IRA / CRA over the rest")  # fmt: skip
     bench.add_argument("--out", help="output folder (rerun the same command to resume)")
     bench.add_argument("--config", help="YAML file with any of the bench fields (command-line values win)")
     bench.add_argument("--catalog", help="catalog name (default: toy for the toy model, else unlearncanvas-50)")
@@ -100,15 +103,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise ValueError(f"--config {args.config} must hold a mapping of bench fields")
     cli = {
         "model": args.model, "methods": _csv(args.methods) or None, "targets": _csv(args.targets) or None,
+        "together": args.together or None,
         "out": args.out, "catalog": args.catalog, "sampler": args.sampler, "data": args.data,
         "batch_size": args.batch_size, "device": args.device, "classifiers": args.classifiers,
         "inception": args.inception, "inception_variant": args.inception_variant,
         "fid_excludes_target": True if args.fid_excludes_target else None,
     }  # fmt: skip
     values.update({k: v for k, v in cli.items() if v is not None})
-    for key in ("methods", "targets", "out"):
+    for key in ("methods", "out"):
         if not values.get(key):
             raise ValueError(f"--{key} is required (or set it in --config)")
+    if not values.get("targets") and not values.get("together"):
+        raise ValueError("--targets or --together is required (or set it in --config)")
+    values.setdefault("targets", [])
     for key in ("methods", "targets"):
         if isinstance(values[key], str):
             values[key] = _csv(values[key])

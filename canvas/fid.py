@@ -23,7 +23,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from canvas.catalog import Catalog
-from canvas.metrics import target_kind
+from canvas.metrics import target_kind, targets_of
 from erase.atomic import atomic_write
 
 KeepFn = Callable[[str, str], bool]  # (theme, object) -> keep this image?
@@ -195,10 +195,10 @@ def exclude_target(catalog: Catalog, target: str) -> KeepFn:
     UnlearnCanvas's FID example keeps the target in; pass this filter to both sets to leave it out, and say which
     was used (the bench records it in the report).
     """
-    kind = target_kind(catalog, target)
+    kind, dropped = target_kind(catalog, target), set(targets_of(target))  # targets erased together: all of them
     if kind == "style":
-        return lambda theme, obj: theme != target
-    return lambda theme, obj: obj != target
+        return lambda theme, obj: theme not in dropped
+    return lambda theme, obj: obj not in dropped
 
 
 def keep_mask(keep: KeepFn | None, themes: Sequence[str], objects: Sequence[str]) -> np.ndarray | None:

@@ -87,13 +87,31 @@ class UnlearningScores:
     cra: float
     ira_terms: int  # classes averaged into IRA: 49 for a style and 19 for an object target in UnlearnCanvas-50
     cra_terms: int
+    ua_each: tuple[float, ...] = ()  # a job erasing several targets at once: the UA of each (`ua` is their mean)
 
     def percent(self) -> dict[str, float]:
         return {"UA": 100.0 * self.ua, "IRA": 100.0 * self.ira, "CRA": 100.0 * self.cra}
 
 
+TOGETHER = "+"  # joins the targets of a job that erases several at once: "Pop_Art+Sketch+Winter"
+
+
+def targets_of(target: str) -> list[str]:
+    """The targets a job's target names: itself, or each of a together-job's ("A+B+C")."""
+    return target.split(TOGETHER)
+
+
 def target_kind(catalog: Catalog, target: str) -> Kind:
-    """`style` for a benchmark style, `object` for an object; the photo class is not an unlearning target."""
+    """`style` for a benchmark style, `object` for an object; the photo class is not an unlearning target. Several
+    targets erased together ("A+B") must be distinct and of one kind, which is theirs."""
+    if TOGETHER in target:
+        names = targets_of(target)
+        kinds = {target_kind(catalog, t) for t in names}
+        if len(kinds) > 1:
+            raise ValueError(f"targets erased together must be of one kind (all styles or all objects), got {target!r}")
+        if len(set(names)) < len(names):
+            raise ValueError(f"targets erased together must be distinct, got {target!r}")
+        return kinds.pop()
     if catalog.is_style(target):
         return "style"
     if catalog.is_object(target):
@@ -116,7 +134,8 @@ def unlearning_scores(
 
     Style target c: UA = 1 - Acc_S(c); IRA = mean Acc_S over the benchmark styles except c (photo excluded);
     CRA = mean Acc_O over all objects. Object target c: UA = 1 - Acc_O(c); IRA = mean Acc_O over the other objects;
-    CRA = mean Acc_S over the benchmark styles (photo excluded).
+    CRA = mean Acc_S over the benchmark styles (photo excluded). Targets erased together ("A+B+C"): UA is the mean
+    of their UAs, IRA the mean over the classes of their kind outside them, CRA as for one target.
     """
     acc_s = _accuracy_vector(style_accuracy, len(catalog.themes), "style", catalog.themes)
     acc_o = _accuracy_vector(object_accuracy, len(catalog.objects), "object", catalog.objects)
@@ -124,24 +143,28 @@ def unlearning_scores(
     objects = list(range(len(catalog.objects)))
     kind = target_kind(catalog, target)
     if kind == "style":
-        own, acc_own = catalog.style_label(target), acc_s
-        in_domain, in_acc, cross, cross_acc = [i for i in styles if i != own], acc_s, objects, acc_o
+        own, acc_own = [catalog.style_label(t) for t in targets_of(target)], acc_s
+        in_domain, in_acc, cross, cross_acc = [i for i in styles if i not in own], acc_s, objects, acc_o
         names_in, names_cross = catalog.themes, catalog.objects
     else:
-        own, acc_own = catalog.object_label(target), acc_o
-        in_domain, in_acc, cross, cross_acc = [j for j in objects if j != own], acc_o, styles, acc_s
+        own, acc_own = [catalog.object_label(t) for t in targets_of(target)], acc_o
+        in_domain, in_acc, cross, cross_acc = [j for j in objects if j not in own], acc_o, styles, acc_s
         names_in, names_cross = catalog.objects, catalog.themes
-    _require_measured(acc_own, [own], names_in, "the target")
+    if not in_domain:
+        raise ValueError(f"{target!r} erases every {kind} of catalog {catalog.name!r}: no {kind} is left for IRA")
+    _require_measured(acc_own, own, names_in, "the target")
     _require_measured(in_acc, in_domain, names_in, "IRA")
     _require_measured(cross_acc, cross, names_cross, "CRA")
+    each = tuple(1.0 - float(acc_own[i]) for i in own)
     return UnlearningScores(
         target=target,
         kind=kind,
-        ua=1.0 - float(acc_own[own]),
+        ua=sum(each) / len(each),
         ira=float(in_acc[in_domain].mean()),
         cra=float(cross_acc[cross].mean()),
         ira_terms=len(in_domain),
         cra_terms=len(cross),
+        ua_each=each if len(each) > 1 else (),
     )
 
 

@@ -28,7 +28,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from canvas.metrics import KINDS, Efficiency, UnlearningScores
+from canvas.metrics import KINDS, TOGETHER, Efficiency, UnlearningScores, targets_of
 from canvas.splits import HELD_OUT, TARGET_SPLITS, TUNING
 from erase.atomic import write_text
 
@@ -63,6 +63,8 @@ def target_row(
     are not comparable."""
     cost = cost or Efficiency(None, None, None)
     row = {"method": method, "target": scores.target, "kind": scores.kind, **scores.percent()}
+    if scores.ua_each:  # several targets erased at once: each one's UA beside their mean
+        row["UA_each"] = {t: 100.0 * u for t, u in zip(targets_of(scores.target), scores.ua_each, strict=True)}
     row.update(FID=fid_value, time_s=cost.time_s, memory_gb=cost.memory_gb, storage_gb=cost.storage_gb)
     if cost.memory_kind:
         row["memory_kind"] = cost.memory_kind
@@ -100,8 +102,9 @@ def aggregate(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     first-appearance order. Per kind, UA / IRA / CRA over the method's targets of that kind and split: the mean
     (`style_UA`), the minimum (`style_UA_min`) and the population std (`style_UA_std`); FID / time / memory /
     storage are means over all its targets of the split. A statistic over nothing (no object targets, no FID
-    measured) is None; a (split, method) without targets has no entry."""
-    rows = check_rows(rows)
+    measured) is None; a (split, method) without targets has no entry. Jobs that erase several targets at once are
+    not single targets and stay out of it (`together_rows`)."""
+    rows = [r for r in check_rows(rows) if TOGETHER not in r["target"]]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     table = []
     for split in (HELD_OUT, TUNING):
@@ -240,6 +243,30 @@ def _with_spread(entry: Mapping[str, Any]) -> dict[str, Any]:
     return shown
 
 
+TOGETHER_COLUMNS: tuple[tuple[str, str, _Fmt], ...] = (
+    ("method", "Method", str),
+    ("target", "Targets", str),
+    ("kind", "Kind", str),
+    ("split", "Split", SPLIT_LABELS.get),
+    ("UA", "UA (mean)", _fixed(2)),
+    ("UA_min", "UA (min)", _fixed(2)),
+    ("IRA", "IRA", _fixed(2)),
+    ("CRA", "CRA", _fixed(2)),
+    ("time_s", "Time (s)", _seconds),
+    ("storage_gb", "Storage (GB)", _gigabytes),
+)
+
+
+def together_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The jobs that erased several targets at once, each with the worst of its targets' UAs (`UA_min`)."""
+    out = []
+    for row in check_rows(rows):
+        if TOGETHER in row["target"]:
+            each = row.get("UA_each") or {}
+            out.append({**row, "UA_min": min(each.values()) if each else None})
+    return out
+
+
 def markdown_targets(rows: Iterable[Mapping[str, Any]], *, fid_features: str) -> str:
     """One line per (method, target)."""
     rows = check_rows(rows)
@@ -267,6 +294,7 @@ def markdown_report(
         "",
         markdown_table(rows, fid_features=fid_features),
         "",
+        *_together_section(rows, column),
         "## Per target",
         "",
         _markdown(rows, TARGET_COLUMNS, column),
@@ -275,6 +303,21 @@ def markdown_report(
         "",
     ]
     return "\n".join(lines)
+
+
+def _together_section(rows: Sequence[Mapping[str, Any]], column: str) -> list[str]:
+    together = together_rows(rows)
+    if not together:
+        return []
+    return [
+        "## Several targets at once",
+        "",
+        "One erasure per line of all its targets: UA is the mean of their UAs (min: the worst of them), IRA is over",
+        "the targets of their kind outside them, CRA over the other kind.",
+        "",
+        _markdown(together, TOGETHER_COLUMNS, column),
+        "",
+    ]
 
 
 def write_report(

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from canvas.metrics import TOGETHER, targets_of
 from erase.atomic import write_text
 from erase.catalog import Catalog
 from erase.catalog import get as get_catalog
@@ -164,8 +165,12 @@ def held_out_targets(catalog: Catalog | str, manifest: Splits | None = None) -> 
 
 
 def target_split(catalog: Catalog | str, target: str, manifest: Splits | None = None) -> str:
-    """`"tuning"` or `"held-out"`: which target split `target` (a style or object of `catalog`) belongs to."""
+    """`"tuning"` or `"held-out"`: which target split `target` (a style or object of `catalog`) belongs to.
+    Targets erased together ("A+B") are held out only when every one of them is."""
     cat = get_catalog(catalog) if isinstance(catalog, str) else catalog
+    if TOGETHER in target:
+        each = {target_split(cat, t, manifest) for t in targets_of(target)}
+        return TUNING if TUNING in each else HELD_OUT
     if not (cat.is_style(target) or cat.is_object(target)):
         raise SplitsError(f"{target!r} is neither a style nor an object of catalog {cat.name!r}; accepted: "
                           f"{', '.join((*cat.styles, *cat.objects))}")  # fmt: skip

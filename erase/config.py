@@ -128,6 +128,19 @@ def texts(name: str, value: Any, allow_empty: bool = False) -> list[str]:
     return values
 
 
+def concept_texts(value: Any) -> list[str]:
+    """A config's `concepts`: one or more non-empty texts, each once (a concept given twice would be weighted
+    twice by a solve and sampled twice as often by a loop: almost surely a mistake in a list of many)."""
+    concepts = texts("concepts", value)
+    seen: set[str] = set()
+    for concept in concepts:
+        key = " ".join(concept.lower().split())
+        if key in seen:
+            raise ValueError(f"concepts must be distinct, got {concept!r} twice in {concepts!r}")
+        seen.add(key)
+    return concepts
+
+
 def build_config(cls: type, preset: str | None = None, **values: Any):
     """`cls` with its defaults, then the named preset's values, then `values` (which win)."""
     presets = getattr(cls, "PRESETS", {})

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import catalog as catalogs
-from ..config import TrainingConfig, texts
+from ..config import TrainingConfig, concept_texts, texts
 from ..context import RunContext
 from ..frozen import unwrap
 from ..images import denoising_target, encode_latents, generate_images, image_size, noised, to_tensor
@@ -155,7 +155,7 @@ class CAConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.concepts = texts("concepts", self.concepts)
+        self.concepts = concept_texts(self.concepts)
         self.anchors = texts("anchors", self.anchors)
         if len(self.anchors) not in (1, len(self.concepts)):
             raise ValueError(f"anchors must be one for all concepts or one per concept ({len(self.concepts)}), "

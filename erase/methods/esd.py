@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainingConfig, texts
+from ..config import TrainingConfig, concept_texts
 from ..context import RunContext
 from ..frozen import unwrap
 from ..processes import process_state
@@ -75,7 +75,7 @@ class ESDConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.concepts = texts("concepts", self.concepts)
+        self.concepts = concept_texts(self.concepts)
         if self.sample_with not in SAMPLERS:
             raise ValueError(f"sample_with {self.sample_with!r} is not one of {', '.join(SAMPLERS)}")
         if self.anchor not in ANCHORS:

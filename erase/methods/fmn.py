@@ -29,7 +29,7 @@ import torch
 
 from ..attention import capture_cross_attention
 from ..catalog import TOY_OBJECTS
-from ..config import TrainingConfig, texts
+from ..config import TrainingConfig, concept_texts, texts
 from ..context import RunContext
 from ..frozen import unwrap
 from ..images import encode_latents, image_files, image_size, load_images, noised
@@ -81,7 +81,7 @@ class FMNConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.concepts = texts("concepts", self.concepts)
+        self.concepts = concept_texts(self.concepts)
         self.prompts = texts("prompts", self.prompts)  # templates with {concept}; a new list, never the preset's
         if self.images is None or self.images == "" or self.images == []:
             raise ValueError("images is required: a folder or a list of reference images of the concept "

@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import runtime
-from ..config import MethodConfig, build_config, texts
+from ..config import MethodConfig, build_config, concept_texts
 from ..context import RunContext
 from ..runtime import Handle, Runtime
 
@@ -97,7 +97,7 @@ class SEOTConfig(MethodConfig):
             raise ValueError(f"SEOT changes no weight, so it takes no parameter set: leave params unset, got "
                              f"{self.params!r}")  # fmt: skip
         super().__post_init__()
-        self.concepts = texts("concepts", self.concepts)
+        self.concepts = concept_texts(self.concepts)
         for name in ("alpha", "beta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a number > 0, got {getattr(self, name)!r}")

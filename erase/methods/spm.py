@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import LowRankAdapter, wrappable
-from ..config import TrainingConfig, texts
+from ..config import TrainingConfig, concept_texts
 from ..context import RunContext
 from ..frozen import unwrap
 from ..params import select
@@ -109,7 +109,7 @@ class SPMConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.concepts = texts("concepts", self.concepts)
+        self.concepts = concept_texts(self.concepts)
         if self.rank < 1:
             raise ValueError(f"rank must be an integer >= 1, got {self.rank}")
         if self.alpha <= 0:

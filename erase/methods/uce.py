@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import catalog as catalogs
-from ..config import MethodConfig, texts
+from ..config import MethodConfig, concept_texts, texts
 from ..context import RunContext
 
 TOKEN_CHOICES = ("last_word", "through_eos")
@@ -136,8 +136,7 @@ class UCEConfig(MethodConfig):
                 raise ValueError(f"{name} must be a list of texts, got {value!r}")
             else:
                 setattr(self, name, list(value))
-        if not self.concepts or any(not c.strip() for c in self.concepts):
-            raise ValueError(f"concepts must be one or more non-empty texts, got {self.concepts!r}")
+        self.concepts = concept_texts(self.concepts)
         if not self.guides:
             self.guides = [""]
         if len(self.guides) not in (1, len(self.concepts)):

@@ -120,7 +120,7 @@ def test_bad_bench_inputs_are_one_line_errors(tmp_path, capsys):
         (["--methods", "nope", "--targets", "Pop_Art"], "unknown method 'nope'"),
         (["--methods", "esd", "--targets", "Nope"], "Nope"),
         (["--methods", "esd", "--targets", "Seed_Images"], "Seed_Images"),
-        (["--methods", "esd"], "--targets is required"),
+        (["--methods", "esd"], "--targets or --together is required"),
     ]:
         assert main(["bench", "--model", "toy", "--out", str(tmp_path / "b"), *argv]) == 2
         err = capsys.readouterr().err.strip()
