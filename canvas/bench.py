@@ -179,14 +179,18 @@ def open_data(config: BenchConfig, cat: Catalog) -> data.Dataset:
     return data.open_dataset(config.data, cat)
 
 
-def job_preset(config: BenchConfig, method: str, kind: str) -> str | None:
-    """The preset a job uses: the bench's choice, else on the toy `toy-{kind}` or `toy`, else the method's
-    UnlearnCanvas preset of that kind, `unlearncanvas` or `paper`."""
+def job_preset(config: BenchConfig, method: str, kind: str, together: bool = False) -> str | None:
+    """The preset a job uses: the bench's choice, else on the toy `toy-{kind}` or `toy` (for a job erasing several
+    targets at once `toy-together-{kind}` or `toy-together` first), else the method's UnlearnCanvas preset of that
+    kind, `unlearncanvas` or `paper`."""
     presets = get_method(method).config_cls.PRESETS
     if method in config.presets:
         return config.presets[method]
     toy = config.model == "toy"
-    for name in (f"toy-{kind}", "toy") if toy else (f"unlearncanvas-{kind}", "unlearncanvas", "paper"):
+    names = (f"toy-{kind}", "toy") if toy else (f"unlearncanvas-{kind}", "unlearncanvas", "paper")
+    if toy and together:
+        names = (f"toy-together-{kind}", "toy-together", *names)
+    for name in names:
         if name in presets:
             return name
     return None
@@ -199,7 +203,7 @@ def job_config(config: BenchConfig, method: str, target: str):
     kind = metrics.target_kind(cat, target)
     data_root = Bench.data_root_of(config, cat) if get_method(method).reads_images else None
     values = together_inputs(method, cat, targets_of(target), data_root, config.overrides.get(method, {}))
-    return make_config(method, job_preset(config, method, kind), **values)
+    return make_config(method, job_preset(config, method, kind, TOGETHER in target), **values)
 
 
 class Bench:

@@ -12,6 +12,8 @@ tuning figures and not results.
 `--space` is either a grid (a mapping of field -> list of values, every combination is a trial) or a list of
 mappings (each a trial). Trial 0 is the base preset as it is, unless `--skip-base` (a recipe far too long for the toy,
 e.g. SPM's 3000 steps, whose figure would not change the choice). Runs are kept under --work and resumed.
+With `--together`, each trial is one job erasing all the kind's tuning targets at once (`canvas bench --together`),
+for a preset of many concepts (`toy-together`); it is then reported on held-out targets erased together.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from canvas import catalog as catalogs
 from canvas import splits
 from canvas.bench import Bench, BenchConfig
+from canvas.metrics import TOGETHER
 from erase import get_method
 from erase.atomic import write_json, write_text
 
@@ -114,13 +117,16 @@ def main() -> None:
     parser.add_argument("--work", default="runs/tune", help="bench folders of the trials (kept, resumed)")
     parser.add_argument("--out", default="docs/results/tuning", help="where the trials' JSON and Markdown go")
     parser.add_argument("--skip-base", action="store_true", help="do not run trial 0 (the base preset as it is)")
+    parser.add_argument("--together", action="store_true", help="erase the kind's tuning targets at once per trial")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     targets = kind_tuning_targets(args.catalog, args.kind)
     if not targets:
         raise SystemExit(f"catalog {args.catalog!r} has no {args.kind} tuning targets in the splits manifest")
-    name = f"{args.method}-{args.kind}-{args.base}"
+    name = f"{args.method}-{args.kind}-{args.base}" + ("-together" if args.together else "")
+    jobs = {"together": [",".join(targets)], "targets": []} if args.together else {"targets": targets}
+    targets = [TOGETHER.join(targets)] if args.together else targets
     trials = []
     base = get_method(args.method).config_cls.PRESETS[args.base]
     for n, values in enumerate(trials_of(json.loads(args.space), base)):
@@ -128,7 +134,7 @@ def main() -> None:
             trials.append({"values": values, "failed": "not run (--skip-base)"})
             continue
         started = time.perf_counter()
-        config = BenchConfig(methods=[args.method], targets=targets, out=f"{args.work}/{name}/{n}", seeds=seeds,
+        config = BenchConfig(methods=[args.method], **jobs, out=f"{args.work}/{name}/{n}", seeds=seeds,
                              catalog=args.catalog, presets={args.method: args.base},
                              overrides={args.method: values})  # fmt: skip
         result = Bench(config, progress=False).run()
@@ -147,7 +153,7 @@ def main() -> None:
         "seeds": seeds, "threads": args.threads, "commit": commit, "trials": trials, "chosen": choose(trials),
         "command": "python scripts/tune_toy.py " + " ".join(f"--{k} '{v}'" for k, v in (
             ("method", args.method), ("kind", args.kind), ("base", args.base), ("space", args.space)))
-        + (" --skip-base" if args.skip_base else ""),
+        + (" --skip-base" if args.skip_base else "") + (" --together" if args.together else ""),
     }  # fmt: skip
     out = Path(args.out)
     write_json(out / f"{name}.json", result)

@@ -111,6 +111,15 @@ class UCEConfig(MethodConfig):
         # objects 86.7 / 80.8 / 75.6.
         "toy": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "guides": ["An image in Photo style"],
                 "token_choice": "through_eos"},
+        # Ours, for many concepts at once (the bench's together jobs), chosen by scripts/tune_toy.py --together on the
+        # tuning targets erased at once (docs/results/tuning/uce-*-toy-together.md): `toy` plus UnlearnCanvas's way
+        # of preserving every other catalog theme x object. Without it, erasing 2 tuning styles kept IRA 85 (5
+        # held-out styles: IRA 26); objects need a weaker preservation and a stronger erase (UA 30 -> 84).
+        "toy-together-style": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 0.3,
+                               "guides": ["An image in Photo style"], "token_choice": "through_eos", "catalog": "toy"},
+        "toy-together-object": {"lam": 0.5, "erase_scale": 3.0, "preserve_scale": 0.03,
+                                "guides": ["An image in Photo style"], "token_choice": "through_eos",
+                                "catalog": "toy"},
     }  # fmt: skip
 
     concepts: list[str] = field(default_factory=list)

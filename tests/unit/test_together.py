@@ -71,7 +71,8 @@ def test_a_together_job_gets_every_target_as_a_concept(tmp_path):
     job = bench.job_config(config, "uce", "Sketch+Winter+Bricks")
     singles = [bench.job_config(config, "uce", t).concepts for t in ("Sketch", "Winter", "Bricks")]
     assert job.concepts == [c for concepts in singles for c in concepts] and len(job.concepts) == 3
-    assert job.preset == bench.job_config(config, "uce", "Sketch").preset  # the preset of the group's kind
+    assert job.preset == "toy-together-style" and bench.job_config(config, "uce", "Sketch").preset == "toy"
+    assert bench.job_config(config, "esd", "Sketch+Winter+Bricks").preset == "toy"  # no together preset: its kind's
 
 
 def test_inputs_merge_lists_in_order_and_keep_what_targets_share(monkeypatch):
