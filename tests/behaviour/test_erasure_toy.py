@@ -5,12 +5,17 @@ Thresholds (issue #12's goal): UA >= 80 (the target is gone from >= 80% of its i
 of its kind are still recognised in >= 70% of theirs) and CRA >= 70 (the other kind too). The targets are held out:
 the presets were chosen on the split manifest's tuning targets (scripts/tune_toy.py), and each method's targets here
 are ones docs/results/toy.md shows it erasing; that table has every held-out target, the failures included. A
-method that erases no toy target to UA 80 (SHORTFALLS) has its UA check as a strict expected failure, with the cause
-and the paper's figure beside its targets, and its IRA / CRA checked as for every method.
+method that erases no toy target of a kind to UA 80 (SHORTFALLS) has that UA check as a strict expected failure, with
+the cause and the paper's figure beside its targets, and its IRA / CRA checked as for every method.
 """
 
+import atexit
+import functools
 import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -25,8 +30,9 @@ TARGETS = {  # method -> (held-out style, held-out object); figures of docs/resu
     "uce": ("Bricks", "Butterfly"),  # 87.5 / 87.8 / 99.1, 87.3 / 91.4 / 77.8
     "ca": ("Sketch", "Butterfly"),  # 100 / 98.9 / 100, 100 / 99.5 / 100
     # FMN erases no held-out toy object to UA 80 with its preset (best: Fishes 63.6; mean 33.6, the paper's 45.6):
-    # that check is not met, and docs/results/toy.md says so; its style is checked.
-    "fmn": ("On_Fire", None),  # 100 / 97.2 / 97.0
+    # its loss positions (the concept's tokens, EOS, padding) do not carry a toy target (docs/results/fmn-ceiling.md),
+    # so its object check is a known shortfall below; what it keeps is checked as for every method.
+    "fmn": ("On_Fire", "Fishes"),  # 100 / 97.2 / 97.0, 63.6 / 99.0 / 87.8
     "salun": ("Neon_Lines", "Trees"),  # 100 / 100 / 99.3, 100 / 100 / 100
     # EraseDiff erases the held-out styles (mean UA 99.7) but objects only on average 58 (Trees 100, Birds 14.5).
     "erasediff": ("Crayon", "Trees"),  # 100 / 100 / 100, 100 / 100 / 100
@@ -37,7 +43,8 @@ TARGETS = {  # method -> (held-out style, held-out object); figures of docs/resu
     # (docs/results/fmn-ceiling.md). Its erasure is checked as a known shortfall below, what it keeps as a result.
     "seot": ("Mosaic", "Fishes"),  # 0 / 100 / 100, 0 / 100 / 100
 }
-SHORTFALLS = {"seot"}  # methods whose UA check is a documented, expected failure (strict: a pass must update this)
+# (method, kind) whose UA check is a documented, expected failure (strict: a pass must update this)
+SHORTFALLS = {("seot", "style"), ("seot", "object"), ("fmn", "object")}
 
 
 def test_the_targets_are_held_out():
@@ -46,18 +53,19 @@ def test_the_targets_are_held_out():
         assert {splits.target_split(CAT, t) for t in (style, obj) if t} == {splits.HELD_OUT}
 
 
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory):
-    by_job = {}
-    for method, pair in TARGETS.items():  # each method on its own targets
-        out = tmp_path_factory.mktemp(method)
-        targets = [t for t in pair if t]
-        result = Bench(BenchConfig(methods=[method], targets=targets, out=str(out)), progress=False).run()
-        assert not result["failed"], result["failed"]
-        by_job.update({(r["method"], r["target"]): r for r in result["rows"]})
-        report_dir = os.environ.get("ERASEKIT_REPORT_DIR")
-        if report_dir:  # keep the figures for the closing note / a person to read
-            (out / "report.md").replace(os.path.join(report_dir, f"erasure_toy_{method}.md"))
+@functools.cache
+def rows_of(method: str) -> dict[tuple[str, str], dict]:
+    """The bench rows of `method` on its targets, run once per test process (each method is its own xdist group,
+    so its tests share one run and methods spread over the workers)."""
+    out = Path(tempfile.mkdtemp(prefix=f"erasure-{method}-"))
+    atexit.register(shutil.rmtree, out, True)
+    targets = [t for t in TARGETS[method] if t]
+    result = Bench(BenchConfig(methods=[method], targets=targets, out=str(out)), progress=False).run()
+    assert not result["failed"], result["failed"]
+    report_dir = os.environ.get("ERASEKIT_REPORT_DIR")
+    if report_dir:  # keep the figures for the closing note / a person to read
+        (out / "report.md").replace(os.path.join(report_dir, f"erasure_toy_{method}.md"))
+    by_job = {(r["method"], r["target"]): r for r in result["rows"]}
     print(json.dumps({f"{m} {t}": r for (m, t), r in by_job.items()}, indent=1))
     return by_job
 
@@ -65,23 +73,24 @@ def rows(tmp_path_factory):
 CASES = [(m, kind) for m, pair in TARGETS.items() for kind, t in zip(("style", "object"), pair, strict=True) if t]
 
 
-def _case(method: str, kind: str):
-    if method not in SHORTFALLS:
-        return pytest.param(method, kind)
-    return pytest.param(method, kind, marks=pytest.mark.xfail(strict=True, reason="documented shortfall on the toy"))
+def _case(method: str, kind: str, shortfall: bool = False):
+    marks = [pytest.mark.xdist_group(f"erasure-{method}")]
+    if shortfall:
+        marks.append(pytest.mark.xfail(strict=True, reason="documented shortfall on the toy"))
+    return pytest.param(method, kind, marks=marks)
 
 
-@pytest.mark.parametrize(("method", "kind"), [_case(m, k) for m, k in CASES])
-def test_method_erases_a_held_out_target(rows, method, kind):
+@pytest.mark.parametrize(("method", "kind"), [_case(m, k, (m, k) in SHORTFALLS) for m, k in CASES])
+def test_method_erases_a_held_out_target(method, kind):
     target = TARGETS[method][0 if kind == "style" else 1]
-    row = rows[(method, target)]
+    row = rows_of(method)[(method, target)]
     assert row["preset"] in ("toy", "toy-object")
     assert row["UA"] >= 80, f"{method} {target}: UA {row['UA']:.1f}"
 
 
-@pytest.mark.parametrize(("method", "kind"), CASES)
-def test_method_keeps_the_rest(rows, method, kind):
+@pytest.mark.parametrize(("method", "kind"), [_case(m, k) for m, k in CASES])
+def test_method_keeps_the_rest(method, kind):
     target = TARGETS[method][0 if kind == "style" else 1]
-    row = rows[(method, target)]
+    row = rows_of(method)[(method, target)]
     assert row["IRA"] >= 70, f"{method} {target}: IRA {row['IRA']:.1f}"
     assert row["CRA"] >= 70, f"{method} {target}: CRA {row['CRA']:.1f}"
