@@ -1,0 +1,71 @@
+"""Methods built for many concepts erase five held-out toy styles in one run and keep the other styles, through the
+whole bench (`canvas bench --together`: one erasure, its answer set of every theme x object x 5 seeds, the
+classifiers).
+
+Thresholds (issue #14): UA >= 80 on each of the five (not only on average: a method that drops one concept of a
+list has not erased the list) and mean IRA >= 60 over the five styles left (lower than a single target's 70: half
+the toy's styles are gone, and what is left shares their palettes and textures). The five are held-out targets; the
+`toy-together-*` presets were chosen on the tuning styles erased together (scripts/tune_toy.py --together). A
+method whose erasure falls short is listed in SHORTFALLS with the measured figures and the cause, as a strict
+expected failure; what it keeps is checked as for every method.
+"""
+
+import atexit
+import functools
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from canvas import catalog, splits
+from canvas.bench import Bench, BenchConfig
+
+pytestmark = pytest.mark.slow
+
+CAT = catalog.get("toy")
+GROUP = ("Bricks", "Crayon", "Mosaic", "Sketch", "Winter")
+METHODS = ("uce",)
+# UCE's toy-together-style preset: UA 77.5 / 67.5 / 95 / 100 / 82.5 (mean 84.5) with IRA 100 and CRA 100
+# (1 thread). On the two tuning styles erased together every trial with the catalog's preservation saturated at
+# UA 100 / IRA 100 (docs/results/tuning/uce-style-toy-together.md), so the tuning split could not choose a stronger
+# erase for five; the IRA it keeps says there is room.
+SHORTFALLS = {"uce"}
+
+
+def test_the_group_is_held_out():
+    assert all(splits.target_split(CAT, t) == splits.HELD_OUT for t in GROUP) and all(CAT.is_style(t) for t in GROUP)
+
+
+@functools.cache
+def row_of(method: str) -> dict:
+    out = Path(tempfile.mkdtemp(prefix=f"together-{method}-"))
+    atexit.register(shutil.rmtree, out, True)
+    config = BenchConfig(methods=[method], targets=[], together=[",".join(GROUP)], out=str(out))
+    result = Bench(config, progress=False).run()
+    assert not result["failed"], result["failed"]
+    (row,) = result["rows"]
+    print(json.dumps(row, indent=1))
+    return row
+
+
+def _case(method: str, shortfall: bool = False):
+    marks = [pytest.mark.xdist_group(f"together-{method}")]
+    if shortfall:
+        marks.append(pytest.mark.xfail(strict=True, reason="documented shortfall on the toy"))
+    return pytest.param(method, marks=marks)
+
+
+@pytest.mark.parametrize("method", [_case(m, m in SHORTFALLS) for m in METHODS])
+def test_erases_each_of_five_styles_at_once(method):
+    row = row_of(method)
+    assert row["preset"] == "toy-together-style" and set(row["UA_each"]) == set(GROUP)
+    assert min(row["UA_each"].values()) >= 80, f"{method}: UA per style {row['UA_each']}"
+
+
+@pytest.mark.parametrize("method", [_case(m) for m in METHODS])
+def test_keeps_the_other_styles(method):
+    row = row_of(method)
+    assert row["IRA"] >= 60, f"{method}: IRA {row['IRA']:.1f}"
+    assert row["CRA"] >= 70, f"{method}: CRA {row['CRA']:.1f}"
