@@ -149,6 +149,14 @@ def spm_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping
     return concept_inputs(cat, target, data_root, given)
 
 
+def speed_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """SPEED: the concept text, and as priors (its retain set) every other style and object of the catalog named the
+    same way (`Watercolor style`, `Cats`), as the paper retains other concepts' names (its style.csv, instance.csv).
+    UnlearnCanvas has no SPEED recipe; this is our choice for both catalogs."""
+    others = [concept_text(cat, t) for t in (*cat.styles, *cat.objects) if t != target]
+    return {**concept_inputs(cat, target, data_root, given), "preserve": others}
+
+
 def backdoor_removal_inputs(
     cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -179,6 +187,7 @@ INPUTS: dict[str, InputsFn] = {
     "skd-cag": backdoor_removal_inputs,
     "seot": seot_inputs,
     "spm": spm_inputs,
+    "speed": speed_inputs,
 }
 
 

@@ -18,6 +18,7 @@ from .methods.salun import SalUnConfig
 from .methods.scissorhands import ScissorhandsConfig
 from .methods.seot import SEOTConfig
 from .methods.skd_cag import SKDCAGConfig
+from .methods.speed import SPEEDConfig
 from .methods.spm import SPMConfig
 from .methods.uce import UCEConfig
 from .pipeline import load_pipeline
@@ -41,6 +42,7 @@ __all__ = [
     "RunContext",
     "SEOTConfig",
     "SKDCAGConfig",
+    "SPEEDConfig",
     "SPMConfig",
     "SalUnConfig",
     "ScissorhandsConfig",

@@ -18,7 +18,7 @@ def data_root(tmp_path_factory):
     return toy.export(tmp_path_factory.mktemp("data"), CAT, indices=range(1, 4))
 
 
-@pytest.mark.parametrize("method", ["esd", "uce", "fmn", "ca", "salun", "erasediff", "scissorhands"])
+@pytest.mark.parametrize("method", ["esd", "uce", "fmn", "ca", "salun", "erasediff", "scissorhands", "speed"])
 @pytest.mark.parametrize("target", ["Pop_Art", "Cats"])
 def test_inputs_make_valid_configs(method, target, data_root):
     values = method_inputs(method, CAT, target, data_root)
@@ -34,6 +34,9 @@ def test_inputs_make_valid_configs(method, target, data_root):
         assert len(values["forget_images"]) == len(values["forget_prompts"]) == len(values["pseudo_prompts"])
         assert all("Pop_Art" in f for f in values["forget_images"]) == (target == "Pop_Art")
         assert any("/Pop_Art/" in f for f in values["retain_images"]) == (target != "Pop_Art")
+    if method == "speed":  # priors: every other style and object, named as the concept is
+        others = [t for t in (*CAT.styles, *CAT.objects) if t != target]
+        assert config.prior_prompts() == [method_inputs("uce", CAT, t, None)["concepts"][0] for t in others]
 
 
 def test_concept_words():

@@ -60,6 +60,7 @@ METHOD_EXAMPLES = {
         "project_every": 1,
     },
     "uce": {"concepts": ["van gogh"], "guides": ["painting"], "preserve": ["cat"]},
+    "speed": {"concepts": ["van gogh"], "anchors": ["painting"], "preserve": ["cat", "a photo"]},
     "fmn": {
         "concepts": ["van gogh"],
         "images": "{tmp}/fmn-images",
