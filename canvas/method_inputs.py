@@ -205,13 +205,17 @@ def method_inputs(
     return {**INPUTS[method](cat, target, data_root, given), **given}
 
 
+KEPT_SETS = ("preserve",)  # inputs that are a set of texts to keep (SPEED's priors), not one item per concept
+
+
 def together_inputs(
     method: str, cat: Catalog, targets: list[str], data_root: Path | None, given: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Config values for `method` erasing all of `targets` in one run: each target's inputs merged. A value every
     target gives alike is kept once (one guide for all); lists that differ are joined in target order, so lists
-    given per concept stay aligned with the concepts; any other difference cannot be merged (the method takes one
-    such input per run) and is an error."""
+    given per concept stay aligned with the concepts, except sets of texts to keep (`KEPT_SETS`), joined with each
+    text once and without the texts of the concepts being erased; any other difference cannot be merged (the method
+    takes one such input per run) and is an error."""
     each = [method_inputs(method, cat, t, data_root, given) for t in targets]
     merged: dict[str, Any] = {}
     for key in dict.fromkeys(k for inputs in each for k in inputs):
@@ -220,6 +224,9 @@ def together_inputs(
             merged[key] = values[0]
         elif all(isinstance(v, list) for v in values):
             merged[key] = [item for v in values for item in v]
+            if key in KEPT_SETS:
+                erased = {c for inputs in each for c in inputs.get("concepts", [])}
+                merged[key] = [item for item in dict.fromkeys(merged[key]) if item not in erased]
         else:
             raise ValueError(f"{method} cannot erase {', '.join(targets)} in one run: its input {key!r} differs "
                              f"between them ({values[0]!r} for {targets[0]}); accepted: inputs that are lists or "

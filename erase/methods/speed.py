@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import MethodConfig, texts
+from ..config import MethodConfig, concept_texts
 from ..context import RunContext
 from .uce import KV_SUFFIXES, _aligned_spans, _check_tokens, _encode, _tokenize
 
@@ -98,10 +98,7 @@ class SPEEDConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.concepts = texts("concepts", self.concepts)
-        duplicates = sorted({c for c in self.concepts if self.concepts.count(c) > 1})
-        if duplicates:
-            raise ValueError(f"concepts must be distinct, got {duplicates!r} more than once")
+        self.concepts = concept_texts(self.concepts)
         for name in ("anchors", "preserve"):
             value = getattr(self, name)
             value = [value] if isinstance(value, str) else value

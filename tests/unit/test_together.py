@@ -87,6 +87,11 @@ def test_inputs_merge_lists_in_order_and_keep_what_targets_share(monkeypatch):
     def clashing(cat, target, data_root, given):
         return {"concepts": [target], "images": f"/data/{target}"}
 
+    job = method_inputs.together_inputs("speed", TOY, ["Sketch", "Winter"], None)
+    assert job["concepts"] == ["Sketch style", "Winter style"]  # the kept set: each other target once, none erased
+    assert job["preserve"] == [method_inputs.concept_text(TOY, t) for t in (*TOY.styles, *TOY.objects)
+                               if t not in ("Sketch", "Winter")]  # fmt: skip
+
     monkeypatch.setitem(method_inputs.INPUTS, "fake", clashing)
     with pytest.raises(ValueError, match="fake cannot erase Sketch, Winter in one run: its input 'images' differs"):
         method_inputs.together_inputs("fake", TOY, ["Sketch", "Winter"], None)
@@ -127,7 +132,7 @@ def test_the_command_line_takes_together_jobs(monkeypatch, tmp_path):
     assert main(["bench", "--methods", "uce", "--out", str(tmp_path)]) == 2  # neither --targets nor --together
 
 
-@pytest.mark.parametrize("method", ["esd", "uce", "ca", "fmn", "spm", "seot"])
+@pytest.mark.parametrize("method", ["esd", "uce", "ca", "fmn", "spm", "seot", "speed"])
 def test_a_concept_given_twice_is_refused(method):
     with pytest.raises(ValueError, match="concepts must be distinct, got 'Van Gogh' twice"):
         erase.make_config(method, concepts=["van gogh", "Van Gogh"])
