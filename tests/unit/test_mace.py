@@ -314,3 +314,17 @@ def test_bad_inputs_found_at_run_time_change_nothing(tmp_path):
         with pytest.raises(ValueError, match=message):
             erase.run(pipe, config, progress=False)
         assert all(torch.equal(before[n], w) for n, w in kv(pipe).items()), message
+
+
+def test_each_concept_checkpoints_under_its_own_key(tmp_path):
+    images = write_images(tmp_path / "images", 2)
+    values = {"concepts": ["van gogh", "cat"], "kinds": "style", "prompts": PROMPTS, "images": str(images),
+              "steps": 2, "lr": 1e-2, "checkpoint_every": 2}  # fmt: skip
+    ckpt = tmp_path / "ckpt"
+    first = erase.run(fresh_pipe(), erase.make_config("mace", **values), checkpoint_dir=ckpt, progress=False)
+    assert (ckpt / "concept-0" / "state.json").is_file() and (ckpt / "concept-1" / "state.json").is_file()
+    resumed = erase.run(fresh_pipe(), erase.make_config("mace", **values), checkpoint_dir=ckpt, progress=False)
+    assert resumed.delta.digest() == first.delta.digest()  # both LoRAs read back at their last step
+    with pytest.raises(ValueError, match="belongs to another run"):
+        erase.run(fresh_pipe(), erase.make_config("mace", **{**values, "lr": 2e-2}), checkpoint_dir=ckpt,
+                  progress=False)  # fmt: skip
