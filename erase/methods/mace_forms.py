@@ -1,4 +1,4 @@
-"""MACE's closed forms, masks and attention loss (used by erase.methods.mace; kept apart to stay testable alone).
+"""MACE's closed forms, masks, attention loss, prompt templates and t weights (for erase.methods.mace).
 
 Every closed form here is a ridge least-squares problem over one K/V matrix W (out x d) whose data enter only as
 d x d sums of token vectors, so the statistics are computed once per run, shared by all layers, and cost the same
@@ -28,6 +28,42 @@ from ..text import check_fits
 from .uce import statistics_dtype
 
 CACHE_VERSION = "mace-preserve-1"
+
+# The released prompt augmentation (src/cfr_utils.py:257-331, `prompt_augmentation`): with prompt_len 30 and
+# aug_length 30 (every config) the dataset samples all of the first 30 (src/dataset.py:145-147).
+OBJECT_TEMPLATES = (
+    "{concept} in a photo", "{concept} in a snapshot", "A snapshot of {concept}", "A photograph showcasing {concept}",
+    "An illustration of {concept}", "A digital rendering of {concept}", "A visual representation of {concept}",
+    "A graphic of {concept}", "A shot of {concept}", "A photo of {concept}", "A black and white image of {concept}",
+    "A depiction in portrait form of {concept}", "A scene depicting {concept} during a public gathering",
+    "{concept} captured in an image", "A depiction created with oil paints capturing {concept}",
+    "An image of {concept}", "A drawing capturing the essence of {concept}",
+    "An official photograph featuring {concept}",
+    "A detailed sketch of {concept}", "{concept} during sunset/sunrise", "{concept} in a detailed portrait",
+    "An official photo of {concept}", "Historic photo of {concept}", "Detailed portrait of {concept}",
+    "A painting of {concept}", "HD picture of {concept}", "Magazine cover capturing {concept}",
+    "Painting-like image of {concept}", "Hand-drawn art of {concept}", "An oil portrait of {concept}",
+)  # fmt: skip
+STYLE_TEMPLATES = (
+    "An artwork by {concept}", "Art piece by {concept}", "A recent creation by {concept}", "{concept}'s renowned art",
+    "Latest masterpiece by {concept}", "A stunning image by {concept}", "An art in {concept}'s style",
+    "Exhibition artwork of {concept}", "Art display by {concept}", "a beautiful painting by {concept}",
+    "An image inspired by {concept}'s style", "A sketch by {concept}", "Art piece representing {concept}",
+    "A drawing by {concept}", "Artistry showcasing {concept}", "An illustration by {concept}",
+    "A digital art by {concept}", "A visual art by {concept}",
+    "A reproduction inspired by {concept}'s colorful, expressive style", "Famous painting of {concept}",
+    "A famous art by {concept}", "Artistic style of {concept}", "{concept}'s famous piece",
+    "Abstract work of {concept}", "{concept}'s famous drawing", "Art from {concept}'s early period",
+    "A portrait by {concept}", "An imitation reflecting the style of {concept}",
+    "An painting from {concept}'s collection", "Vibrant reproduction of artwork by {concept}",
+)  # fmt: skip
+
+
+def importance_weights(steps: int) -> torch.Tensor:
+    """p(t) ∝ σ(0.05(t − 200)) − σ(0.05(t − 400)) over t = 0..steps−1 (src/cfr_utils.py:207-209)."""
+    t = torch.arange(steps, dtype=torch.float64)
+    weights = torch.sigmoid(0.05 * (t - 200)) - torch.sigmoid(0.05 * (t - 400))
+    return weights / weights.sum()
 
 
 def aligned_positions(old_ids: Sequence[int], new_ids: Sequence[int], length: int) -> tuple[list[int], list[int]]:
