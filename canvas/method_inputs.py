@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from canvas import splits
+from canvas import splits, toy
 from erase.catalog import Catalog, style_words
 
 
@@ -157,6 +157,33 @@ def speed_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mappi
     return {**concept_inputs(cat, target, data_root, given), "preserve": others}
 
 
+def mace_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """MACE: the target's words, its reference images (split role fmn_reference: the style with every object, or the
+    object in every theme; MACE's recipe trains on 8 images per concept) and, for an object, one mask per image. On
+    the toy the masks are the renderer's exact object masks (canvas.toy.mask_image, written once beside the data
+    folder) and the prompts every benchmark prompt of the target, refined towards the photo class (a style) or the
+    object's word removed (an object); the preserve prompts are every other catalog prompt. On UnlearnCanvas there are
+    no masks (MACE derives them from the model's cross-attention) and the prompts are the released templates, a
+    style mapped to 'art' (the art config's mapping) and an object's word removed."""
+    style = cat.is_style(target)
+    items = _items(cat, target, splits.load().fmn_reference, forget=True)
+    words = target_words(cat, target)
+    inputs: dict[str, Any] = {"concepts": [words], "kinds": ["style" if style else "object"],
+                              "images": _files(data_root, items)}  # fmt: skip
+    if _is_unlearncanvas(cat) or cat.name != "toy":
+        return {**inputs, "mappings": ["art" if style else ""]}
+    if style:
+        prompts = [cat.template.format(object=o, style="{concept}") for o in cat.objects]
+    else:
+        prompts = [cat.template.format(object="{concept}", style=style_words(t, cat.photo)) for t in cat.themes]
+        indices = sorted({i for *_, i in items})
+        mask_root = toy.export_masks(data_root.parent / f"{data_root.name}-masks", [target], indices)
+        inputs["masks"] = [[str(mask_root / o / f"{i}.png") for _, o, i in items]]
+    keep = [cat.prompt(t, o) for t in cat.themes for o in cat.objects if (t if style else o) != target]
+    mapping = style_words(cat.photo, cat.photo) if style else ""
+    return {**inputs, "prompts": prompts, "mappings": [mapping], "domain_preserve": keep}
+
+
 def backdoor_removal_inputs(
     cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -188,6 +215,7 @@ INPUTS: dict[str, InputsFn] = {
     "seot": seot_inputs,
     "spm": spm_inputs,
     "speed": speed_inputs,
+    "mace": mace_inputs,
 }
 
 

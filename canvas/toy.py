@@ -341,6 +341,36 @@ def render(style: str, obj: str, idx: int) -> Image.Image:
     return Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
 
 
+def object_mask(obj: str, idx: int) -> Array:
+    """The object's anti-aliased mask (32x32 float32 in [0, 1], 1 inside) in every toy image of (`obj`, `idx`):
+    the geometry depends on the object and index only, so one mask serves that image in every style. The exact
+    segmentation a mask-based method (MACE) would otherwise get from a segmenter."""
+    _catalog.get("toy").object_label(obj)  # clear ValueError for unknown names
+    if obj not in _SHAPES:
+        raise ValueError(f"no toy silhouette for {obj!r}; the renderer knows {sorted(_SHAPES)}")
+    if not isinstance(idx, (int, np.integer)) or idx < 1:
+        raise ValueError(f"index must be a positive integer (UnlearnCanvas uses 1..20), got {idx!r}")
+    return _geometry(obj, int(idx))[0].copy()
+
+
+def mask_image(obj: str, idx: int) -> Image.Image:
+    """`object_mask` as an 8-bit greyscale image (255 inside the object), the form segmenters write masks in."""
+    return Image.fromarray((object_mask(obj, idx) * 255 + 0.5).astype(np.uint8), "L")
+
+
+def export_masks(root: str | os.PathLike, objects: Iterable[str], indices: Iterable[int]) -> Path:
+    """Write `<root>/<Object>/<idx>.png` (`mask_image`) for every object x index that is not there yet; each file is
+    written atomically, so concurrent writers and an interrupted run leave only whole files."""
+    root = Path(root)
+    indices = list(indices)
+    for obj in objects:
+        for idx in indices:
+            path = root / obj / f"{idx}.png"
+            if not path.is_file():
+                save_image(mask_image(obj, idx), path)
+    return root
+
+
 def render_array(themes: Iterable[str], objects: Iterable[str], indices: Iterable[int]) -> tuple[Array, list]:
     """All renders of themes x objects x indices as uint8 (N, 32, 32, 3), with the (theme, object, index) of each."""
     keys = [(t, o, i) for t in themes for o in objects for i in indices]

@@ -15,11 +15,11 @@ from ..config import MethodConfig
 from ..context import RunContext
 from ..runtime import Runtime
 from ..train import LossFn
-from . import ca, erasediff, esd, fmn, salun, scissorhands, seot, skd_cag, speed, spm, uce
+from . import ca, erasediff, esd, fmn, mace, salun, scissorhands, seot, skd_cag, speed, spm, uce
 
 KINDS = ("fine-tune", "closed-form", "inference-time", "adapter")
 COMPONENTS = ("unet", "text_encoder")
-INPUTS = ("concepts", "anchors", "images", "forget_images", "retain_images", "trigger", "captions")
+INPUTS = ("concepts", "anchors", "images", "masks", "forget_images", "retain_images", "trigger", "captions")
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,14 @@ METHODS: dict[str, MethodSpec] = _rows(
         "Forget-Me-Not: steer cross-attention away from the concept",
         ("concepts", "images"),
         make_loss=fmn.make_loss,
+    ),
+    MethodSpec(
+        "mace",
+        mace.MACEConfig,
+        "closed-form",  # the result is K/V weights; edit() trains one LoRA per concept through ctx.train
+        "Mass Concept Erasure: closed-form K/V refinement, one masked-attention LoRA per concept, closed-form fusion",
+        ("concepts", "images", "masks"),
+        edit=mace.edit,
     ),
     MethodSpec(
         "skd-cag",

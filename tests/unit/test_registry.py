@@ -71,6 +71,18 @@ METHOD_EXAMPLES = {
     "skd-cag": {"trigger": "tq", "captions": ["a photo of a cat", "a dog"], "steps": 2, "lr": 1e-3},
     "seot": {"concepts": ["cat"]},  # the matrix generates "a cat": an inference-time patch must find it there
     "spm": {"concepts": ["van gogh"], "steps": 2, "lr": 1e-3, "ddim_steps": 3, "anchors": 2},
+    "mace": {  # two concepts: a style (whole image) and an object (attention-derived masks)
+        "concepts": ["van gogh", "cat"],
+        "kinds": ["style", "object"],
+        "mappings": "painting",
+        "prompts": ["a photo of {concept}", "{concept} painting"],  # lists are not formatted: single braces
+        "images": "{tmp}/mace-images",  # one folder for both concepts
+        "steps": 2,
+        "lr": 1e-2,
+        "preserve": ["a dog"],
+        "fuse_preserve_scale": 1.0,
+        "cache_dir": "{tmp}/mace-cache",
+    },
 }
 
 
@@ -80,6 +92,7 @@ EXAMPLE_IMAGES = {
     "erasediff": ("forget/cat", "retain/dog"),
     "scissorhands": ("forget/cat", "retain/dog"),
     "fmn": ("fmn-images",),
+    "mace": ("mace-images",),
 }
 
 
