@@ -72,6 +72,14 @@ def seot_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mappin
     return {**concept_inputs(cat, target, data_root, given), "prompts": prompts}
 
 
+def advunlearn_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """AdvUnlearn: the target's concept text, and as retain prompts (the authors' coco_object prompt set is not part
+    of the benchmark) every catalog prompt of the other styles (a style) or the other objects (an object)."""
+    style = cat.is_style(target)
+    retain = [cat.prompt(t, o) for t in cat.themes for o in cat.objects if (t if style else o) != target]
+    return {**concept_inputs(cat, target, data_root, given), "retain_prompts": retain}
+
+
 def _is_unlearncanvas(cat: Catalog) -> bool:
     """Whether `cat` is the real benchmark, whose methods follow UnlearnCanvas's released recipes (the toy keeps the
     inputs its presets were measured with)."""
@@ -179,6 +187,7 @@ INPUTS: dict[str, InputsFn] = {
     "skd-cag": backdoor_removal_inputs,
     "seot": seot_inputs,
     "spm": spm_inputs,
+    "advunlearn": advunlearn_inputs,
 }
 
 
