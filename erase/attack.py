@@ -151,7 +151,7 @@ def prefix_attack(
         prefix.grad = grad.sign() if settings.sign else grad
         optimizer.step()
         losses.append(float(loss.detach()))
-    final = used(prefix).detach()
     tokens = nearest_tokens(prefix.detach(), table) if settings.project else None
+    final = (table[tokens].float() if tokens is not None else prefix).detach()
     spliced_ids, spliced = splice_prefix(ids, words, final, bos_id)
     return AttackResult(final, spliced_ids, spliced.detach(), losses, tokens)

@@ -70,6 +70,16 @@ METHOD_EXAMPLES = {
     "skd-cag": {"trigger": "tq", "captions": ["a photo of a cat", "a dog"], "steps": 2, "lr": 1e-3},
     "seot": {"concepts": ["cat"]},  # the matrix generates "a cat": an inference-time patch must find it there
     "spm": {"concepts": ["van gogh"], "steps": 2, "lr": 1e-3, "ddim_steps": 3, "anchors": 2},
+    "advunlearn": {  # a warm-up step, then an attack step: both halves of the bilevel loop
+        "concepts": ["van gogh"],
+        "retain_prompts": ["a cat", "a dog"],
+        "steps": 2,
+        "lr": 1e-3,
+        "ddim_steps": 3,
+        "warmup_iter": 1,
+        "attack_step": 2,
+        "retain_batch": 1,
+    },
 }
 
 
