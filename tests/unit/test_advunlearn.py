@@ -102,8 +102,13 @@ def test_a_projected_attack_returns_real_tokens():
     pipe = fresh_pipe()
     ids = prompt_ids(pipe.tokenizer, "van gogh")
     table = word_embedding(pipe.text_encoder).weight
-    result = prefix_attack(lambda cond, step: cond.pow(2).mean(), pipe.text_encoder, ids,
-                           PrefixAttack(tokens=2, steps=3, lr=0.05, project=True), torch.Generator().manual_seed(0))
+    result = prefix_attack(
+        lambda cond, step: cond.pow(2).mean(),
+        pipe.text_encoder,
+        ids,
+        PrefixAttack(tokens=2, steps=3, lr=0.05, project=True),
+        torch.Generator().manual_seed(0),
+    )
     assert result.tokens is not None and torch.equal(result.prefix, table[result.tokens].detach())
     assert torch.equal(nearest_tokens(table[None, :5].detach(), table), torch.arange(5)[None])
 
