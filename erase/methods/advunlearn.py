@@ -104,14 +104,17 @@ class AdvUnlearnConfig(TrainingConfig):
                              "--set retain_prompts='a photo of a dog,a cat'), or retain_train='none'")  # fmt: skip
         if self.attack_method not in ATTACK_METHODS:
             raise ValueError(f"attack_method {self.attack_method!r} is not one of {', '.join(ATTACK_METHODS)}")
-        for name, minimum in (("retain_batch", 1), ("ddim_steps", 1), ("warmup_iter", 0),
-                              ("adv_prompt_update_step", 1)):  # fmt: skip
+        for name, minimum in (("adv_prompt_num", 1), ("attack_step", 0), ("retain_batch", 1), ("ddim_steps", 1),
+                              ("warmup_iter", 0), ("adv_prompt_update_step", 1)):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if self.retain_loss_w < 0:
             raise ValueError(f"retain_loss_w must be >= 0, got {self.retain_loss_w}")
-        self.attack()  # k, attack_step, attack_lr, attack_init checked there
+        if not self.attack_lr > 0:
+            raise ValueError(f"attack_lr must be a positive number, got {self.attack_lr}")
+        if self.attack_init not in ("random", "latest"):
+            raise ValueError(f"attack_init {self.attack_init!r} is not one of random, latest")
 
     def attack(self) -> PrefixAttack:
         """The inner attack's settings (erase.attack)."""

@@ -176,14 +176,15 @@ def test_many_concepts_are_erased_in_one_run():
     [
         ({"concepts": []}, "concepts must be one or more non-empty texts"),
         ({"concepts": ["van gogh", "van gogh"]}, "concepts must be distinct; 'van gogh' is given more than once"),
-        ({"adv_prompt_num": 0}, "prefix tokens \\(k\\) must be an integer >= 1, got 0"),
-        ({"attack_step": -1}, "attack's steps must be an integer >= 0, got -1"),
-        ({"attack_init": "zeros"}, "init 'zeros' is not one of random, latest"),
+        ({"adv_prompt_num": 0}, "adv_prompt_num must be an integer >= 1, got 0"),
+        ({"attack_step": -1}, "attack_step must be an integer >= 0, got -1"),
+        ({"attack_init": "zeros"}, "attack_init 'zeros' is not one of random, latest"),
         ({"retain_prompts": []}, "retain_train 'reg' needs retain_prompts"),
         ({"retain_train": "iter"}, "retain_train 'iter' is not one of reg, none"),
         ({"attack_method": "free_at"}, "attack_method 'free_at' is not one of pgd, fast_at"),
         ({"adv_prompt_update_step": 0}, "adv_prompt_update_step must be an integer >= 1, got 0"),
         ({"retain_loss_w": -1.0}, "retain_loss_w must be >= 0"),
+        ({"attack_lr": 0.0}, "attack_lr must be a positive number, got 0.0"),
     ],
 )
 def test_bad_inputs_are_one_line_errors(overrides, message):
@@ -204,3 +205,10 @@ def test_a_concept_without_tokens_or_too_long_is_refused_before_training():
 def test_no_retain_prompts_are_needed_without_the_retain_loss():
     result = erase.run(fresh_pipe(), small(retain_prompts=[], retain_train="none"), progress=False)
     assert result.delta.tensors
+
+
+def test_the_attack_settings_check_their_own_values():
+    with pytest.raises(ValueError, match="prefix tokens \\(k\\) must be an integer >= 1, got 0"):
+        PrefixAttack(tokens=0)
+    with pytest.raises(ValueError, match="the attack's steps must be an integer >= 0, got -1"):
+        PrefixAttack(steps=-1)
