@@ -72,6 +72,14 @@ def seot_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mappin
     return {**concept_inputs(cat, target, data_root, given), "prompts": prompts}
 
 
+def advunlearn_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """AdvUnlearn: the target's concept text, and as retain prompts (the authors' coco_object prompt set is not part
+    of the benchmark) every catalog prompt of the other styles (a style) or the other objects (an object)."""
+    style = cat.is_style(target)
+    retain = [cat.prompt(t, o) for t in cat.themes for o in cat.objects if (t if style else o) != target]
+    return {**concept_inputs(cat, target, data_root, given), "retain_prompts": retain}
+
+
 def _is_unlearncanvas(cat: Catalog) -> bool:
     """Whether `cat` is the real benchmark, whose methods follow UnlearnCanvas's released recipes (the toy keeps the
     inputs its presets were measured with)."""
@@ -216,6 +224,7 @@ INPUTS: dict[str, InputsFn] = {
     "spm": spm_inputs,
     "speed": speed_inputs,
     "mace": mace_inputs,
+    "advunlearn": advunlearn_inputs,
 }
 
 

@@ -88,6 +88,7 @@ def run(
             outcome = ctx.train(spec.make_loss(ctx))
         elif spec.kind == "closed-form":
             spec.edit(ctx)
+            outcome = ctx.last_outcome or outcome  # one that trains a stage (MACE's LoRAs) through ctx.train
         else:
             runtime = spec.build(ctx)
             outcome = ctx.last_outcome or outcome  # an adapter trains through ctx.train

@@ -263,3 +263,29 @@ def ddim_partial(
         eps = guided_noise(noise_fn, x, t_batch, cond, uncond, guidance)
         x = scheduler.step(eps, t, x).prev_sample
     return x, ddim_level(scheduler, stop_index)
+
+
+@torch.no_grad()
+def ddim_partial_each(
+    noise_fn: NoiseFn,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance: float,
+    stop_indices: Sequence[int],
+) -> tuple[torch.Tensor, list[int]]:
+    """`ddim_partial` for a batch whose samples stop after different numbers of steps, in one batched run: sample
+    b's latents after `stop_indices[b]` steps (its noise `latents[b]`, its condition `cond[b]`), and the DDPM
+    timesteps they sit at. The run is as long as the longest; each sample is kept when it reaches its stop."""
+    num_steps = len(scheduler.timesteps)
+    if len(stop_indices) != latents.shape[0] or not all(0 <= s <= num_steps for s in stop_indices):
+        raise ValueError(f"stop_indices {list(stop_indices)} must give one index in [0, {num_steps}] per sample")
+    x = latents * scheduler.init_noise_sigma
+    kept = x.clone()
+    for k, t in enumerate(scheduler.timesteps[: max(stop_indices, default=0)]):
+        eps = guided_noise(noise_fn, x, t.expand(x.shape[0]).to(x.device), cond, uncond, guidance)
+        x = scheduler.step(eps, t, x).prev_sample
+        done = [b for b, s in enumerate(stop_indices) if s == k + 1]
+        kept[done] = x[done]
+    return kept, [ddim_level(scheduler, s) for s in stop_indices]

@@ -15,7 +15,7 @@ from ..config import MethodConfig
 from ..context import RunContext
 from ..runtime import Runtime
 from ..train import LossFn
-from . import ca, erasediff, esd, fmn, mace, salun, scissorhands, seot, skd_cag, speed, spm, uce
+from . import advunlearn, ca, erasediff, esd, fmn, mace, salun, scissorhands, seot, skd_cag, speed, spm, uce
 
 KINDS = ("fine-tune", "closed-form", "inference-time", "adapter")
 COMPONENTS = ("unet", "text_encoder")
@@ -105,6 +105,15 @@ METHODS: dict[str, MethodSpec] = _rows(
         "Scissorhands: re-initialise the weights most sensitive to the forget set, then repair",
         ("forget_images", "retain_images"),
         make_loss=scissorhands.make_loss,
+    ),
+    MethodSpec(
+        "advunlearn",
+        advunlearn.AdvUnlearnConfig,
+        "fine-tune",
+        "AdvUnlearn: ESD on adversarial prefix prompts found by an inner attack, plus a retain loss (text encoder)",
+        ("concepts",),
+        components=("text_encoder", "unet"),  # the text encoder by default; UNet tensors through `params`
+        make_loss=advunlearn.make_loss,
     ),
     MethodSpec(
         "uce",

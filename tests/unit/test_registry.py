@@ -83,6 +83,16 @@ METHOD_EXAMPLES = {
         "fuse_preserve_scale": 1.0,
         "cache_dir": "{tmp}/mace-cache",
     },
+    "advunlearn": {  # a warm-up step, then an attack step: both halves of the bilevel loop
+        "concepts": ["van gogh"],
+        "retain_prompts": ["a cat", "a dog"],
+        "steps": 2,
+        "lr": 1e-3,
+        "ddim_steps": 3,
+        "warmup_iter": 1,
+        "attack_step": 2,
+        "retain_batch": 1,
+    },
 }
 
 
