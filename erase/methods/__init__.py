@@ -15,7 +15,7 @@ from ..config import MethodConfig
 from ..context import RunContext
 from ..runtime import Runtime
 from ..train import LossFn
-from . import ca, erasediff, esd, fmn, salun, scissorhands, seot, skd_cag, spm, uce
+from . import ca, erasediff, esd, fmn, rece, salun, scissorhands, seot, skd_cag, spm, uce
 
 KINDS = ("fine-tune", "closed-form", "inference-time", "adapter")
 COMPONENTS = ("unet", "text_encoder")
@@ -113,6 +113,14 @@ METHODS: dict[str, MethodSpec] = _rows(
         "Unified Concept Editing: closed-form edit of cross-attention K/V",
         ("concepts",),
         edit=uce.edit,
+    ),
+    MethodSpec(
+        "rece",
+        rece.RECEConfig,
+        "closed-form",
+        "Reliable and Efficient Concept Erasure: UCE, then rounds erasing the embedding that regenerates the concept",
+        ("concepts",),
+        edit=rece.edit,
     ),
     MethodSpec(
         "fmn",

@@ -60,6 +60,7 @@ METHOD_EXAMPLES = {
         "project_every": 1,
     },
     "uce": {"concepts": ["van gogh"], "guides": ["painting"], "preserve": ["cat"]},
+    "rece": {"concepts": ["van gogh"], "guides": ["painting"], "preserve": ["cat"], "rounds": 2},
     "fmn": {
         "concepts": ["van gogh"],
         "images": "{tmp}/fmn-images",
