@@ -214,6 +214,7 @@ InputsFn = Callable[[Catalog, str, Path | None, Mapping[str, Any]], dict[str, An
 INPUTS: dict[str, InputsFn] = {
     "esd": esd_inputs,
     "uce": concept_inputs,
+    "rece": concept_inputs,
     "fmn": fmn_inputs,
     "ca": ca_inputs,
     "salun": salun_inputs,

@@ -15,7 +15,7 @@ from ..config import MethodConfig
 from ..context import RunContext
 from ..runtime import Runtime
 from ..train import LossFn
-from . import advunlearn, ca, erasediff, esd, fmn, mace, salun, scissorhands, seot, skd_cag, speed, spm, uce
+from . import advunlearn, ca, erasediff, esd, fmn, mace, rece, salun, scissorhands, seot, skd_cag, speed, spm, uce
 
 KINDS = ("fine-tune", "closed-form", "inference-time", "adapter")
 COMPONENTS = ("unet", "text_encoder")
@@ -130,6 +130,14 @@ METHODS: dict[str, MethodSpec] = _rows(
         "SPEED: closed-form K/V edit in the null space of the retained concepts (prior filtering and augmentation)",
         ("concepts",),
         edit=speed.edit,
+    ),
+    MethodSpec(
+        "rece",
+        rece.RECEConfig,
+        "closed-form",
+        "Reliable and Efficient Concept Erasure: UCE, then rounds erasing the embedding that regenerates the concept",
+        ("concepts",),
+        edit=rece.edit,
     ),
     MethodSpec(
         "fmn",

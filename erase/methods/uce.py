@@ -402,9 +402,14 @@ def edit(ctx: RunContext) -> None:
     _check_params(ctx.params, dim)
     stats = uce_statistics(ctx.pipe, cfg)
     update = uce_update(stats, float(cfg.lam), float(cfg.erase_scale), cfg.effective_preserve_scale())
-    with torch.no_grad():
-        for p in ctx.params.values():
-            # The change W·K in fp32 (its rounding is ~1e-7 of the change), added to W in the statistics dtype.
-            weight = p.float()  # (out, d)
-            change = weight @ update.to(device=p.device, dtype=torch.float32)
-            p.copy_((weight.to(update.dtype) + change.to(update.dtype)).to(p.dtype))
+    apply_update(ctx.params, update)
+
+
+@torch.no_grad()
+def apply_update(params: dict[str, torch.nn.Parameter], update: torch.Tensor) -> None:
+    """W ← W + W·K for every weight, in place (RECE applies each of its rounds' solves this way too)."""
+    for p in params.values():
+        # The change W·K in fp32 (its rounding is ~1e-7 of the change), added to W in the statistics dtype.
+        weight = p.float()  # (out, d)
+        change = weight @ update.to(device=p.device, dtype=torch.float32)
+        p.copy_((weight.to(update.dtype) + change.to(update.dtype)).to(p.dtype))

@@ -18,7 +18,9 @@ def data_root(tmp_path_factory):
     return toy.export(tmp_path_factory.mktemp("data"), CAT, indices=range(1, 4))
 
 
-@pytest.mark.parametrize("method", ["esd", "uce", "fmn", "ca", "salun", "erasediff", "scissorhands", "speed", "mace"])
+@pytest.mark.parametrize(
+    "method", ["esd", "uce", "fmn", "ca", "salun", "erasediff", "scissorhands", "speed", "mace", "rece"]
+)
 @pytest.mark.parametrize("target", ["Pop_Art", "Cats"])
 def test_inputs_make_valid_configs(method, target, data_root):
     values = method_inputs(method, CAT, target, data_root)

@@ -61,6 +61,7 @@ METHOD_EXAMPLES = {
     },
     "uce": {"concepts": ["van gogh"], "guides": ["painting"], "preserve": ["cat"]},
     "speed": {"concepts": ["van gogh"], "anchors": ["painting"], "preserve": ["cat", "a photo"]},
+    "rece": {"concepts": ["van gogh"], "guides": ["painting"], "preserve": ["cat"], "rounds": 2},
     "fmn": {
         "concepts": ["van gogh"],
         "images": "{tmp}/fmn-images",
