@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class RunContext:
     last_outcome: TrainOutcome | None = None  # what the last `train` call returned (losses, resume point)
     grad_transform: GradTransform | None = None
     frozen_text: FrozenOriginal | None = None  # the text encoder's original values of its trained tensors, if any
+    findings: dict[str, Any] = field(default_factory=dict)  # what the method measured along the run (JSON values):
+    # the runner puts it into the record and the Delta's metadata under "findings" (e.g. RECE's embedding norms)
 
     def train(self, loss_fn: LossFn, params: dict[str, nn.Parameter] | None = None) -> TrainOutcome:
         """Run the shared training loop with the method's loss over the declared parameters, or over `params`

@@ -97,7 +97,8 @@ def run(
         before.update({f"{TEXT_ENCODER}{n}": t for n, t in ctx.frozen_text.original.items()})
     after = {delta_name(n): p.detach() for n, p in params.items()}
     config_dict = dataclasses.asdict(config)
-    metadata = {
+    metadata = {"findings": ctx.findings} if ctx.findings else {}
+    metadata |= {
         "method": spec.name, "config": config_dict, "versions": versions(), "base_fingerprint": base_fingerprint,
         "component_fingerprints": base_components, "parameter_set": config.parameter_set(),
     }  # fmt: skip

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attack import AttackResult, PrefixAttack, content_tokens, encode_embeds, prefix_attack, prompt_ids
-from ..config import TrainingConfig, texts
+from ..config import TrainingConfig, concept_texts, texts
 from ..context import RunContext
 from ..frozen import unwrap
 from ..sampling import ddim_partial, ddim_partial_each, ddim_scheduler, randn
@@ -94,10 +94,7 @@ class AdvUnlearnConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.concepts = texts("concepts", self.concepts)
-        repeated = sorted({c for c in self.concepts if self.concepts.count(c) > 1})
-        if repeated:
-            raise ValueError(f"concepts must be distinct; {repeated[0]!r} is given more than once")
+        self.concepts = concept_texts(self.concepts)
         self.retain_prompts = texts("retain_prompts", self.retain_prompts, allow_empty=True)
         if self.retain_train not in RETAIN_TRAIN:
             raise ValueError(f"retain_train {self.retain_train!r} is not one of {', '.join(RETAIN_TRAIN)} "

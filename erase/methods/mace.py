@@ -49,7 +49,7 @@ from PIL import Image
 
 from ..adapters import LowRankAdapter
 from ..attention import capture_cross_attention
-from ..config import TrainingConfig, texts
+from ..config import TrainingConfig, concept_texts, texts
 from ..context import RunContext
 from ..frozen import unwrap
 from ..images import encode_latents, image_files, image_size, load_images
@@ -138,10 +138,7 @@ class MACEConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.concepts = texts("concepts", self.concepts)
-        twice = sorted({c for c in self.concepts if self.concepts.count(c) > 1})
-        if twice:
-            raise ValueError(f"concepts must differ; given more than once: {twice}")
+        self.concepts = concept_texts(self.concepts)
         self.kinds = self._per_concept("kinds", self.kinds, KINDS)
         self.mappings = self._per_concept("mappings", self.mappings)
         self.prompts = texts("prompts", self.prompts, allow_empty=True)

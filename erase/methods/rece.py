@@ -20,15 +20,15 @@ What the authors' code does (github:CharlesGong12/RECE), and so we do:
   each retained prompt with the current weights' output as target (:84-107).
 - erased per round: the concept texts alone, no augmented prompts (train.py:131-133); retained: "" plus the preserve
   list (train_artists.py:176, train_object.py:237; train.py:155 keeps " " once per concept instead).
-The norms of c' (Frobenius, over the padded sequence) are recorded per round and concept in `round_norms`, which
-the run fills (the record's and Delta metadata's `config.round_norms`; the runner has no other place for them).
+The norms of c' (Frobenius, over the padded sequence) are recorded per round and concept as the run's finding
+`round_norms` (the record's and the Delta metadata's `findings.round_norms`).
 Not implemented: the two other regularisers (`close_standardreg` towards an old target's embedding,
 `close_surrogatereg`), the `tensor` technique, and the authors' per-epoch image checks that keep the best epoch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -84,17 +84,9 @@ class RECEConfig(UCEConfig):
     round_erase_scale: float = 1.0  # η_e' (their erase_scale)
     round_preserve_scale: float = 0.1  # η_p' (their preserve_scale)
     round_prepend_empty: bool = True  # the rounds preserve "" first (their retain_texts = [''] + preserve)
-    # Output, filled by the run: ‖c'‖ per round, per concept. Not an input (make_config does not take it).
-    round_norms: list[list[float]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        seen: dict[str, str] = {}
-        for concept in self.concepts:
-            key = uce._key(concept)
-            if key in seen:
-                raise ValueError(f"concept {concept!r} is given twice (as {seen[key]!r} too); give each concept once")
-            seen[key] = concept
+        super().__post_init__()  # UCE's checks, distinct concepts included
         if self.rounds < 0:
             raise ValueError(f"rounds must be an integer >= 0 (0 is plain UCE), got {self.rounds!r}")
         for name in ("reg_scale", "round_lam", "round_erase_scale", "round_preserve_scale"):
@@ -174,7 +166,7 @@ def edit(ctx: RunContext) -> None:
     cfg: RECEConfig = ctx.config
     texts = cfg.round_texts()
     _check_words(ctx.pipe.tokenizer, [c for c, _ in texts])
-    cfg.round_norms = []
+    ctx.findings["round_norms"] = []
     # Every text of the rounds is encoded (and checked) before the first weight moves.
     concepts = padded_vectors(ctx.pipe, [c for c, _ in texts])  # (C, T, d): the text encoder is never edited
     guides = padded_vectors(ctx.pipe, [g for _, g in texts])
@@ -197,7 +189,7 @@ def _round(ctx: RunContext, concepts: torch.Tensor, guides: torch.Tensor, kept: 
     current, original = _kv_weights(ctx)
     mapping = regenerating_map(current, original, float(cfg.reg_scale)).to(concepts.device)
     regenerating = concepts @ mapping.T  # (C, T, d): c' of every token
-    cfg.round_norms.append([float(v) for v in regenerating.flatten(1).norm(dim=1)])
+    ctx.findings["round_norms"].append([float(v) for v in regenerating.flatten(1).norm(dim=1)])
     stats = UCEStatistics.zeros(concepts.shape[-1], concepts.device)
     stats.preserve, stats.preserve_tokens = kept.preserve, kept.preserve_tokens
     for c_adv, guide in zip(regenerating, guides):  # (T, d) each, position by position

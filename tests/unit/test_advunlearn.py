@@ -175,7 +175,7 @@ def test_many_concepts_are_erased_in_one_run():
     ("overrides", "message"),
     [
         ({"concepts": []}, "concepts must be one or more non-empty texts"),
-        ({"concepts": ["van gogh", "van gogh"]}, "concepts must be distinct; 'van gogh' is given more than once"),
+        ({"concepts": ["van gogh", "van gogh"]}, "concepts must be distinct, got 'van gogh' twice"),
         ({"adv_prompt_num": 0}, "adv_prompt_num must be an integer >= 1, got 0"),
         ({"attack_step": -1}, "attack_step must be an integer >= 0, got -1"),
         ({"attack_init": "zeros"}, "attack_init 'zeros' is not one of random, latest"),

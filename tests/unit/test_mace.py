@@ -267,7 +267,7 @@ def test_many_concepts_in_one_run_train_one_lora_each_and_use_the_preserve_cache
 
 BAD = [
     ({"concepts": []}, "concepts must be one or more non-empty texts"),
-    ({"concepts": ["cat", "cat"]}, "concepts must differ"),
+    ({"concepts": ["cat", "cat"]}, "concepts must be distinct, got 'cat' twice"),
     ({"kinds": ["thing"]}, "kinds must be among object, style"),
     ({"mappings": ["a", "b", "c"]}, "mappings must be one text for all concepts or one per concept"),
     ({"prompts": ["a photo"]}, "must contain {concept}"),

@@ -132,7 +132,7 @@ def test_the_command_line_takes_together_jobs(monkeypatch, tmp_path):
     assert main(["bench", "--methods", "uce", "--out", str(tmp_path)]) == 2  # neither --targets nor --together
 
 
-@pytest.mark.parametrize("method", ["esd", "uce", "ca", "fmn", "spm", "seot", "speed"])
+@pytest.mark.parametrize("method", ["esd", "uce", "ca", "fmn", "spm", "seot", "speed", "rece", "mace", "advunlearn"])
 def test_a_concept_given_twice_is_refused(method):
     with pytest.raises(ValueError, match="concepts must be distinct, got 'Van Gogh' twice"):
         erase.make_config(method, concepts=["van gogh", "Van Gogh"])
