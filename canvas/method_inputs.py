@@ -176,8 +176,11 @@ def mace_inputs(cat: Catalog, target: str, data_root: Path | None, given: Mappin
     style = cat.is_style(target)
     items = _items(cat, target, splits.load().fmn_reference, forget=True)
     words = target_words(cat, target)
-    inputs: dict[str, Any] = {"concepts": [words], "kinds": ["style" if style else "object"],
-                              "images": _files(data_root, items)}  # fmt: skip
+    inputs: dict[str, Any] = {
+        "concepts": [words],
+        "kinds": ["style" if style else "object"],
+        "images": [_files(data_root, items)],
+    }  # one list of files per concept; fmt: skip
     if _is_unlearncanvas(cat) or cat.name != "toy":
         return {**inputs, "mappings": ["art" if style else ""]}
     if style:
@@ -243,7 +246,8 @@ def method_inputs(
     return {**INPUTS[method](cat, target, data_root, given), **given}
 
 
-KEPT_SETS = ("preserve",)  # inputs that are a set of texts to keep (SPEED's priors), not one item per concept
+# Inputs that are a set of texts to keep (SPEED's priors, MACE's domain prompts), not one item per concept.
+KEPT_SETS = ("preserve", "domain_preserve")
 
 
 def together_inputs(
@@ -251,9 +255,9 @@ def together_inputs(
 ) -> dict[str, Any]:
     """Config values for `method` erasing all of `targets` in one run: each target's inputs merged. A value every
     target gives alike is kept once (one guide for all); lists that differ are joined in target order, so lists
-    given per concept stay aligned with the concepts, except sets of texts to keep (`KEPT_SETS`), joined with each
-    text once and without the texts of the concepts being erased; any other difference cannot be merged (the method
-    takes one such input per run) and is an error."""
+    given per concept stay aligned with the concepts, except sets of texts to keep (`KEPT_SETS`), where the job keeps
+    what every target keeps (each target's set leaves itself out, so none of the erased ones stays); any other
+    difference cannot be merged (the method takes one such input per run) and is an error."""
     each = [method_inputs(method, cat, t, data_root, given) for t in targets]
     merged: dict[str, Any] = {}
     for key in dict.fromkeys(k for inputs in each for k in inputs):
@@ -261,10 +265,10 @@ def together_inputs(
         if all(v == values[0] for v in values):
             merged[key] = values[0]
         elif all(isinstance(v, list) for v in values):
-            merged[key] = [item for v in values for item in v]
             if key in KEPT_SETS:
-                erased = {c for inputs in each for c in inputs.get("concepts", [])}
-                merged[key] = [item for item in dict.fromkeys(merged[key]) if item not in erased]
+                merged[key] = [item for item in values[0] if all(item in v for v in values[1:])]
+            else:
+                merged[key] = [item for v in values for item in v]
         else:
             raise ValueError(f"{method} cannot erase {', '.join(targets)} in one run: its input {key!r} differs "
                              f"between them ({values[0]!r} for {targets[0]}); accepted: inputs that are lists or "

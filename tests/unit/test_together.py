@@ -136,3 +136,11 @@ def test_the_command_line_takes_together_jobs(monkeypatch, tmp_path):
 def test_a_concept_given_twice_is_refused(method):
     with pytest.raises(ValueError, match="concepts must be distinct, got 'Van Gogh' twice"):
         erase.make_config(method, concepts=["van gogh", "Van Gogh"])
+
+
+def test_mace_gets_its_images_and_masks_per_concept_and_keeps_what_both_keep(tmp_path):
+    config = bench.BenchConfig(methods=["mace"], targets=[], together=["Cats,Trees"], out=str(tmp_path))
+    job = bench.job_config(config, "mace", "Cats+Trees")
+    assert job.concepts == ["Cats", "Trees"] and len(job.images) == 2 and len(job.masks) == 2
+    assert all("/Cats/" in f for f in job.images[0]) and all("/Trees/" in f for f in job.images[1])
+    assert job.domain_preserve and not any(w in p for p in job.domain_preserve for w in ("Cats", "Trees"))
