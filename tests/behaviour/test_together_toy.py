@@ -4,8 +4,9 @@ classifiers).
 
 Thresholds (issue #14): UA >= 80 on each of the five (not only on average: a method that drops one concept of a
 list has not erased the list) and mean IRA >= 60 over the five styles left (lower than a single target's 70: half
-the toy's styles are gone, and what is left shares their palettes and textures). The five are held-out targets; the
-`toy-together-*` presets were chosen on the tuning styles erased together (scripts/tune_toy.py --together). A
+the toy's styles are gone, and what is left shares their palettes and textures). The five are held-out targets; each
+method uses the preset the bench picks for a together job: a `toy-together-*` preset where one was chosen on the
+tuning styles erased together (scripts/tune_toy.py --together), else its `toy` preset (tuned on single targets). A
 method whose erasure falls short is listed in SHORTFALLS with the measured figures and the cause, as a strict
 expected failure; what it keeps is checked as for every method.
 """
@@ -26,7 +27,8 @@ pytestmark = pytest.mark.slow
 
 CAT = catalog.get("toy")
 GROUP = ("Bricks", "Crayon", "Mosaic", "Sketch", "Winter")
-METHODS = ("uce",)
+METHODS = ("uce", "speed", "mace")  # UA per style / IRA / CRA (1 thread): speed 100 x 5 / 62.0 / 99.8, mace
+# 100 x 5 / 100 / 100, with their `toy` presets (no together preset of their own)
 # UCE's toy-together-style preset: UA 77.5 / 67.5 / 95 / 100 / 82.5 (mean 84.5) with IRA 100 and CRA 100
 # (1 thread). On the two tuning styles erased together every trial with the catalog's preservation saturated at
 # UA 100 / IRA 100 (docs/results/tuning/uce-style-toy-together.md), so the tuning split could not choose a stronger
@@ -60,7 +62,7 @@ def _case(method: str, shortfall: bool = False):
 @pytest.mark.parametrize("method", [_case(m, m in SHORTFALLS) for m in METHODS])
 def test_erases_each_of_five_styles_at_once(method):
     row = row_of(method)
-    assert row["preset"] == "toy-together-style" and set(row["UA_each"]) == set(GROUP)
+    assert row["preset"] in ("toy-together-style", "toy") and set(row["UA_each"]) == set(GROUP)
     assert min(row["UA_each"].values()) >= 80, f"{method}: UA per style {row['UA_each']}"
 
 
