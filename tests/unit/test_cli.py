@@ -95,3 +95,14 @@ def test_bad_inputs_give_one_line_and_leave_nothing(tmp_path, model_dir, capsys)
         assert "Traceback" not in err
         assert not list(work.iterdir()), f"{name}: left {list(work.iterdir())}"
     assert not (tmp_path / "EXECUTED").exists(), "the pickle's code ran"
+
+
+def test_run_erases_several_concepts_and_refuses_one_twice(tmp_path, model_dir, capsys):
+    out = tmp_path / "uce"
+    argv = ["run", "uce", "--model", str(model_dir), "--concept", "van gogh", "--concept", "cat", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads((out / "record.json").read_text())["config"]["concepts"] == ["van gogh", "cat"]
+    assert main([*argv[:-1], str(tmp_path / "again"), "--concept", "Cat"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "concepts must be distinct, got 'Cat' twice" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "again").exists()
