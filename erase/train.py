@@ -126,7 +126,7 @@ class LocalAccelerator:
         self._micro = 0
 
     def prepare(self, *objects):
-        return objects
+        return objects[0] if len(objects) == 1 else objects  # as accelerate's
 
     @contextmanager
     def accumulate(self, model):
@@ -230,7 +230,10 @@ def train(
     processors = dict(model.attn_processors) if hasattr(model, "attn_processors") else None
     enable_memory_efficient_attention(model)
     optimizer = _optimizer(settings, list(params.values()))
-    prepared, optimizer = accelerator.prepare(model, optimizer)
+    if len(outside) < len(params):
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+    else:  # none of the model's own tensors train (text-encoder ones only): a DDP wrapper would have nothing to sync
+        prepared, optimizer = model, accelerator.prepare(optimizer)
 
     outcome = TrainOutcome()
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None

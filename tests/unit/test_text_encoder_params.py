@@ -51,20 +51,23 @@ def make_loss(ctx: RunContext) -> LossFn:
     concept, empty = ids(ctx.config.concepts[0]), ids("")
     target = ctx.frozen_text(encoder, empty)[0]  # the original encoder's empty-prompt embedding
 
-    def loss_fn(model, generators):
-        return F.mse_loss(encoder(concept)[0], target)
+    def loss_fn(model, generators):  # one noisy copy of the target per sample: gradients differ between samples
+        noise = torch.stack([torch.randn(target.shape[1:], generator=g) for g in generators])
+        return F.mse_loss(encoder(concept.expand(len(generators), -1))[0], target + 0.1 * noise)
 
     return loss_fn
 
 
+SPEC = MethodSpec(
+    "empty-embedding", EmptyEmbeddingConfig, "fine-tune", "Embed a concept like the empty prompt",
+    inputs=("concepts",), components=("text_encoder",), make_loss=make_loss,
+)  # fmt: skip
+
+
 @pytest.fixture
 def registered(monkeypatch):
-    spec = MethodSpec(
-        "empty-embedding", EmptyEmbeddingConfig, "fine-tune", "Embed a concept like the empty prompt",
-        inputs=("concepts",), components=("text_encoder",), make_loss=make_loss,
-    )  # fmt: skip
-    monkeypatch.setitem(methods.METHODS, spec.name, spec)
-    return spec
+    monkeypatch.setitem(methods.METHODS, SPEC.name, SPEC)
+    return SPEC
 
 
 def test_text_encoder_sets_name_text_encoder_tensors_by_prefix():
