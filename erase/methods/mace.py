@@ -59,7 +59,7 @@ from ..train import LossFn, TrainOutcome
 from . import mace_forms as forms
 from .fmn import pooler_token_positions
 from .mace_forms import OBJECT_TEMPLATES, STYLE_TEMPLATES, importance_weights
-from .uce import KV_SUFFIXES, _check_template
+from .uce import _check_template, check_kv_params
 
 KINDS = ("object", "style")
 TIMESTEPS = ("importance", "uniform")
@@ -355,17 +355,10 @@ def _merge_outcome(ctx: RunContext, outcome: TrainOutcome) -> None:
                                     done.previous_s + outcome.previous_s)  # fmt: skip
 
 
-def _check_params(params: dict[str, torch.nn.Parameter]) -> None:
-    wrong = [n for n in params if not n.endswith(KV_SUFFIXES)]
-    if wrong:
-        raise ValueError(f"MACE edits only cross-attention key/value weights (*{KV_SUFFIXES[0]}, *{KV_SUFFIXES[1]}); "
-                         f"parameter set also selects {wrong[:3]}: use params='kv' or globs within it")  # fmt: skip
-
-
 def edit(ctx: RunContext) -> None:
     """The three stages on the declared K/V weights, in place (float64 algebra, cast back to each weight's dtype)."""
     cfg: MACEConfig = ctx.config
-    _check_params(ctx.params)
+    check_kv_params(ctx.params, "MACE")
     pipe = ctx.pipe
     concepts = prepare(ctx)  # attention masks (if any) come from the original model
     needs_preserve = (cfg.refine and cfg.refine_preserve_scale > 0) or cfg.fuse_preserve_scale > 0

@@ -40,7 +40,7 @@ import torch
 
 from ..config import MethodConfig, concept_texts
 from ..context import RunContext
-from .uce import KV_SUFFIXES, _aligned_spans, _check_tokens, _encode, _tokenize
+from .uce import _aligned_spans, _check_tokens, _encode, _tokenize, check_kv_params
 
 TOKEN_CHOICES = ("last_word", "all")
 AUGMENT_CHUNK = 128  # the code's chunk_size (train_erase_null.py:35): DPA copies are filtered per chunk of priors
@@ -375,20 +375,10 @@ def speed_deltas(weights: dict[str, torch.Tensor], stats: SPEEDStatistics, confi
     return deltas
 
 
-def _check_params(params: dict[str, torch.nn.Parameter], dim: int) -> None:
-    wrong = [n for n in params if not n.endswith(KV_SUFFIXES)]
-    if wrong:
-        raise ValueError(f"SPEED edits only cross-attention key/value weights (*{KV_SUFFIXES[0]}, *{KV_SUFFIXES[1]}); "
-                         f"parameter set also selects {wrong[:3]}: use params='kv' or globs within it")  # fmt: skip
-    for name, p in params.items():
-        if p.shape[1] != dim:
-            raise ValueError(f"{name} takes {p.shape[1]}-d inputs but the text encoder gives {dim}-d vectors")
-
-
 def edit(ctx: RunContext) -> None:
     """Edit every declared K/V weight in place (statistics-dtype arithmetic, one rounding to its dtype)."""
     cfg: SPEEDConfig = ctx.config
-    _check_params(ctx.params, ctx.pipe.text_encoder.config.hidden_size)
+    check_kv_params(ctx.params, "SPEED", ctx.pipe.text_encoder.config.hidden_size)
     stats = speed_statistics(ctx.pipe, cfg)
     weights = {n: p.detach().to(device=stats.erase.device, dtype=stats.erase.dtype) for n, p in ctx.params.items()}
     deltas = speed_deltas(weights, stats, cfg)

@@ -385,13 +385,15 @@ def uce_update(stats: UCEStatistics, lam: float, erase_scale: float, preserve_sc
     return erase_scale * torch.linalg.solve(system, stats.shift.T).T
 
 
-def _check_params(params: dict[str, torch.nn.Parameter], dim: int) -> None:
+def check_kv_params(params: dict[str, torch.nn.Parameter], method: str, dim: int | None = None) -> None:
+    """A K/V editor's parameter set holds only attn2 key/value weights (taking `dim`-d text vectors, if given)."""
     wrong = [n for n in params if not n.endswith(KV_SUFFIXES)]
     if wrong:
-        raise ValueError(f"UCE edits only cross-attention key/value weights (*{KV_SUFFIXES[0]}, *{KV_SUFFIXES[1]}); "
-                         f"parameter set also selects {wrong[:3]}: use params='kv' or globs within it")  # fmt: skip
+        raise ValueError(f"{method} edits only cross-attention key/value weights (*{KV_SUFFIXES[0]}, "
+                         f"*{KV_SUFFIXES[1]}); parameter set also selects {wrong[:3]}: use params='kv' or globs within "
+                         "it")  # fmt: skip
     for name, p in params.items():
-        if p.shape[1] != dim:
+        if dim is not None and p.shape[1] != dim:
             raise ValueError(f"{name} takes {p.shape[1]}-d inputs but the text encoder gives {dim}-d vectors")
 
 
@@ -399,7 +401,7 @@ def edit(ctx: RunContext) -> None:
     """Edit every declared K/V weight in place (at least fp32 arithmetic, cast back to its dtype)."""
     cfg: UCEConfig = ctx.config
     dim = ctx.pipe.text_encoder.config.hidden_size
-    _check_params(ctx.params, dim)
+    check_kv_params(ctx.params, "UCE", dim)
     stats = uce_statistics(ctx.pipe, cfg)
     update = uce_update(stats, float(cfg.lam), float(cfg.erase_scale), cfg.effective_preserve_scale())
     apply_update(ctx.params, update)
