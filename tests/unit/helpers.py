@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import erase
+from erase.params import select
 from erase.testing import tiny_pipeline
 
 
@@ -31,6 +32,19 @@ def small_esd(**overrides):
     values = {"concepts": ["van gogh"], "steps": 3, "lr": 1e-3, "ddim_steps": 4, "seed": 0}
     values.update(overrides)
     return erase.make_config("esd", **values)
+
+
+def kv_weights(pipe) -> dict[str, torch.Tensor]:
+    """Copies of the UNet's attn2 K/V weights in float64, for closed-form methods' independent solves."""
+    return {n: p.detach().clone().double() for n, p in select(pipe.unet, "kv").items()}
+
+
+@torch.no_grad()
+def padded_vectors(pipe, prompt: str) -> torch.Tensor:
+    """One prompt's text-encoder output, every token of its padded sequence (T, d), float64, encoded alone."""
+    tok = pipe.tokenizer
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids)[0][0].double()
 
 
 def unet_state(pipe) -> dict[str, torch.Tensor]:

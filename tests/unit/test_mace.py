@@ -15,33 +15,20 @@ from canvas.method_inputs import method_inputs
 from erase.methods import mace
 from erase.methods import mace_forms as forms
 from erase.methods.uce import UCEStatistics, uce_update
-from erase.params import select
-from tests.unit.helpers import fresh_pipe, write_images
+from tests.unit.helpers import fresh_pipe, kv_weights, padded_vectors, write_images
 
 PROMPTS = ["a photo of {concept}", "{concept} painting"]
-
-
-def kv(pipe) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone().double() for n, p in select(pipe.unet, "kv").items()}
-
-
-@torch.no_grad()
-def vectors(pipe, prompt: str) -> torch.Tensor:
-    """One prompt's padded token vectors (T, d), float64, encoded alone."""
-    tok = pipe.tokenizer
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0][0].double()
 
 
 def pair_rows(pipe, old: str, new: str) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = aligned = forms.aligned_positions(pipe.tokenizer(old).input_ids, pipe.tokenizer(new).input_ids,
                                              pipe.tokenizer.model_max_length)  # fmt: skip
     assert len(aligned[0]) == len(aligned[1])
-    return vectors(pipe, old)[a], vectors(pipe, new)[b]
+    return padded_vectors(pipe, old)[a], padded_vectors(pipe, new)[b]
 
 
 def all_rows(pipe, prompts) -> torch.Tensor:
-    return torch.cat([vectors(pipe, p) for p in prompts])
+    return torch.cat([padded_vectors(pipe, p) for p in prompts])
 
 
 def ridge(w0, lam, rows, targets, kept, kept_targets, scale):
@@ -81,7 +68,7 @@ def test_refinement_equals_uce_closed_form_and_least_squares():
     # UCE's closed form (W* = W + η_e W Σ(g − c)cᵀ B⁻¹) with guides = the mapped vectors, η_e = 1, η_p = s
     stats = UCEStatistics((c_new - c_old).T @ c_old, c_old.T @ c_old, kept.T @ kept)
     update = uce_update(stats, lam, 1.0, scale)
-    for w in list(kv(pipe).values())[:3]:
+    for w in list(kv_weights(pipe).values())[:3]:
         ours = w @ k
         assert torch.allclose(ours, w + w @ update, atol=1e-9, rtol=1e-9)
         expected = ridge(w, lam, c_old, c_new @ w.T, kept, kept @ w.T, scale)
@@ -99,7 +86,7 @@ def test_fusion_equals_least_squares_over_every_lora():
     pipe = fresh_pipe()
     concepts = [["a photo of van gogh", "van gogh painting"], ["a cat", "a photo of a cat"], ["dog style"]]
     keep = ["a dog", "a photo"]
-    weights = list(kv(pipe).values())[:3]
+    weights = list(kv_weights(pipe).values())[:3]
     refined = [w + 0.01 * torch.randn_like(w) for w in weights]
     loras = random_loras(weights, len(concepts))
     grams = [forms.gram(pipe, prompts, batch=4) for prompts in concepts]
@@ -119,7 +106,7 @@ def test_the_run_is_refinement_then_fusion_when_the_loras_learn_nothing(tmp_path
     """steps=0 leaves every LoRA at zero (up starts at 0), so the run's K/V must be the two ridge solves in a row."""
     images = write_images(tmp_path / "images", 2)
     pipe = fresh_pipe()
-    before = kv(pipe)
+    before = kv_weights(pipe)
     values = {"concepts": ["van gogh", "cat"], "mappings": ["dog", "dog"], "kinds": ["style", "object"],
               "prompts": PROMPTS, "images": [str(images), str(images)], "masks": [None, None], "steps": 0,
               "refine_lam": 0.5, "fuse_lam": 2.0, "preserve": ["a dog"], "domain_preserve": ["a photo"],
@@ -131,7 +118,7 @@ def test_the_run_is_refinement_then_fusion_when_the_loras_learn_nothing(tmp_path
     c_old, c_new = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
     kept = torch.cat([all_rows(pipe, ["a dog"]), 3.0**0.5 * all_rows(pipe, ["a photo"])])  # P_prior + w·P_domain
     erased = all_rows(pipe, [t.format(concept=c) for c in ("van gogh", "cat") for t in PROMPTS])
-    after = kv(pipe)
+    after = kv_weights(pipe)
     assert set(result.delta.tensors) == {f"unet.{n}" for n in before}
     for name, w0 in before.items():
         refined = ridge(w0, 0.5, c_old, c_new @ w0.T, kept, kept @ w0.T, 1.5)
@@ -308,12 +295,12 @@ def test_bad_inputs_found_at_run_time_change_nothing(tmp_path):
     ]
     for overrides, message in cases:
         pipe = fresh_pipe()
-        before = kv(pipe)
+        before = kv_weights(pipe)
         config = erase.make_config("mace", **{"concepts": ["cat"], "prompts": PROMPTS, "images": str(images),
                                               "steps": 1, **overrides})  # fmt: skip
         with pytest.raises(ValueError, match=message):
             erase.run(pipe, config, progress=False)
-        assert all(torch.equal(before[n], w) for n, w in kv(pipe).items()), message
+        assert all(torch.equal(before[n], w) for n, w in kv_weights(pipe).items()), message
 
 
 def test_each_concept_checkpoints_under_its_own_key(tmp_path):

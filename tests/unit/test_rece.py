@@ -9,21 +9,9 @@ import erase
 from erase.delta import Delta
 from erase.methods.rece import regenerating_map
 from erase.params import select
-from tests.unit.helpers import fresh_pipe, unet_state
+from tests.unit.helpers import fresh_pipe, kv_weights, padded_vectors, unet_state
 
 CONCEPTS, GUIDES, PRESERVE = ["van gogh", "dog"], ["painting", ""], ["cat"]
-
-
-def kv(pipe) -> dict[str, torch.Tensor]:
-    return {n: p.detach().double().clone() for n, p in select(pipe.unet, "kv").items()}
-
-
-@torch.no_grad()
-def padded(pipe, prompt: str) -> torch.Tensor:
-    """The text encoder's output for one prompt, every token of its padded sequence (T, d), float64."""
-    tok = pipe.tokenizer
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0][0].double()
 
 
 def lstsq_regenerating(new: dict, old: dict, concept: torch.Tensor, reg: float) -> torch.Tensor:
@@ -57,26 +45,26 @@ def uce_only():
 
 
 def test_regenerating_embedding_equals_independent_least_squares():
-    original, edited = kv(fresh_pipe()), kv(uce_only())
+    original, edited = kv_weights(fresh_pipe()), kv_weights(uce_only())
     mapping = regenerating_map(edited, original, 0.05)
     for text in CONCEPTS:
-        c = padded(fresh_pipe(), text)
+        c = padded_vectors(fresh_pipe(), text)
         expected = lstsq_regenerating(edited, original, c, 0.05)
         got = c @ mapping.T
         assert (got - expected).norm() / expected.norm() < 1e-8, text
         assert (expected - c).norm() > 1e-3 * c.norm()  # UCE moved it: the embedding is not the concept's own
     # With the original weights (nothing edited) and no regulariser the concept regenerates itself.
-    c = padded(fresh_pipe(), CONCEPTS[0])
+    c = padded_vectors(fresh_pipe(), CONCEPTS[0])
     assert torch.allclose(c @ regenerating_map(original, original, 0.0).T, c, atol=1e-8)
 
 
 def test_round_norms_are_the_regenerating_embeddings_norms_and_are_saved(tmp_path):
-    original, edited = kv(fresh_pipe()), kv(uce_only())
+    original, edited = kv_weights(fresh_pipe()), kv_weights(uce_only())
     result = erase.run(fresh_pipe(), config(rounds=3), progress=False)
     norms = result.record["findings"]["round_norms"]
     assert len(norms) == 3 and all(len(r) == len(CONCEPTS) for r in norms)
     for text, norm in zip(CONCEPTS, norms[0]):  # round 1 starts from the UCE weights
-        expected = lstsq_regenerating(edited, original, padded(fresh_pipe(), text), 0.05).norm()
+        expected = lstsq_regenerating(edited, original, padded_vectors(fresh_pipe(), text), 0.05).norm()
         assert norm == pytest.approx(float(expected), rel=1e-8)
     assert norms[1] != norms[0] and all(n > 0 for r in norms for n in r)
     result.delta.save(tmp_path / "delta")
@@ -84,14 +72,14 @@ def test_round_norms_are_the_regenerating_embeddings_norms_and_are_saved(tmp_pat
 
 
 def test_round_equals_independent_least_squares_and_moves_the_output_to_the_guide():
-    before_round, original = kv(uce_only()), kv(fresh_pipe())
+    before_round, original = kv_weights(uce_only()), kv_weights(fresh_pipe())
     pipe = fresh_pipe()
     erase.run(pipe, config(rounds=1), progress=False)
-    after = kv(pipe)
+    after = kv_weights(pipe)
     mapping = regenerating_map(before_round, original, 0.05)
-    erased = torch.cat([padded(pipe, c) @ mapping.T for c in CONCEPTS])  # c' of every token, both concepts
-    guides = torch.cat([padded(pipe, g) for g in GUIDES])
-    kept = torch.cat([padded(pipe, p) for p in ["", *PRESERVE]])  # "" first, every token
+    erased = torch.cat([padded_vectors(pipe, c) @ mapping.T for c in CONCEPTS])  # c' of every token, both concepts
+    guides = torch.cat([padded_vectors(pipe, g) for g in GUIDES])
+    kept = torch.cat([padded_vectors(pipe, p) for p in ["", *PRESERVE]])  # "" first, every token
     moved_before = moved_after = 0.0
     for name, w in before_round.items():
         expected = lstsq_round(w, erased, guides, kept, lam=0.1, eta_e=1.0, eta_p=0.3)

@@ -14,15 +14,10 @@ from erase.methods.speed import (
     refine_priors,
     speed_statistics,
 )
-from erase.params import select
-from tests.unit.helpers import fresh_pipe, unet_state
+from tests.unit.helpers import fresh_pipe, kv_weights, unet_state
 
 PRESERVE = ["cat", "a photo of", "image", "dog style", "photo in image"]
 WORDS = ["cat", "dog", "van", "gogh", "painting", "photo", "style", "image"]
-
-
-def kv_weights(pipe) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone().double() for n, p in select(pipe.unet, "kv").items()}
 
 
 @torch.no_grad()
