@@ -66,8 +66,8 @@ class AdvUnlearnConfig(TrainingConfig):
         # Ours for the toy (2-layer text encoder; CPU-sized: 5-step attacks every 5 iterations after 50 of warm-up,
         # DDIM 10), chosen by scripts/tune_toy.py on the tuning targets only (docs/results/tuning/advunlearn-*.md).
         # Tuning means (not results) UA / IRA / CRA: styles 100 / 99.7 / 100, objects 81.8 / 97.7 / 86.6; lr 3e-3
-        # lost IRA (styles 73.6, objects 29.5). Held-out (docs/results/advunlearn-toy-heldout.md, 5 answer seeds):
-        # Mosaic 100 / 88.6 / 100, Fishes 96.4 / 98.2 / 99.3.
+        # lost IRA (styles 73.6, objects 29.5). Held-out means (docs/results/toy.md): styles 95.9 / 94.1 / 98.9,
+        # objects 90.6 / 95.5 / 96.8.
         "toy": {"steps": 200, "lr": 1e-3, "start_guidance": 3.0, "negative_guidance": 3.0, "ddim_steps": 10,
                 "retain_train": "reg", "retain_batch": 5, "retain_loss_w": 0.3, "adv_prompt_num": 1,
                 "attack_init": "random", "attack_step": 5, "attack_lr": 1e-2, "adv_prompt_update_step": 5,
