@@ -15,16 +15,11 @@ torch.set_num_threads(int(os.environ.get("ERASEKIT_TEST_THREADS", "1")))
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu`-marked tests need CUDA; elsewhere they are skipped, so the default run needs no GPU. Under pytest-xdist
-    (`-n 2 --dist loadgroup`, the README's command) a test without an `xdist_group` runs in its module's group, so a
-    module's fixtures are built once; a module whose tests are independent runs names its own groups."""
-    import pytest
-
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    """`gpu`-marked tests need CUDA; elsewhere they are skipped, so the default run needs no GPU."""
     if torch.cuda.is_available():
         return
+    import pytest
+
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
         if "gpu" in item.keywords:

@@ -59,8 +59,8 @@ def test_the_targets_are_held_out():
 
 @functools.cache
 def rows_of(method: str) -> dict[tuple[str, str], dict]:
-    """The bench rows of `method` on its targets, run once per test process (each method is its own xdist group,
-    so its tests share one run and methods spread over the workers)."""
+    """The bench rows of `method` on its targets, run once per test process (its tests are one class, which
+    pytest-xdist keeps in one process)."""
     out = Path(tempfile.mkdtemp(prefix=f"erasure-{method}-"))
     atexit.register(shutil.rmtree, out, True)
     targets = [t for t in TARGETS[method] if t]
@@ -74,27 +74,38 @@ def rows_of(method: str) -> dict[tuple[str, str], dict]:
     return by_job
 
 
-CASES = [(m, kind) for m, pair in TARGETS.items() for kind, t in zip(("style", "object"), pair, strict=True) if t]
+def _kinds(method: str, with_shortfalls: bool = False) -> list:
+    """The kinds a method is checked on; with `with_shortfalls`, its documented shortfalls as strict xfails."""
+    kinds = [k for k, t in zip(("style", "object"), TARGETS[method], strict=True) if t]
+    if not with_shortfalls:
+        return kinds
+    xfail = pytest.mark.xfail(strict=True, reason="documented shortfall on the toy")
+    return [pytest.param(k, marks=xfail) if (method, k) in SHORTFALLS else k for k in kinds]
 
 
-def _case(method: str, kind: str, shortfall: bool = False):
-    marks = [pytest.mark.xdist_group(f"erasure-{method}")]
-    if shortfall:
-        marks.append(pytest.mark.xfail(strict=True, reason="documented shortfall on the toy"))
-    return pytest.param(method, kind, marks=marks)
+def _tests_of(method: str) -> type:
+    """One test class per method: pytest-xdist (`--dist loadscope`) sends a class to one process, so each method's
+    bench runs once while the methods spread over the processes."""
+
+    class MethodTests:
+        @pytest.mark.parametrize("kind", _kinds(method, with_shortfalls=True))
+        def test_erases_a_held_out_target(self, kind):
+            target = TARGETS[method][0 if kind == "style" else 1]
+            row = rows_of(method)[(method, target)]
+            assert row["preset"] in ("toy", "toy-object")
+            assert row["UA"] >= 80, f"{method} {target}: UA {row['UA']:.1f}"
+
+        @pytest.mark.parametrize("kind", _kinds(method))
+        def test_keeps_the_rest(self, kind):
+            target = TARGETS[method][0 if kind == "style" else 1]
+            row = rows_of(method)[(method, target)]
+            assert row["IRA"] >= 70, f"{method} {target}: IRA {row['IRA']:.1f}"
+            assert row["CRA"] >= 70, f"{method} {target}: CRA {row['CRA']:.1f}"
+
+    MethodTests.__name__ = MethodTests.__qualname__ = f"TestErasure_{method.replace('-', '_')}"
+    return MethodTests
 
 
-@pytest.mark.parametrize(("method", "kind"), [_case(m, k, (m, k) in SHORTFALLS) for m, k in CASES])
-def test_method_erases_a_held_out_target(method, kind):
-    target = TARGETS[method][0 if kind == "style" else 1]
-    row = rows_of(method)[(method, target)]
-    assert row["preset"] in ("toy", "toy-object")
-    assert row["UA"] >= 80, f"{method} {target}: UA {row['UA']:.1f}"
-
-
-@pytest.mark.parametrize(("method", "kind"), [_case(m, k) for m, k in CASES])
-def test_method_keeps_the_rest(method, kind):
-    target = TARGETS[method][0 if kind == "style" else 1]
-    row = rows_of(method)[(method, target)]
-    assert row["IRA"] >= 70, f"{method} {target}: IRA {row['IRA']:.1f}"
-    assert row["CRA"] >= 70, f"{method} {target}: CRA {row['CRA']:.1f}"
+for _method in TARGETS:
+    _tests = _tests_of(_method)
+    globals()[_tests.__name__] = _tests
