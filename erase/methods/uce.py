@@ -113,8 +113,10 @@ class UCEConfig(MethodConfig):
                 "token_choice": "through_eos"},
         # Ours, for many concepts at once (the bench's together jobs), chosen by scripts/tune_toy.py --together on the
         # tuning targets erased at once (docs/results/tuning/uce-*-toy-together.md): `toy` plus UnlearnCanvas's way
-        # of preserving every other catalog theme x object. Without it, erasing 2 tuning styles kept IRA 85 (5
-        # held-out styles: IRA 26); objects need a weaker preservation and a stronger erase (UA 30 -> 84).
+        # of preserving every other catalog theme x object. Tuning figures (not results): without it the 2 tuning
+        # styles together kept IRA 85, with it 100; objects needed a weaker preservation and a stronger erase (UA
+        # 30 -> 84). Results, held-out targets at once (docs/results/toy-findings.md): 5 styles UA 77.5 / 67.5 / 95 /
+        # 100 / 82.5, IRA 100 (`toy` alone: IRA 26); 3 objects UA 67.3 / 90.9 / 87.3, IRA 100.
         "toy-together-style": {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 0.3,
                                "guides": ["An image in Photo style"], "token_choice": "through_eos", "catalog": "toy"},
         "toy-together-object": {"lam": 0.5, "erase_scale": 3.0, "preserve_scale": 0.03,
