@@ -49,11 +49,22 @@ class PrefixAttack:
 
 @dataclass
 class AttackResult:
+    """An attacked prompt, as every prompt attack returns it: what the text encoder's embedding lookup gives for it
+    (`embeds`, with the `ids` that place its pooled output), so any model's text encoder, erased or not, can encode it
+    (`condition`)."""
+
     prefix: torch.Tensor  # (1, k, d) the prefix vectors found (detached)
     ids: torch.Tensor  # (1, L) token ids of the spliced sequence (prefix positions hold BOS as a placeholder)
     embeds: torch.Tensor  # (1, L, d) the spliced word embeddings (detached)
     losses: list[float] = field(default_factory=list)  # the objective at each step, before that step's update
     tokens: torch.Tensor | None = None  # (1, k) the prefix's nearest real tokens, with `project`
+    text: str = ""  # the attacked prompt as a person reads it (real tokens decoded; learned vectors as <v1>, ...)
+
+    @torch.no_grad()
+    def condition(self, encoder: nn.Module) -> torch.Tensor:
+        """(1, L, D) the `encoder`'s last hidden state for this attacked prompt: what the UNet is conditioned on."""
+        device = next(encoder.parameters()).device
+        return encode_embeds(encoder, self.ids.to(device), self.embeds.to(device))
 
 
 def word_embedding(encoder: nn.Module) -> nn.Embedding:
