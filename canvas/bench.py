@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import erase
-from canvas import answers, data, fid, grids, inception, metrics, report, splits, toy, validation
+from canvas import answers, attacks, data, fid, grids, inception, metrics, report, splits, toy, validation
 from canvas import catalog as catalogs
 from canvas.catalog import Catalog
 from canvas.judge import Judge, current_feature_space, feature_space, score
@@ -42,6 +42,7 @@ class BenchConfig:
     targets: list[str]
     out: str
     together: list[str] = field(default_factory=list)  # jobs erasing several targets at once: "A,B,C" each
+    attacks: list[str] = field(default_factory=list)  # canvas.attacks names run on every single-target job
     model: str = "toy"
     catalog: str | None = None  # default: "toy" for the toy model, else "unlearncanvas-50"
     sampler: str | None = None  # default: "toy" for the toy model, else "unlearncanvas"
@@ -72,6 +73,10 @@ class BenchConfig:
             raise ValueError(f"together must be a list of comma-separated target groups, got {self.together!r}")
         self.together = [together_target(cat, group) for group in self.together]
         self.targets = resolve_targets(cat, self.targets) if self.targets or not self.together else []
+        if isinstance(self.attacks, str) or not isinstance(self.attacks, list):
+            raise ValueError(f"attacks must be a list of attack names, got {self.attacks!r}")
+        for name in self.attacks:
+            attacks.get(name)
         answers.preset(self.sampler)
         if self.inception:
             self.inception_variant = inception.check_variant(self.inception_variant or inception.DEFAULT_VARIANT)
@@ -293,9 +298,10 @@ class Bench:
                 print(f"job {method} / {target}: its stored stages came from other inputs; redoing it")
                 shutil.rmtree(job)
                 job.mkdir(parents=True)
-            if (job / "metrics.json").is_file():
-                return
             stages = StageClock(job / "stages.json")
+            if (job / "metrics.json").is_file():
+                self.attack_job(target, job, stages)
+                return
             if not record_path.is_file():
                 result = erase.run(self.load_base(), config, checkpoint_dir=job / "checkpoint" / key,
                                    progress=self.progress, local=self.state.num_processes > 1)  # fmt: skip
@@ -314,6 +320,7 @@ class Bench:
                 stages.lap("answers")
             self.score_job(method, target, job)
             stages.lap("scoring")
+            self.attack_job(target, job, stages)
         except Exception as err:  # one failing job must not stop the others
             write_json(job / "error.json", {"method": method, "target": target, "error": f"{type(err).__name__}: "
                                              f"{err}", "traceback": traceback.format_exc()[-4000:]})  # fmt: skip
@@ -333,6 +340,20 @@ class Bench:
             split=splits.target_split(self.catalog, target),
         )  # fmt: skip
         write_json(job / "metrics.json", row)
+
+    def attack_job(self, target: str, job: Path, stages: StageClock) -> None:
+        """The bench's attacks on a finished job's erased model (single targets only); each attack's failure is
+        recorded in its folder and does not stop the others or fail the job's scores."""
+        if TOGETHER in target:
+            return
+        for name in self.config.attacks:
+            folder = job / "attacks" / name
+            if (folder / attacks.RESULTS).is_file():
+                continue
+            attacks.attack_job(self.load_base(), Delta.load(job / "delta"), self.catalog, target, name, folder,
+                               self.judge, self.sampler, model=self.config.model, seeds=self.config.seeds[:1],
+                               load=self.dataset().load, progress=self.progress)  # fmt: skip
+            stages.lap(f"attack:{name}")
 
     def base_images(self, items: list[answers.AnswerItem]) -> Path:
         """The unedited model's images of `items` (for before/after grids), generated once."""
@@ -367,6 +388,7 @@ class Bench:
         """A finished job's row as the report reads it: its split from the manifest in use (rows written before
         target splits have none) and its FID feature space under today's name."""
         row = json.loads(path.read_text())
+        row.update(attacks.row_fields(path.parent / "attacks", self.config.attacks))
         row["split"] = splits.target_split(self.catalog, target)
         if "fid_features" in row:
             row["fid_features"] = current_feature_space(row["fid_features"])

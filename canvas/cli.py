@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--together", action="append", default=[], metavar="A,B,C",
                        help="a job that erases these targets at once (two or more of one kind; repeatable), scored "
                        "as the mean UA over them and IRA / CRA over the rest")  # fmt: skip
+    bench.add_argument("--attacks", help="comma-separated attacks (canvas attack) run on each job's erased model: "
+                       "adds pre-ASR / ASR columns")  # fmt: skip
     bench.add_argument("--out", help="output folder (rerun the same command to resume)")
     bench.add_argument("--config", help="YAML file with any of the bench fields (command-line values win)")
     bench.add_argument("--catalog", help="catalog name (default: toy for the toy model, else unlearncanvas-50)")
@@ -81,6 +83,24 @@ def _parser() -> argparse.ArgumentParser:
     renders.add_argument("--out", required=True, help="output folder: <Theme>/<Object>/<index>.jpg")
     renders.add_argument("--indices", default="1-4", help="image indices, a range a-b or a comma list (default 1-4)")
 
+    attack = sub.add_parser("attack", help="does the erased target come back? one attack over a model (+ Delta) and "
+                            "target: pre-ASR / ASR, attacked images; resumable")  # fmt: skip
+    attack.add_argument("--attack", required=True, help="attack name (canvas.attacks.REGISTRY)")
+    attack.add_argument("--model", default="toy", help="'toy' (default), a diffusers folder, or a checkpoint")
+    attack.add_argument("--delta", help="folder of the erasure Delta (none: attack the model itself, needs --target)")
+    attack.add_argument("--target", help="the erased style or object (default: the one the Delta's record names)")
+    attack.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    attack.add_argument("--preset", help="the attack's settings preset (default: toy on the toy, else paper)")
+    attack.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    attack.add_argument("--seeds", help="comma-separated seeds of the attacked prompts (default 188)")
+    attack.add_argument("--data", help="dataset folder or parquet shards: the target's images for attacks that "
+                        "learn from them (toy: its renders)")  # fmt: skip
+    attack.add_argument("--catalog", help="catalog name (default: toy for the toy model, else unlearncanvas-50)")
+    attack.add_argument("--sampler", help="sampler preset (toy or unlearncanvas)")
+    attack.add_argument("--classifiers", help="folder of the style/object classifier checkpoints (<kind>.pth)")
+    attack.add_argument("--device", default="cpu")
+    attack.add_argument("--no-progress", action="store_true")
+
     splits = sub.add_parser("splits", help="write the versioned split manifest")
     splits.add_argument("--out", required=True, help="path of the JSON manifest to write")
     return parser
@@ -103,7 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise ValueError(f"--config {args.config} must hold a mapping of bench fields")
     cli = {
         "model": args.model, "methods": _csv(args.methods) or None, "targets": _csv(args.targets) or None,
-        "together": args.together or None,
+        "together": args.together or None, "attacks": _csv(args.attacks) or None,
         "out": args.out, "catalog": args.catalog, "sampler": args.sampler, "data": args.data,
         "batch_size": args.batch_size, "device": args.device, "classifiers": args.classifiers,
         "inception": args.inception, "inception_variant": args.inception_variant,
@@ -116,8 +136,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if not values.get("targets") and not values.get("together"):
         raise ValueError("--targets or --together is required (or set it in --config)")
     values.setdefault("targets", [])
-    for key in ("methods", "targets"):
-        if isinstance(values[key], str):
+    for key in ("methods", "targets", "attacks"):
+        if isinstance(values.get(key), str):
             values[key] = _csv(values[key])
     try:
         config = BenchConfig(**values)
@@ -190,6 +210,39 @@ def cmd_backdoor_eval(args: argparse.Namespace) -> None:
     print(f"{summary} -> {out / RESULT_FILE}")
 
 
+def cmd_attack(args: argparse.Namespace) -> None:
+    import erase
+    from canvas import answers, attacks, catalog, data, judge, metrics, toy
+    from canvas import splits as manifest
+    from erase.config import parse_assignments
+    from erase.delta import Delta
+
+    cat = catalog.get(args.catalog or ("toy" if args.model == "toy" else "unlearncanvas-50"))
+    sampler = answers.preset(args.sampler or ("toy" if args.model == "toy" else "unlearncanvas"))
+    attack = attacks.get(args.attack)
+    base = attacks.settings_of(attack, args.preset, args.model)
+    settings = attacks.settings_of(attack, args.preset, args.model, parse_assignments(type(base), args.set))
+    if not args.delta and not args.target:
+        raise ValueError("an attack on a model without a Delta needs the target to bring back (--target)")
+    target = args.target or attacks.infer_target(cat, args.delta)
+    metrics.target_kind(cat, target)
+    seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else [answers.SEEDS[0]]
+    delta = Delta.load(args.delta) if args.delta else None
+    indices = manifest.load().forget_retain
+    if args.data:
+        images = attacks.target_images(cat, target, data.open_dataset(args.data, cat).load, indices)
+    else:
+        images = attacks.target_images(cat, target, toy.render, indices) if cat.name == "toy" else None
+    pipe = erase.load_pipeline(args.model, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    run = attacks.AttackRun(pipe, delta, cat, target, settings, sampler, Path(args.out), images,
+                            progress=not args.no_progress)  # fmt: skip
+    verdict = judge.Judge(cat, args.classifiers)
+    summary = attacks.run_attack(run, attack, attacks.attack_items(cat, target, seeds), verdict)
+    print(f"{attack.name} on {target}: pre-ASR {summary['pre_asr']:.1f}, ASR {summary['asr']:.1f} over "
+          f"{summary['prompts']} prompts -> {Path(args.out) / attacks.RESULTS}")  # fmt: skip
+
+
 def cmd_toy_renders(args: argparse.Namespace) -> None:
     from canvas import toy
     from erase.catalog import get
@@ -232,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "splits": cmd_splits,
         "backdoor-eval": cmd_backdoor_eval,
         "toy-renders": cmd_toy_renders,
+        "attack": cmd_attack,
     }[args.command]
     return dispatch("canvas", handler, args, USAGE_ERRORS, (*FAILURES, BenchFailed))
 

@@ -28,6 +28,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from canvas import attacks
 from canvas.metrics import KINDS, TOGETHER, Efficiency, UnlearningScores, targets_of
 from canvas.splits import HELD_OUT, TARGET_SPLITS, TUNING
 from erase.atomic import write_text
@@ -295,6 +296,7 @@ def markdown_report(
         markdown_table(rows, fid_features=fid_features),
         "",
         *_together_section(rows, column),
+        *attacks.markdown_section(rows),
         "## Per target",
         "",
         _markdown(rows, TARGET_COLUMNS, column),
