@@ -15,7 +15,6 @@ folder records what made it (`identity.json`, as answer sets do) and refuses to 
 from __future__ import annotations
 
 import json
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
@@ -27,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from canvas import answers, grids, judge, metrics, splits
+from canvas import answers, grids, judge, metrics
 from canvas.answers import AnswerItem, SamplerPreset
 from canvas.catalog import Catalog
 from canvas.method_inputs import concept_text
@@ -111,20 +110,6 @@ class PromptAttack:
     presets: Mapping[str, Any]
     prepare: Callable[[AttackRun], Callable[[AnswerItem], AttackResult]]
     summary: str = ""
-
-
-REGISTRY: dict[str, PromptAttack] = {}
-
-
-def register(attack: PromptAttack) -> PromptAttack:
-    REGISTRY[attack.name] = attack
-    return attack
-
-
-def get(name: str) -> PromptAttack:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown attack {name!r}; accepted: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
 
 
 def attack_items(catalog: Catalog, target: str, seeds: Sequence[int]) -> list[AnswerItem]:
@@ -289,25 +274,6 @@ def target_images(catalog: Catalog, target: str, load: Callable[[str, str, int],
         return judge.to_unit_tensor([load(t, o, i) for t, o, i in chosen]), [(t, o) for t, o, _ in chosen]
 
     return images
-
-
-def attack_job(pipe, delta: Delta | None, catalog: Catalog, target: str, name: str, out: Path,
-               verdict: judge.Judge, sampler: SamplerPreset, *, model: str, seeds: Sequence[int],
-               load: Callable[[str, str, int], Any] | None, progress: bool = True) -> dict | None:  # fmt: skip
-    """One attack of a bench job, with the attack's default preset for the model; an error goes to `error.json`
-    in its folder (and is printed) instead of stopping the bench."""
-    (out / "error.json").unlink(missing_ok=True)
-    try:
-        attack = get(name)
-        images = target_images(catalog, target, load, splits.load().forget_retain) if load else None
-        run = AttackRun(pipe, delta, catalog, target, settings_of(attack, None, model), sampler, out, images,
-                        progress=progress)  # fmt: skip
-        return run_attack(run, attack, attack_items(catalog, target, seeds), verdict)
-    except Exception as err:  # one failing attack must not stop the others
-        write_json(out / "error.json", {"attack": name, "target": target, "error": f"{type(err).__name__}: {err}",
-                                         "traceback": traceback.format_exc()[-4000:]})  # fmt: skip
-        print(f"attack {name} on {target} failed: {type(err).__name__}: {err}")
-        return None
 
 
 def row_fields(folder: Path, names: Sequence[str]) -> dict[str, float]:

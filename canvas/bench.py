@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import erase
-from canvas import answers, attacks, data, fid, grids, inception, metrics, report, splits, toy, validation
+from canvas import answers, attack_suite, attacks, data, fid, grids, inception, metrics, report, splits, toy, validation
 from canvas import catalog as catalogs
 from canvas.catalog import Catalog
 from canvas.judge import Judge, current_feature_space, feature_space, score
@@ -76,7 +76,7 @@ class BenchConfig:
         if isinstance(self.attacks, str) or not isinstance(self.attacks, list):
             raise ValueError(f"attacks must be a list of attack names, got {self.attacks!r}")
         for name in self.attacks:
-            attacks.get(name)
+            attack_suite.get(name)
         answers.preset(self.sampler)
         if self.inception:
             self.inception_variant = inception.check_variant(self.inception_variant or inception.DEFAULT_VARIANT)
@@ -350,7 +350,7 @@ class Bench:
             folder = job / "attacks" / name
             if (folder / attacks.RESULTS).is_file():
                 continue
-            attacks.attack_job(self.load_base(), Delta.load(job / "delta"), self.catalog, target, name, folder,
+            attack_suite.attack_job(self.load_base(), Delta.load(job / "delta"), self.catalog, target, name, folder,
                                self.judge, self.sampler, model=self.config.model, seeds=self.config.seeds[:1],
                                load=self.dataset().load, progress=self.progress)  # fmt: skip
             stages.lap(f"attack:{name}")

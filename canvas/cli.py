@@ -212,14 +212,14 @@ def cmd_backdoor_eval(args: argparse.Namespace) -> None:
 
 def cmd_attack(args: argparse.Namespace) -> None:
     import erase
-    from canvas import answers, attacks, catalog, data, judge, metrics, toy
+    from canvas import answers, attack_suite, attacks, catalog, data, judge, metrics, toy
     from canvas import splits as manifest
     from erase.config import parse_assignments
     from erase.delta import Delta
 
     cat = catalog.get(args.catalog or ("toy" if args.model == "toy" else "unlearncanvas-50"))
     sampler = answers.preset(args.sampler or ("toy" if args.model == "toy" else "unlearncanvas"))
-    attack = attacks.get(args.attack)
+    attack = attack_suite.get(args.attack)
     base = attacks.settings_of(attack, args.preset, args.model)
     settings = attacks.settings_of(attack, args.preset, args.model, parse_assignments(type(base), args.set))
     if not args.delta and not args.target:

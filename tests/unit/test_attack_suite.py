@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import erase
-from canvas import answers, attacks, bench, catalog, judge, toy
+from canvas import answers, attack_suite, attacks, bench, catalog, judge, toy
 from erase.attack import AttackResult, prompt_ids, word_embedding
 from tests.unit.helpers import save_tiny
 
@@ -121,7 +121,7 @@ def test_target_images_walk_the_targets_pairs():
 
 def test_bad_attack_names_and_presets_are_one_line_errors():
     with pytest.raises(ValueError, match="unknown attack 'nope'"):
-        attacks.get("nope")
+        attack_suite.get("nope")
     same = stand_in("same", lambda it: "", [])
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         attacks.settings_of(same, "fast", "toy")
@@ -132,12 +132,12 @@ def test_the_bench_adds_attack_columns_and_a_failing_attack_loses_nothing(tmp_pa
     """`canvas bench --attacks`: a finished bench gains the columns without erasing again; an attack that fails is
     recorded in its folder while the job's scores and the other attacks stay."""
     model = save_tiny(tmp_path / "model")
-    monkeypatch.setitem(attacks.REGISTRY, "same", stand_in("same", lambda it: CAT.prompt(it.theme, it.object), []))
+    monkeypatch.setitem(attack_suite.REGISTRY, "same", stand_in("same", lambda it: CAT.prompt(it.theme, it.object), []))
 
     def broken(run):
         raise RuntimeError("broken attack")
 
-    monkeypatch.setitem(attacks.REGISTRY, "broken", attacks.PromptAttack("broken", {"paper": {}}, broken))
+    monkeypatch.setitem(attack_suite.REGISTRY, "broken", attacks.PromptAttack("broken", {"paper": {}}, broken))
 
     def config(names):
         return bench.BenchConfig(methods=["esd"], targets=["Sketch"], out=str(tmp_path / "bench"), model=str(model),

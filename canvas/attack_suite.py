@@ -1,0 +1,79 @@
+"""The attacks of the suite by name: each one of `erase`'s attacks wrapped as a `canvas.attacks.PromptAttack`
+(what it learns once per target, and what it does per prompt), and the bench's call of one on a job.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from canvas import judge, splits
+from canvas.answers import AnswerItem, SamplerPreset
+from canvas.attacks import AttackRun, PromptAttack, attack_items, run_attack, settings_of, target_images
+from canvas.catalog import Catalog
+from erase import ringabell
+from erase.atomic import write_json
+from erase.attack import AttackResult
+from erase.catalog import style_words
+from erase.delta import Delta
+
+REGISTRY: dict[str, PromptAttack] = {}
+
+
+def register(attack: PromptAttack) -> PromptAttack:
+    REGISTRY[attack.name] = attack
+    return attack
+
+
+def get(name: str) -> PromptAttack:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown attack {name!r}; accepted: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def concept_pairs(catalog: Catalog, target: str) -> tuple[list[str], list[str]]:
+    """The target's benchmark prompts and the same prompts without the target's words (`A Cats image in Pop Art
+    style.` / `A Cats image.`; for an object `A Cats image in Sketch style.` / `An image in Sketch style.`): pairs
+    that differ by the concept alone, as Ring-A-Bell's authors pair them."""
+    if catalog.is_style(target):
+        return [catalog.prompt(target, o) for o in catalog.objects], [f"A {o} image." for o in catalog.objects]
+    themes = catalog.themes
+    return ([catalog.prompt(t, target) for t in themes],
+            [f"An image in {style_words(t, catalog.photo)} style." for t in themes])  # fmt: skip
+
+
+def _ring_a_bell(run: AttackRun) -> Callable[[AnswerItem], AttackResult]:
+    """The concept direction and every search use the base model's text encoder (the attacker's own CLIP, never
+    the erased one: a black-box attack), so they run outside `run.erased()`."""
+    tokenizer, encoder = run.pipe.tokenizer, run.pipe.text_encoder
+    vector = ringabell.concept_vector(tokenizer, encoder, *concept_pairs(run.catalog, run.target))
+
+    def attack(item: AnswerItem) -> AttackResult:
+        return ringabell.ring_a_bell(tokenizer, encoder, run.prompt(item), vector, run.settings,
+                                     run.generator(item, "ring-a-bell"), progress=False)  # fmt: skip
+
+    return attack
+
+
+register(PromptAttack("ringabell", ringabell.PRESETS, _ring_a_bell, "black box: a hard prompt near the concept"))
+
+
+def attack_job(pipe, delta: Delta | None, catalog: Catalog, target: str, name: str, out: Path,
+               verdict: judge.Judge, sampler: SamplerPreset, *, model: str, seeds: Sequence[int],
+               load: Callable[[str, str, int], Any] | None, progress: bool = True) -> dict | None:  # fmt: skip
+    """One attack of a bench job, with the attack's default preset for the model; an error goes to `error.json`
+    in its folder (and is printed) instead of stopping the bench."""
+    (out / "error.json").unlink(missing_ok=True)
+    try:
+        attack = get(name)
+        images = target_images(catalog, target, load, splits.load().forget_retain) if load else None
+        run = AttackRun(pipe, delta, catalog, target, settings_of(attack, None, model), sampler, out, images,
+                        progress=progress)  # fmt: skip
+        return run_attack(run, attack, attack_items(catalog, target, seeds), verdict)
+    except Exception as err:  # one failing attack must not stop the others
+        write_json(out / "error.json", {"attack": name, "target": target, "error": f"{type(err).__name__}: {err}",
+                                         "traceback": traceback.format_exc()[-4000:]})  # fmt: skip
+        print(f"attack {name} on {target} failed: {type(err).__name__}: {err}")
+        return None
