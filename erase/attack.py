@@ -3,8 +3,10 @@
 k soft vectors in the text encoder's word-embedding space are spliced in after BOS (`[BOS, p_1..p_k, prompt, EOS,
 pad...]`, cut back to the context length) and optimised so that the model's denoising loss, conditioned on the
 encoded sequence, goes down: the prompt that makes an erased model denoise the concept's images again. AdvUnlearn's
-inner attack is this one (its `prefix_k` word-embedding attack); UnlearnDiffAtk's is too, with the prefix projected
-onto real tokens (`project`). The objective is the caller's: it gets the encoded condition and the attack step.
+inner attack is this one (its `prefix_k` word-embedding attack); `project` keeps the prefix on real tokens
+(straight-through nearest tokens). UnlearnDiffAtk's released attack reaches real tokens another way, through a
+distribution over the vocabulary (erase.unlearndiffatk). The objective is the caller's: it gets the encoded
+condition and the attack step.
 """
 
 from __future__ import annotations
