@@ -9,12 +9,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from canvas import judge, splits
 from canvas.answers import AnswerItem, SamplerPreset
-from canvas.attacks import AttackRun, PromptAttack, attack_items, run_attack, settings_of, target_images
+from canvas.attacks import (
+    AttackRun,
+    PromptAttack,
+    attack_items,
+    judge_attacked,
+    run_attack,
+    settings_of,
+    target_images,  # fmt: skip
+)
 from canvas.catalog import Catalog
-from erase import ringabell
-from erase.atomic import write_json
+from erase import inversion, ringabell, unlearndiffatk
+from erase.atomic import atomic_write, write_json
 from erase.attack import AttackResult
 from erase.catalog import style_words
 from erase.delta import Delta
@@ -57,6 +68,58 @@ def _ring_a_bell(run: AttackRun) -> Callable[[AnswerItem], AttackResult]:
     return attack
 
 
+def _unlearndiffatk(run: AttackRun) -> Callable[[AnswerItem], AttackResult]:
+    """Per prompt: the base model's image of it is the target the erased model must denoise; after each timestep
+    the argmax prompt is drawn and judged, and the attack stops at the first success, as the released code does."""
+
+    def attack(item: AnswerItem) -> AttackResult:
+        target = run.base_image(item)
+        with run.erased():
+            return unlearndiffatk.unlearndiffatk(
+                run.pipe, run.prompt(item), target, run.settings, run.generator(item, "unlearndiffatk"),
+                stop=lambda result: judge_attacked(run, item, result), progress=False,
+            )  # fmt: skip
+
+    return attack
+
+
+INVERSION_IMAGES = 25  # CCE's --num_train_images (its train.sh)
+
+
+def placeholder_prompt(catalog: Catalog, target: str, theme: str, obj: str) -> str:
+    """The benchmark prompt with the target's words replaced by the learned token: `A Cats image in <concept>
+    style.` for a style, `A <concept> image in Sketch style.` for an object."""
+    if catalog.is_style(target):
+        return catalog.template.format(object=obj, style=inversion.PLACEHOLDER)
+    return catalog.template.format(object=inversion.PLACEHOLDER, style=style_words(theme, catalog.photo))
+
+
+def _inversion(run: AttackRun) -> Callable[[AnswerItem], AttackResult]:
+    """Once per target: learn v* against the erased model on up to 25 data-set images of the target (on the toy its
+    renders), kept in the attack folder; per prompt: the benchmark prompt with v* in the target's place."""
+    path = run.out / "concept.safetensors"
+    if path.is_file():
+        concept = inversion.LearnedConcept(load_file(path)["vector"], [])
+    else:
+        images, pairs = run.target_images(INVERSION_IMAGES)
+        prompts = [placeholder_prompt(run.catalog, run.target, theme, obj) for theme, obj in pairs]
+        with run.erased():
+            concept = inversion.invert(run.pipe, prompts, images, run.settings,
+                                       torch.Generator().manual_seed(run.seed), progress=run.progress)  # fmt: skip
+        vector = {"vector": concept.vector.float().cpu().contiguous()}
+        atomic_write(path, lambda target: save_file(vector, target))
+
+    def attack(item: AnswerItem) -> AttackResult:
+        text = placeholder_prompt(run.catalog, run.target, item.theme, item.object)
+        return inversion.placeholder_prompt(run.pipe, text, concept)
+
+    return attack
+
+
+register(PromptAttack("unlearndiffatk", unlearndiffatk.PRESETS, _unlearndiffatk,
+                      "white box: k prefix tokens that make the erased model denoise the target's images"))  # fmt: skip
+register(PromptAttack("inversion", inversion.PRESETS, _inversion,
+                      "concept inversion: a word learned against the erased model on the target's images"))  # fmt: skip
 register(PromptAttack("ringabell", ringabell.PRESETS, _ring_a_bell, "black box: a hard prompt near the concept"))
 
 

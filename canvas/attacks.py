@@ -37,6 +37,7 @@ from erase.delta import Delta, fingerprint
 from erase.text import PromptEncoder
 
 RESULTS = "results.json"
+ATTACKED = "\x00attacked"  # the key of an attacked prompt's condition: no real prompt is spelled so
 
 
 @dataclass
@@ -55,6 +56,7 @@ class AttackRun:
     images: Callable[[int], tuple[torch.Tensor, list[tuple[str, str]]]] | None = None
     seed: int = 0
     progress: bool = True
+    verdict: judge.Judge | None = None  # set by run_attack: attacks that judge as they go (UnlearnDiffAtk) ask it
     _base: dict[str, torch.Tensor] = field(default_factory=dict)  # base images in memory (also under out/base)
     _inside: bool = False
 
@@ -148,6 +150,16 @@ def draw(pipe, prompts: Sequence[str], items: Sequence[AnswerItem], sampler: Sam
                           encoder=encoder)  # fmt: skip
 
 
+def judge_attacked(run: AttackRun, item: AnswerItem, result: AttackResult) -> bool:
+    """Whether the judge sees the target in the image of `result` drawn by `run.pipe` as it is now (call it inside
+    `run.erased()`) from the item's noise: the released UnlearnDiffAtk's check after each of its timesteps."""
+    if run.verdict is None:
+        raise ValueError("no judge to ask: judge_attacked runs inside run_attack")
+    encoder = Conditions(run.pipe, {ATTACKED: result.condition(run.pipe.text_encoder)})
+    image = draw(run.pipe, [ATTACKED], [item], run.sampler, encoder=encoder)
+    return sees_target(run.verdict, run.catalog, run.target, image)[0]
+
+
 def sees_target(verdict: judge.Judge, catalog: Catalog, target: str, images: torch.Tensor) -> list[bool]:
     """Whether the judge names the target in each image (style classifier for a style, object one for an object)."""
     style, obj, _ = verdict(images)
@@ -177,6 +189,7 @@ def run_attack(run: AttackRun, attack: PromptAttack, items: Sequence[AnswerItem]
     if not items:
         raise ValueError(f"no prompts to attack for target {run.target!r}")
     out = run.out
+    run.verdict = verdict
     answers.claim(out, identity(run, attack, items))
     rows = {it.filename: _load_row(out, it) for it in items}
     todo = [it for it in items if rows[it.filename] is None]
@@ -203,9 +216,8 @@ def _attack_one(run: AttackRun, one: Callable[[AnswerItem], AttackResult], item:
     stem = Path(item.filename).stem
     result = one(item)
     with run.erased() as pipe:
-        key = f"\x00attacked:{stem}"  # a key no real prompt has
-        encoder = Conditions(pipe, {key: result.condition(pipe.text_encoder)})
-        images = draw(pipe, [run.prompt(item), key], [item, item], run.sampler, encoder=encoder)
+        encoder = Conditions(pipe, {ATTACKED: result.condition(pipe.text_encoder)})
+        images = draw(pipe, [run.prompt(item), ATTACKED], [item, item], run.sampler, encoder=encoder)
     pre, post = sees_target(verdict, run.catalog, run.target, images)
     for name, image in zip(("plain", "attacked"), images):
         save_image(grids.to_pil(image), run.out / "images" / f"{stem}_{name}.png")
@@ -260,16 +272,17 @@ def _plain(settings: Any) -> Any:
 
 
 def target_images(catalog: Catalog, target: str, load: Callable[[str, str, int], Any], indices: Sequence[int]):
-    """`images(count)` for an AttackRun: the first `count` data-set images of the target (a style on each object in
-    turn, an object in each style in turn, over `indices`), loaded by `load(theme, object, index)` (a data set's
-    `load`, or `canvas.toy.render` on the toy)."""
+    """`images(count)` for an AttackRun: the first `count` (all, when fewer) data-set images of the target (a style
+    on each object in turn, an object in each style in turn, over `indices`), loaded by `load(theme, object, index)`
+    (a data set's `load`, or `canvas.toy.render` on the toy)."""
     style = metrics.target_kind(catalog, target) == "style"
     pairs = [(target, o) for o in catalog.objects] if style else [(t, target) for t in catalog.styles]
     keys = [(theme, obj, i) for i in indices for theme, obj in pairs]
 
     def images(count: int) -> tuple[torch.Tensor, list[tuple[str, str]]]:
-        if not 1 <= count <= len(keys):
-            raise ValueError(f"{count} images of {target!r} asked for; the data set's roles hold 1..{len(keys)}")
+        """Up to `count` of them (all there are when fewer)."""
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"the count of images of {target!r} must be an integer >= 1, got {count!r}")
         chosen = keys[:count]
         return judge.to_unit_tensor([load(t, o, i) for t, o, i in chosen]), [(t, o) for t, o, _ in chosen]
 
