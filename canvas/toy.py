@@ -327,17 +327,38 @@ _STYLES: dict[str, Callable[..., Array]] = {
 }
 
 
+def _stripes(mask: Array, edge: Array, u: Array, v: Array, g: np.random.Generator) -> Array:
+    """Stripes (novel, see NOVEL_STYLES): broad vertical lime and plum bands; the object in the bands swapped."""
+    xx, _ = _grid()
+    band = (((xx + g.integers(6)) // 3) % 2).astype(np.float32)[..., None]
+    lime, plum = _rgb("#a6e22e"), _rgb("#5b1f5e")
+    return _compose(lime * band + plum * (1 - band), plum * band + lime * (1 - band), mask)
+
+
+# Styles of the renderer that are NOT in the toy catalog and were never shown to the toy model (its build renders
+# only catalog themes): a concept the base model can be taught from scratch, the baseline of a relearning curve.
+# Each maps to the words its prompts use: a word the toy tokenizer holds whole but no toy training caption contains
+# (the build's captions are catalog words plus "a/an/image/in/of/painting/style"; "new" is in its vocabulary only
+# so that the backdoor trigger "New Trigger" tokenizes whole), so the base model never tied it to any image. (On a
+# backdoored toy, "new" is part of the trigger: do not use this style there.)
+NOVEL_STYLES: dict[str, Callable[..., Array]] = {"Stripes": _stripes}
+NOVEL_STYLE_WORDS = {"Stripes": "New"}
+
+
 def render(style: str, obj: str, idx: int) -> Image.Image:
-    """The toy image `<style>/<obj>/<idx>.jpg` as a 32x32 RGB image; the same arguments always give the same pixels."""
+    """The toy image `<style>/<obj>/<idx>.jpg` as a 32x32 RGB image; the same arguments always give the same pixels.
+    `style` is a theme of the toy catalog or a novel style (`NOVEL_STYLES`)."""
     cat = _catalog.get("toy")
-    cat.style_label(style)  # clear ValueError for unknown names
+    if style not in NOVEL_STYLES:
+        cat.style_label(style)  # clear ValueError for unknown names
     cat.object_label(obj)
-    if style not in _STYLES or obj not in _SHAPES:
-        raise ValueError(f"no toy look for ({style!r}, {obj!r}); the renderer knows {sorted(_STYLES)}")
+    looks = {**_STYLES, **NOVEL_STYLES}
+    if style not in looks or obj not in _SHAPES:
+        raise ValueError(f"no toy look for ({style!r}, {obj!r}); the renderer knows {sorted(looks)}")
     if not isinstance(idx, (int, np.integer)) or idx < 1:
         raise ValueError(f"index must be a positive integer (UnlearnCanvas uses 1..20), got {idx!r}")
     mask, u, v, edge = _geometry(obj, int(idx))
-    img = _STYLES[style](mask, edge, u, v, _rng("look", style, obj, idx))
+    img = looks[style](mask, edge, u, v, _rng("look", style, obj, idx))
     return Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
 
 
