@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,16 +13,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from canvas import judge, splits
+from canvas import judge, relearning, splits
 from canvas.answers import AnswerItem, SamplerPreset
 from canvas.attacks import (
+    RESULTS,
     AttackRun,
     PromptAttack,
     attack_items,
     judge_attacked,
     run_attack,
     settings_of,
-    target_images,  # fmt: skip
+    target_images,
 )
 from canvas.catalog import Catalog
 from erase import inversion, ringabell, unlearndiffatk
@@ -123,13 +125,38 @@ register(PromptAttack("inversion", inversion.PRESETS, _inversion,
 register(PromptAttack("ringabell", ringabell.PRESETS, _ring_a_bell, "black box: a hard prompt near the concept"))
 
 
+RELEARNING = "relearning"  # not a prompt attack: UA after k fine-tuning steps (canvas.relearning)
+
+
+def check_name(name: str) -> str:
+    """An attack the bench can run: a prompt attack of the registry, or relearning."""
+    if name != RELEARNING:
+        get(name)
+    return name
+
+
+def finished(folder: Path, name: str) -> bool:
+    """Whether a bench job's attack `name` has its results in `folder` (relearning: every curve done or skipped)."""
+    if name != RELEARNING:
+        return (folder / RESULTS).is_file()
+    path = folder / relearning.RESULT
+    curves = json.loads(path.read_text()).get("curves", {}) if path.is_file() else {}
+    return set(curves) == set(relearning.CURVES) and all(c["status"] in ("done", "skipped") for c in curves.values())
+
+
 def attack_job(pipe, delta: Delta | None, catalog: Catalog, target: str, name: str, out: Path,
                verdict: judge.Judge, sampler: SamplerPreset, *, model: str, seeds: Sequence[int],
-               load: Callable[[str, str, int], Any] | None, progress: bool = True) -> dict | None:  # fmt: skip
-    """One attack of a bench job, with the attack's default preset for the model; an error goes to `error.json`
-    in its folder (and is printed) instead of stopping the bench."""
+               load: Callable[[str, str, int], Any] | None, data_root: Path | None = None,
+               progress: bool = True) -> dict | None:  # fmt: skip
+    """One attack of a bench job, with the attack's default preset for the model (relearning: its curves, from the
+    images under `data_root`, the toy's renders without one); an error goes to `error.json` in its folder (and is
+    printed) instead of stopping the bench."""
     (out / "error.json").unlink(missing_ok=True)
     try:
+        if name == RELEARNING:
+            return relearning.relearning_curves(pipe, delta, catalog, target, relearning.bench_schedule(model),
+                                                out=out, judge=verdict, sampler=sampler, data_root=data_root,
+                                                progress=progress)  # fmt: skip
         attack = get(name)
         images = target_images(catalog, target, load, splits.load().forget_retain) if load else None
         run = AttackRun(pipe, delta, catalog, target, settings_of(attack, None, model), sampler, out, images,
@@ -140,3 +167,21 @@ def attack_job(pipe, delta: Delta | None, catalog: Catalog, target: str, name: s
                                          "traceback": traceback.format_exc()[-4000:]})  # fmt: skip
         print(f"attack {name} on {target} failed: {type(err).__name__}: {err}")
         return None
+
+
+def row_fields(folder: Path, names: Sequence[str]) -> dict[str, float]:
+    """A job row's attack columns for each attack that finished: `preASR[<attack>]` and `ASR[<attack>]`, and for
+    relearning `UA@<k>[relearning]`, the target's UA after k steps on its own images (k = 0: the erased model)."""
+    fields: dict[str, float] = {}
+    for name in names:
+        if name == RELEARNING:
+            path = folder / name / relearning.RESULT
+            if path.is_file():
+                points = relearning.ua_points(json.loads(path.read_text()))
+                fields.update({f"UA@{k}[{RELEARNING}]": ua for k, ua in sorted(points.items())})
+            continue
+        path = folder / name / RESULTS
+        if path.is_file():
+            summary = json.loads(path.read_text())
+            fields[f"preASR[{name}]"], fields[f"ASR[{name}]"] = summary["pre_asr"], summary["asr"]
+    return fields

@@ -289,17 +289,6 @@ def target_images(catalog: Catalog, target: str, load: Callable[[str, str, int],
     return images
 
 
-def row_fields(folder: Path, names: Sequence[str]) -> dict[str, float]:
-    """A job row's attack columns, `preASR[<attack>]` and `ASR[<attack>]` for each attack that finished."""
-    fields: dict[str, float] = {}
-    for name in names:
-        path = folder / name / RESULTS
-        if path.is_file():
-            summary = json.loads(path.read_text())
-            fields[f"preASR[{name}]"], fields[f"ASR[{name}]"] = summary["pre_asr"], summary["asr"]
-    return fields
-
-
 def attack_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The attacks whose columns appear in report rows, in first-appearance order."""
     return list(dict.fromkeys(k[4:-1] for r in rows for k in r if k.startswith("ASR[")))

@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import erase
-from canvas import answers, attack_suite, attacks, data, fid, grids, inception, metrics, report, splits, toy, validation
+from canvas import answers, attack_suite, data, fid, grids, inception, metrics, report, splits, toy, validation
 from canvas import catalog as catalogs
 from canvas.catalog import Catalog
 from canvas.judge import Judge, current_feature_space, feature_space, score
@@ -76,7 +76,7 @@ class BenchConfig:
         if isinstance(self.attacks, str) or not isinstance(self.attacks, list):
             raise ValueError(f"attacks must be a list of attack names, got {self.attacks!r}")
         for name in self.attacks:
-            attack_suite.get(name)
+            attack_suite.check_name(name)
         answers.preset(self.sampler)
         if self.inception:
             self.inception_variant = inception.check_variant(self.inception_variant or inception.DEFAULT_VARIANT)
@@ -348,11 +348,12 @@ class Bench:
             return
         for name in self.config.attacks:
             folder = job / "attacks" / name
-            if (folder / attacks.RESULTS).is_file():
+            if attack_suite.finished(folder, name):
                 continue
             attack_suite.attack_job(self.load_base(), Delta.load(job / "delta"), self.catalog, target, name, folder,
                                self.judge, self.sampler, model=self.config.model, seeds=self.config.seeds[:1],
-                               load=self.dataset().load, progress=self.progress)  # fmt: skip
+                               load=self.dataset().load, data_root=self.data_root() if self.config.data else None,
+                               progress=self.progress)  # fmt: skip
             stages.lap(f"attack:{name}")
 
     def base_images(self, items: list[answers.AnswerItem]) -> Path:
@@ -388,7 +389,7 @@ class Bench:
         """A finished job's row as the report reads it: its split from the manifest in use (rows written before
         target splits have none) and its FID feature space under today's name."""
         row = json.loads(path.read_text())
-        row.update(attacks.row_fields(path.parent / "attacks", self.config.attacks))
+        row.update(attack_suite.row_fields(path.parent / "attacks", self.config.attacks))
         row["split"] = splits.target_split(self.catalog, target)
         if "fid_features" in row:
             row["fid_features"] = current_feature_space(row["fid_features"])

@@ -57,6 +57,19 @@ RESULT = "relearning.json"
 Item = tuple[str, str, int]  # (theme, object, index)
 
 
+def bench_schedule(model: str) -> tuple[int, ...]:
+    """The schedule `canvas bench --attacks relearning` measures: the toy preset's on the toy, else the paper's."""
+    return Relearning.from_preset("toy" if model == "toy" else "paper").schedule
+
+
+def ua_points(result: dict[str, Any], curve: str = "target") -> dict[int, float]:
+    """k -> UA (percent) of a finished curve of a `relearning_curves` result (empty when it did not finish)."""
+    record = result.get("curves", {}).get(curve, {})
+    if record.get("status") != "done":
+        return {}
+    return {int(k): 100.0 * (1.0 - float(point["rate"])) for k, point in record.get("points", {}).items()}
+
+
 def _jpeg(image: Image.Image) -> Image.Image:
     """The image as an answer set stores it (JPEG, quality 95) and the judge reads it back."""
     buffer = io.BytesIO()
