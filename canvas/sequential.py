@@ -126,11 +126,16 @@ def request_key(config, state_fingerprint: str, previous: list[str]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _stored_key(directory: Path) -> str | None:
+def _stored(directory: Path, key: str) -> Delta | None:
+    """The stored Delta of a complete request with this key (and the digest it was stored with), else None."""
     path = directory / REQUEST_FILE
     if not path.is_file() or not (directory / "delta" / "delta.json").is_file():
         return None
-    return json.loads(path.read_text()).get("key")
+    stored = json.loads(path.read_text())
+    if stored.get("key") != key:
+        return None
+    delta = Delta.load(directory / "delta")
+    return delta if delta.digest() == stored.get("digest") else None
 
 
 def _remove_from(out: Path, index: int) -> None:
@@ -161,8 +166,9 @@ def run_sequence(config: SequentialConfig, progress: bool = True) -> dict[str, A
             directory = request_dir(out, index, target)
             erasure = job_config(bench, config.method, target)
             key = request_key(erasure, fingerprint(pipe), chain.digests())
-            if not redo and _stored_key(directory) == key:
-                chain.apply(Delta.load(directory / "delta"))
+            stored = None if redo else _stored(directory, key)
+            if stored is not None:
+                chain.apply(stored)
             else:
                 if not redo:
                     _remove_from(out, index)
@@ -184,7 +190,8 @@ def _serve(chain: DeltaChain, erasure, directory: Path, key: str, index: int, ta
     result = chain.run(erasure, checkpoint_dir=checkpoint / key, progress=progress, local=True)
     result.delta.save(directory / "delta")
     write_json(directory / "delta" / "record.json", result.record)
-    stored = {"key": key, "index": index, "target": target, "run_key": result.record["run_key"]}
+    stored = {"key": key, "digest": result.delta.digest(), "index": index, "target": target,
+              "run_key": result.record["run_key"]}  # fmt: skip
     write_json(directory / REQUEST_FILE, {**stored, **result.record["sequence"]})
     shutil.rmtree(checkpoint, ignore_errors=True)  # the Delta is stored: training will not resume from it
 

@@ -209,6 +209,12 @@ def test_a_request_with_another_key_is_redone_with_all_later(tmp_path, model_dir
     shutil.rmtree(sequential.request_dir(tmp_path, 2, "Winter") / "answers")  # a lost answer set: regenerated only
     sequential.run_sequence(_config(model_dir, tmp_path, targets), progress=False)
     assert len(calls) == 4
+    delta_dir = sequential.request_dir(tmp_path, 1, "Sketch") / "delta"
+    altered = Delta.load(delta_dir)
+    altered.tensors = {k: v + 1 for k, v in altered.tensors.items()}
+    altered.save(delta_dir)  # a stored Delta that is not the one its request made
+    sequential.run_sequence(_config(model_dir, tmp_path, targets), progress=False)
+    assert calls[4:] == ["Sketch style", "Winter style"]
 
 
 # ---------------------------------------------------------------------------------------------------- the summary
