@@ -100,6 +100,18 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--classifiers", help="folder of the style/object classifier checkpoints (<kind>.pth)")
     attack.add_argument("--device", default="cpu")
     attack.add_argument("--no-progress", action="store_true")
+    seq = sub.add_parser("sequential", help="erase targets one after another with one method; after each request "
+                         "the UA of every target so far, IRA and CRA; SU / SR and rebound (resumable)")  # fmt: skip
+    seq.add_argument("--method", required=True, help="the method serving every request")
+    seq.add_argument("--targets", required=True, help="T1,T2,...: two or more distinct styles (or objects), in order")
+    seq.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    seq.add_argument("--preset", help="the method's preset (default: the bench's choice for the targets' kind)")
+    seq.add_argument("--seeds", help="comma-separated answer-set seeds (default: the benchmark's five)")
+    seq.add_argument("--model", default="toy", help="'toy' (default), a diffusers folder, or a checkpoint")
+    seq.add_argument("--data", help="dataset folder or parquet shards, for data-driven methods (toy: none)")
+    seq.add_argument("--batch-size", type=int, default=32, help="images per generation batch (default 32)")
+    seq.add_argument("--device", default="cpu")
+    seq.add_argument("--no-progress", action="store_true")
 
     splits = sub.add_parser("splits", help="write the versioned split manifest")
     splits.add_argument("--out", required=True, help="path of the JSON manifest to write")
@@ -267,6 +279,23 @@ def _indices(text: str) -> list[int]:
     return values
 
 
+def cmd_sequential(args: argparse.Namespace) -> None:
+    from canvas.sequential import RESULT_MD, SequentialConfig, markdown, run_sequence
+
+    try:
+        seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else None
+    except ValueError:
+        raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 188,288") from None
+    extra = {"seeds": seeds} if seeds else {}
+    config = SequentialConfig(
+        method=args.method, targets=_csv(args.targets), out=args.out, model=args.model, preset=args.preset,
+        data=args.data, batch_size=args.batch_size, device=args.device, **extra,
+    )  # fmt: skip
+    result = run_sequence(config, progress=not args.no_progress)
+    print(markdown(result["requests"], config.targets, result["summary"], config.method))
+    print(f"report: {Path(config.out) / RESULT_MD}")
+
+
 def cmd_splits(args: argparse.Namespace) -> None:
     from canvas.splits import write_manifest
 
@@ -286,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "backdoor-eval": cmd_backdoor_eval,
         "toy-renders": cmd_toy_renders,
         "attack": cmd_attack,
+        "sequential": cmd_sequential,
     }[args.command]
     return dispatch("canvas", handler, args, USAGE_ERRORS, (*FAILURES, BenchFailed))
 

@@ -185,6 +185,10 @@ class Delta:
         if self.runtime is not None:
             self._handles[id(pipe)] = self.runtime.attach(pipe)
 
+    def is_applied(self, pipe) -> bool:
+        """Whether `apply` wrote this delta into `pipe` and `revert` has not undone it yet."""
+        return id(pipe) in self._originals
+
     @torch.no_grad()
     def revert(self, pipe) -> None:
         """Restore the values `apply` replaced on this pipeline."""
