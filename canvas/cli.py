@@ -113,6 +113,22 @@ def _parser() -> argparse.ArgumentParser:
     seq.add_argument("--device", default="cpu")
     seq.add_argument("--no-progress", action="store_true")
 
+    relearn = sub.add_parser("relearn", help="does the erased target come back after k fine-tuning steps? UA per k "
+                             "on its images, on unrelated ones, beside the base learning a new toy style")  # fmt: skip
+    relearn.add_argument("--model", default="toy", help="'toy' (default), a diffusers folder, or a checkpoint")
+    relearn.add_argument("--delta", required=True, help="folder of the erasure Delta")
+    relearn.add_argument("--target", help="the erased style or object (default: the one the Delta's record names)")
+    relearn.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    relearn.add_argument("--schedule", help="comma-separated, increasing cumulative steps (default: the preset's)")
+    relearn.add_argument("--preset", help="relearning settings preset (default: toy on the toy, else paper)")
+    relearn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    relearn.add_argument("--seeds", help="comma-separated seeds of the judged images (default 188,288)")
+    relearn.add_argument("--data", help="dataset folder <Theme>/<Object>/<idx>.jpg (toy: its renders)")
+    relearn.add_argument("--catalog", help="catalog name (default: toy for the toy model, else unlearncanvas-50)")
+    relearn.add_argument("--classifiers", help="folder of the style/object classifier checkpoints (<kind>.pth)")
+    relearn.add_argument("--device", default="cpu")
+    relearn.add_argument("--no-progress", action="store_true")
+
     splits = sub.add_parser("splits", help="write the versioned split manifest")
     splits.add_argument("--out", required=True, help="path of the JSON manifest to write")
     return parser
@@ -255,6 +271,34 @@ def cmd_attack(args: argparse.Namespace) -> None:
           f"{summary['prompts']} prompts -> {Path(args.out) / attacks.RESULTS}")  # fmt: skip
 
 
+def cmd_relearn(args: argparse.Namespace) -> None:
+    import erase
+    from canvas import attacks, catalog, judge, relearning
+    from erase.config import parse_assignments
+    from erase.delta import Delta
+    from erase.relearn import Relearning
+
+    cat = catalog.get(args.catalog or ("toy" if args.model == "toy" else "unlearncanvas-50"))
+    preset = args.preset or ("toy" if args.model == "toy" else "paper")
+    settings = Relearning.from_preset(preset, **parse_assignments(Relearning, args.set))
+    schedule = [int(k) for k in _csv(args.schedule)] if args.schedule else settings.schedule
+    settings = settings.with_schedule(schedule)
+    target = args.target or attacks.infer_target(cat, args.delta)
+    seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else relearning.EVAL_SEEDS
+    delta = Delta.load(args.delta)
+    pipe = erase.load_pipeline(args.model, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    result = relearning.relearning_curves(
+        pipe, delta, cat, target, settings.schedule, out=args.out, judge=judge.Judge(cat, args.classifiers),
+        settings=settings, seeds=seeds, data_root=args.data, progress=not args.no_progress,
+    )  # fmt: skip
+    for curve, record in result["curves"].items():
+        points = record.get("points", {})
+        shown = ", ".join(f"k={k}: {100 * p['rate']:.1f}" for k, p in points.items())
+        print(f"{curve}: {record['status']}; target rate {shown or '-'}")
+    print(f"-> {Path(args.out) / relearning.RESULT}")
+
+
 def cmd_toy_renders(args: argparse.Namespace) -> None:
     from canvas import toy
     from erase.catalog import get
@@ -316,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "toy-renders": cmd_toy_renders,
         "attack": cmd_attack,
         "sequential": cmd_sequential,
+        "relearn": cmd_relearn,
     }[args.command]
     return dispatch("canvas", handler, args, USAGE_ERRORS, (*FAILURES, BenchFailed))
 
