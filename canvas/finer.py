@@ -93,12 +93,13 @@ class FinerConfig:
 
 
 def finer_preset(config: FinerConfig, method: str) -> str | None:
-    """The preset of a finer job: the run's choice, else `toy` on the toy, else `paper` (the benchmark's presets are
-    a style's or an object's recipe, and UnlearnCanvas released none for combinations); None when absent."""
+    """The preset of a finer job: the run's choice, else on the toy `toy-combination` or `toy`, else `paper` (the
+    benchmark's presets are a style's or an object's recipe, and UnlearnCanvas released none for combinations);
+    None when the method has none of them."""
     if method in config.presets:
         return config.presets[method]
-    name = "toy" if config.model == "toy" else "paper"
-    return name if name in get_method(method).config_cls.PRESETS else None
+    names = ("toy-combination", "toy") if config.model == "toy" else ("paper",)
+    return next((name for name in names if name in get_method(method).config_cls.PRESETS), None)
 
 
 def finer_items(config: FinerConfig, combo: Combination) -> list[answers.AnswerItem]:
