@@ -47,6 +47,22 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="torch device (default cpu)")
     bench.add_argument("--no-progress", action="store_true")
 
+    finer = sub.add_parser("finer", help="finer-scale unlearning: erase style-object combinations (Pop_Art:Cats), "
+                           "score FU / FR on a reduced answer set, resumable")  # fmt: skip
+    finer.add_argument("--methods", required=True, help="comma-separated method names")
+    finer.add_argument("--targets", required=True, help="comma-separated combinations <Style>:<Object>")
+    finer.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    finer.add_argument("--model", default="toy", help="'toy' (default), a diffusers folder, or a checkpoint")
+    finer.add_argument("--catalog", help="catalog name (default: toy for the toy model, else unlearncanvas-50)")
+    finer.add_argument("--sampler", help="sampler preset (toy or unlearncanvas)")
+    finer.add_argument("--data", help="dataset folder or parquet shards, for data-driven methods (toy: none)")
+    finer.add_argument("--seeds", help="comma-separated answer-set seeds (default: the benchmark's five)")
+    finer.add_argument("--other-cells", type=int, help="unrelated cells in each answer set (default 4)")
+    finer.add_argument("--classifiers", help="folder of the style/object classifier checkpoints (<kind>.pth)")
+    finer.add_argument("--batch-size", type=int, help="images per generation batch (default 32)")
+    finer.add_argument("--device", help="torch device (default cpu)")
+    finer.add_argument("--no-progress", action="store_true")
+
     answer = sub.add_parser("answers", help="generate an answer set (resumable, shardable)")
     answer.add_argument("--model", default="toy")
     answer.add_argument("--delta", help="folder of a Delta to apply first")
@@ -185,6 +201,33 @@ def cmd_bench(args: argparse.Namespace) -> None:
             f"{len(result['failed'])} of {jobs} jobs failed (listed above; each job's error.json under "
             f"{Path(config.out) / 'jobs'}); finished jobs are in {Path(config.out) / 'report.json'}"
         )
+
+
+def cmd_finer(args: argparse.Namespace) -> None:
+    from canvas.finer import Finer, FinerConfig, markdown_table
+
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in _csv(args.seeds)]
+        except ValueError:
+            raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    values = {
+        "methods": _csv(args.methods), "targets": _csv(args.targets), "out": args.out, "model": args.model,
+        "catalog": args.catalog, "sampler": args.sampler, "data": args.data, "seeds": seeds,
+        "other_cells": args.other_cells, "classifiers": args.classifiers, "batch_size": args.batch_size,
+        "device": args.device,
+    }  # fmt: skip
+    config = FinerConfig(**{k: v for k, v in values.items() if v is not None})
+    result = Finer(config, progress=not args.no_progress).run()
+    print(markdown_table(result["rows"]))
+    print(f"report: {Path(config.out) / 'report.md'}")
+    for failure in result["failed"]:
+        print(f"FAILED {failure['method']} / {failure['target']}: {failure['error']}")
+    if result["failed"]:
+        jobs = len(config.methods) * len(config.targets)
+        raise BenchFailed(f"{len(result['failed'])} of {jobs} finer jobs failed (listed above; each job's "
+                          f"error.json under {Path(config.out) / 'jobs'})")  # fmt: skip
 
 
 def cmd_answers(args: argparse.Namespace) -> None:
@@ -354,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {
         "bench": cmd_bench,
+        "finer": cmd_finer,
         "answers": cmd_answers,
         "splits": cmd_splits,
         "backdoor-eval": cmd_backdoor_eval,

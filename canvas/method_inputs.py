@@ -2,16 +2,20 @@
 dataset images of the split's roles (UnlearnCanvas: forget/retain = indices 1-3, FMN reference = index 1).
 
 Methods know nothing about the benchmark; this table is the one place that maps a target to their inputs. Values
-given by the user (bench `overrides`) win over these.
+given by the user (bench `overrides`) win over these. A style-object combination (`Pop_Art:Cats`, canvas.combination)
+gets its inputs from what each method's registry row declares (`combination_inputs`), not from this table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from canvas import splits, toy
+from canvas.combination import Combination, anchor_text, combination_text, kept_cells
+from erase import get_method
 from erase.catalog import Catalog, style_words
 
 
@@ -274,3 +278,99 @@ def together_inputs(
                              f"between them ({values[0]!r} for {targets[0]}); accepted: inputs that are lists or "
                              "agree between the targets")  # fmt: skip
     return merged
+
+
+# ---------------------------------------------------------------------------------------------------- combinations
+
+
+def _combination_concepts(cat: Catalog, combo: Combination, data_root: Path | None, fields: set[str]) -> dict:
+    return {"concepts": [combination_text(cat, combo)]}
+
+
+def _combination_anchors(cat: Catalog, combo: Combination, data_root: Path | None, fields: set[str]) -> dict:
+    """The anchor, and where the method spells anchor prompts (CA) that one prompt: with no catalog in between, the
+    target prompt CA trains on is then the combination's own."""
+    anchor = [anchor_text(cat, combo)]
+    return {"anchors": anchor, **({"anchor_prompts": anchor} if "anchor_prompts" in fields else {})}
+
+
+def _combination_images(cat: Catalog, combo: Combination, data_root: Path | None, fields: set[str]) -> dict:
+    """Reference images: the one cell's images at the forget/retain indices (a style or object target's reference
+    role takes one image per cell of its row or column; a combination has one cell), captioned by its prompt, the
+    concept itself, where the method reads prompt templates (FMN, MACE)."""
+    images = _files(_require_root(data_root), [(combo.style, combo.object, i) for i in splits.load().forget_retain])
+    return {"images": images, **({"prompts": ["{concept}"]} if "prompts" in fields else {})}
+
+
+def _combination_masks(cat: Catalog, combo: Combination, data_root: Path | None, fields: set[str]) -> dict:
+    """No masks: the style covers the whole image, and a method that derives masks itself (MACE: from the original
+    model's cross-attention to the concept's tokens, here the whole prompt) does so."""
+    return {}
+
+
+def _combination_forget(cat: Catalog, combo: Combination, data_root: Path | None, fields: set[str]) -> dict:
+    """Forget = the combination's images, relabelled as the anchor (the object in the photo class)."""
+    forget = [(combo.style, combo.object, i) for i in splits.load().forget_retain]
+    return {
+        "forget_images": _files(_require_root(data_root), forget),
+        "forget_prompts": [combination_text(cat, combo)] * len(forget),
+        "pseudo_prompts": [anchor_text(cat, combo)] * len(forget),
+    }
+
+
+def _combination_retain(cat: Catalog, combo: Combination, data_root: Path | None, fields: set[str]) -> dict:
+    """Retain = the images sharing only the style or only the object (the style row, the object column)."""
+    retain = [(t, o, i) for t, o in kept_cells(cat, combo) for i in splits.load().forget_retain]
+    return {"retain_images": _files(_require_root(data_root), retain),
+            "retain_prompts": [cat.prompt(t, o) for t, o, _ in retain]}  # fmt: skip
+
+
+def _require_root(data_root: Path | None) -> Path:
+    if data_root is None:
+        raise ValueError("this method reads dataset images: give data_root, the <Theme>/<Object>/<idx>.jpg folder")
+    return data_root
+
+
+# How each input a method declares (erase.methods MethodSpec.inputs) is given for a combination; a method declaring
+# any other input (a trigger, captions) cannot be pointed at a combination.
+COMBINATION_INPUTS: dict[str, Callable[[Catalog, Combination, Path | None, set[str]], dict[str, Any]]] = {
+    "concepts": _combination_concepts,
+    "anchors": _combination_anchors,
+    "images": _combination_images,
+    "masks": _combination_masks,
+    "forget_images": _combination_forget,
+    "retain_images": _combination_retain,
+}
+# Config fields (not declared inputs) naming what the target is mapped to: UCE / RECE guides, SPEED anchors, MACE
+# mappings; filled with the anchor where the field holds texts (SPM's `anchors` is a count).
+ANCHOR_FIELDS = ("guides", "anchors", "mappings")
+# Config fields holding texts to keep, in order of preference: the first one a method's config has gets the kept
+# prompts (MACE's domain set before its COCO-like prior set, UCE / RECE / SPEED preserve, AdvUnlearn retain prompts).
+KEPT_FIELDS = ("domain_preserve", "preserve", "retain_prompts")
+
+
+def combination_inputs(
+    method: str, cat: Catalog, combo: Combination, data_root: Path | None, given: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Config values for `method` erasing one style-object combination, from the inputs its registry row declares
+    (COMBINATION_INPUTS), then the anchor (`anchor_text`) in an anchor field and the prompts to keep (the style on
+    the other objects, the object in the other themes: `kept_cells`) in the first kept-set field its config has;
+    the values the user gave (`given`) win. A method declaring an input no combination can give is a one-line
+    error naming it."""
+    spec = get_method(method)
+    unsupported = [name for name in spec.inputs if name not in COMBINATION_INPUTS]
+    if unsupported:
+        raise ValueError(f"{method} cannot erase a style-object combination ({combo.name}): its inputs "
+                         f"{', '.join(unsupported)} name no style or object; accepted: methods whose inputs are "
+                         f"within {', '.join(COMBINATION_INPUTS)}")  # fmt: skip
+    fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
+    values: dict[str, Any] = {}
+    for name in spec.inputs:
+        values.update(COMBINATION_INPUTS[name](cat, combo, data_root, set(fields)))
+    for name in ANCHOR_FIELDS:
+        if name in fields and name not in values and "list[str]" in str(fields[name].type):
+            values[name] = [anchor_text(cat, combo)]
+    kept = next((name for name in KEPT_FIELDS if name in fields), None)
+    if kept is not None and kept not in values:
+        values[kept] = [cat.prompt(t, o) for t, o in kept_cells(cat, combo)]
+    return {**values, **dict(given or {})}
