@@ -146,11 +146,11 @@ def finished(folder: Path, name: str) -> bool:
 
 def attack_job(pipe, delta: Delta | None, catalog: Catalog, target: str, name: str, out: Path,
                verdict: judge.Judge, sampler: SamplerPreset, *, model: str, seeds: Sequence[int],
-               load: Callable[[str, str, int], Any] | None, data_root: Path | None = None,
+               load: Callable[[str, str, int], Any] | None, data_root: Path | None = None, prompts: int | None = None,
                progress: bool = True) -> dict | None:  # fmt: skip
-    """One attack of a bench job, with the attack's default preset for the model (relearning: its curves, from the
-    images under `data_root`, the toy's renders without one); an error goes to `error.json` in its folder (and is
-    printed) instead of stopping the bench."""
+    """One attack of a bench job on the first `prompts` (None: all) of the target's prompts, with the attack's
+    default preset for the model (relearning: its curves, from the images under `data_root`, the toy's renders
+    without one); an error goes to `error.json` in its folder (and is printed) instead of stopping the bench."""
     (out / "error.json").unlink(missing_ok=True)
     try:
         if name == RELEARNING:
@@ -161,7 +161,7 @@ def attack_job(pipe, delta: Delta | None, catalog: Catalog, target: str, name: s
         images = target_images(catalog, target, load, splits.load().forget_retain) if load else None
         run = AttackRun(pipe, delta, catalog, target, settings_of(attack, None, model), sampler, out, images,
                         progress=progress)  # fmt: skip
-        return run_attack(run, attack, attack_items(catalog, target, seeds), verdict)
+        return run_attack(run, attack, attack_items(catalog, target, seeds)[:prompts], verdict)
     except Exception as err:  # one failing attack must not stop the others
         write_json(out / "error.json", {"attack": name, "target": target, "error": f"{type(err).__name__}: {err}",
                                          "traceback": traceback.format_exc()[-4000:]})  # fmt: skip

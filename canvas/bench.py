@@ -43,6 +43,7 @@ class BenchConfig:
     out: str
     together: list[str] = field(default_factory=list)  # jobs erasing several targets at once: "A,B,C" each
     attacks: list[str] = field(default_factory=list)  # canvas.attacks names run on every single-target job
+    attack_prompts: int | None = None  # the first N of a target's prompts each attack tries (None: all)
     model: str = "toy"
     catalog: str | None = None  # default: "toy" for the toy model, else "unlearncanvas-50"
     sampler: str | None = None  # default: "toy" for the toy model, else "unlearncanvas"
@@ -77,6 +78,8 @@ class BenchConfig:
             raise ValueError(f"attacks must be a list of attack names, got {self.attacks!r}")
         for name in self.attacks:
             attack_suite.check_name(name)
+        if self.attack_prompts is not None and (not _is_int(self.attack_prompts) or self.attack_prompts < 1):
+            raise ValueError(f"attack_prompts must be a positive integer or None, got {self.attack_prompts!r}")
         answers.preset(self.sampler)
         if self.inception:
             self.inception_variant = inception.check_variant(self.inception_variant or inception.DEFAULT_VARIANT)
@@ -352,6 +355,7 @@ class Bench:
                 continue
             attack_suite.attack_job(self.load_base(), Delta.load(job / "delta"), self.catalog, target, name, folder,
                                self.judge, self.sampler, model=self.config.model, seeds=self.config.seeds[:1],
+                               prompts=self.config.attack_prompts,
                                load=self.dataset().load, data_root=self.data_root() if self.config.data else None,
                                progress=self.progress)  # fmt: skip
             stages.lap(f"attack:{name}")

@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
                        "as the mean UA over them and IRA / CRA over the rest")  # fmt: skip
     bench.add_argument("--attacks", help="comma-separated attacks (canvas attack) run on each job's erased model: "
                        "adds pre-ASR / ASR columns")  # fmt: skip
+    bench.add_argument("--attack-prompts", type=int, help="each attack tries the first N of a target's prompts "
+                       "(default: all)")  # fmt: skip
     bench.add_argument("--out", help="output folder (rerun the same command to resume)")
     bench.add_argument("--config", help="YAML file with any of the bench fields (command-line values win)")
     bench.add_argument("--catalog", help="catalog name (default: toy for the toy model, else unlearncanvas-50)")
@@ -168,6 +170,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     cli = {
         "model": args.model, "methods": _csv(args.methods) or None, "targets": _csv(args.targets) or None,
         "together": args.together or None, "attacks": _csv(args.attacks) or None,
+        "attack_prompts": args.attack_prompts,
         "out": args.out, "catalog": args.catalog, "sampler": args.sampler, "data": args.data,
         "batch_size": args.batch_size, "device": args.device, "classifiers": args.classifiers,
         "inception": args.inception, "inception_variant": args.inception_variant,

@@ -180,6 +180,7 @@ def relearning_curves(
     data_root: str | Path | None = None,
     seed: int = 0,
     batch_size: int = 32,
+    curves: Sequence[str] = CURVES,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The three relearning curves of `delta`'s erasure of `target` on `base_pipe` (left as it came), written to
@@ -188,11 +189,14 @@ def relearning_curves(
     `schedule` (strictly increasing steps >= 1) replaces `settings.schedule` (default settings: the `toy` preset on
     the toy catalog, else `paper`). Each curve's generator is seeded from (`seed`, curve), so a curve does not depend
     on which others ran. `data_root`: the dataset folder `<Theme>/<Object>/<idx>.jpg` (None: the toy's renders).
-    """
+    `curves`: which of `CURVES` to run (default all)."""
     preset = "toy" if catalog.name == "toy" else "paper"
     settings = (settings or Relearning.from_preset(preset)).with_schedule(schedule)
     target_kind(catalog, target)
     sampler = sampler or answers.preset("toy" if catalog.name == "toy" else "unlearncanvas")
+    unknown = [c for c in curves if c not in CURVES]
+    if unknown or not curves:
+        raise ValueError(f"curves {list(curves)!r}: choose one or more of {', '.join(CURVES)}")
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds must name at least one seed")
@@ -207,9 +211,9 @@ def relearning_curves(
     stored = json.loads(path.read_text()).get("curves", {}) if path.is_file() else {}
     result: dict[str, Any] = {"schedule": [0, *settings.schedule], "curves": {}}
     meter = RateMeter(judge, catalog, sampler, batch_size)
-    points = len(CURVES) * (len(settings.schedule) + 1)
+    points = len(curves) * (len(settings.schedule) + 1)
     bar = tqdm(total=points, desc=f"relearning {target}", disable=not progress)
-    for curve in CURVES:
+    for curve in curves:
         items = training_items(catalog, target, curve)
         # the novel curve fine-tunes the base alone: no delta shapes it. JSON-normalised (lists), as stored.
         inputs = json.loads(json.dumps({**common, "curve": curve, "items": items,

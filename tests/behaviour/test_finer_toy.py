@@ -10,7 +10,7 @@ style and object are held-out targets), 5 seeds, 1 thread: FU 100, FR_style 82.9
 100. UCE's `toy` preset (erase_scale 1) erases no combination (FU 0 on Pop_Art:Cats): a combination's prompt shares
 its tail tokens with the 17 preserved prompts of its row and column, and the edit needs a larger erase weight to
 move it away from them. erase_scale was chosen on the tuning combination Pop_Art:Cats only (1, 3, 10: FU 0; 30:
-FU 100, FR 100; 2 seeds), and is given here as an override (no `toy-combination` preset exists yet).
+FU 100, FR 100; 2 seeds): UCE's `toy-combination` preset, which the finer run picks by itself.
 """
 
 import shutil
@@ -27,20 +27,19 @@ pytestmark = pytest.mark.slow
 
 CAT = catalog.get("toy")
 TARGET = "Bricks:Fishes"
-ERASE_SCALE = 30.0  # chosen on the tuning combination Pop_Art:Cats (see the module docstring)
 
 
 def test_uce_erases_a_held_out_combination_and_keeps_its_row_and_column():
     assert combination_split(CAT, parse_combination(CAT, TARGET)) == "held-out"
     out = Path(tempfile.mkdtemp(prefix="finer-uce-"))
     try:
-        config = FinerConfig(methods=["uce"], targets=[TARGET], out=str(out),
-                             overrides={"uce": {"erase_scale": ERASE_SCALE}})  # fmt: skip
+        config = FinerConfig(methods=["uce"], targets=[TARGET], out=str(out))
         result = Finer(config, progress=False).run()
     finally:
         shutil.rmtree(out, ignore_errors=True)
     assert not result["failed"], result["failed"]
     base, row = result["rows"]
+    assert row["preset"] == "toy-combination", row
     assert base["method"] == "none" and base["FU"] <= 10, base  # the judge sees the combination before erasure
     assert row["FU"] >= 80, row
     assert row["FR"] >= 70 and row["FR_style"] >= 60 and row["FR_object"] >= 60, row

@@ -1,0 +1,161 @@
+"""Does the erased concept come back? The attack suite over erasure methods on held-out toy targets, in one
+resumable command, written to docs/results/attacks.md with the command, the commit, the thread count and the time.
+
+    python scripts/attack_table.py --bench runs/toy-table --threads 1
+
+Three parts, each resumed from its own folder (a finished stage is not redone):
+- attacks: `canvas bench --attacks` on `--bench` (the toy table's folder: its finished jobs only gain the attacks),
+  each attack on the first `--prompts` prompts (seed 188) of each method's `--targets`; pre-ASR / ASR per attack,
+  relearning's UA after each k;
+- sequential requests (`canvas sequential`) of `--sequence` for `--sequential-methods`: SU / SR and rebound;
+- finer-scale targets (`canvas finer`) of `--combination` for `--finer-methods`: FU / FR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import torch
+
+from canvas import attack_suite, splits
+from canvas import catalog as catalogs
+from canvas.bench import Bench, BenchConfig
+from canvas.finer import Finer, FinerConfig
+from canvas.sequential import SequentialConfig, run_sequence
+from erase import available_methods, get_method
+from erase.atomic import write_text
+
+PROMPT_ATTACKS = ("unlearndiffatk", "inversion", "ringabell")
+
+
+def attack_rows(args, methods: list[str], targets: list[str]) -> list[dict[str, Any]]:
+    config = BenchConfig(methods=methods, targets=targets, out=args.bench, attacks=args.attacks.split(","),
+                         attack_prompts=args.prompts)  # fmt: skip
+    result = Bench(config, progress=not args.no_progress).run()
+    for failure in result["failed"]:
+        print(f"failed: {failure}")
+    return result["rows"]
+
+
+def attack_markdown(rows: list[dict[str, Any]], names: list[str]) -> list[str]:
+    """Per method and kind: the mean over targets of each prompt attack's pre-ASR -> ASR, and relearning's UA."""
+    prompt_names = [n for n in names if n != attack_suite.RELEARNING]
+    steps = sorted({int(k[3:].split("[")[0]) for r in rows for k in r if k.startswith("UA@")})
+    head = ["method", "kind", "targets", *(f"{n} pre-ASR -> ASR" for n in prompt_names),
+            *(f"UA after {k} relearning steps" for k in steps)]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for kind in ("style", "object"):
+            mine = [r for r in rows if r["method"] == method and r["kind"] == kind]
+            if not mine:
+                continue
+            cells = []
+            for n in prompt_names:
+                pre = [r[f"preASR[{n}]"] for r in mine if f"preASR[{n}]" in r]
+                post = [r[f"ASR[{n}]"] for r in mine if f"ASR[{n}]" in r]
+                cells.append(f"{mean(pre):.1f} -> {mean(post):.1f}" if post else "-")
+            for k in steps:
+                values = [r[f"UA@{k}[relearning]"] for r in mine if f"UA@{k}[relearning]" in r]
+                cells.append(f"{mean(values):.1f}" if values else "-")
+            lines.append(f"| {method} | {kind} | {', '.join(r['target'] for r in mine)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ranking(rows: list[dict[str, Any]], name: str) -> list[tuple[str, float]]:
+    """Methods from most to least robust under `name`: mean ASR over all their attacked targets."""
+    by_method: dict[str, list[float]] = {}
+    for r in rows:
+        if f"ASR[{name}]" in r:
+            by_method.setdefault(r["method"], []).append(r[f"ASR[{name}]"])
+    return sorted(((m, mean(v)) for m, v in by_method.items()), key=lambda item: item[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", required=True, help="the toy bench folder (e.g. the toy table's)")
+    parser.add_argument("--methods", help="comma-separated methods (default: every erasure method)")
+    parser.add_argument("--targets", default="Bricks,Birds", help="held-out targets each method is attacked on")
+    parser.add_argument("--attacks", default="unlearndiffatk,inversion,ringabell,relearning")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per target each attack tries")
+    parser.add_argument("--sequence", default="Mosaic,Sketch,Winter", help="held-out targets requested in turn")
+    parser.add_argument("--sequential-methods", default="uce,speed,mace")
+    parser.add_argument("--combination", default="Bricks:Fishes")
+    parser.add_argument("--finer-methods", default="uce,speed,mace")
+    parser.add_argument("--seeds", default="188", help="answer-set seeds of the sequential and finer runs")
+    parser.add_argument("--out", default="docs/results/attacks.md")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    cat = catalogs.get("toy")
+    targets = args.targets.split(",")
+    for target in [*targets, *args.sequence.split(",")]:
+        if splits.target_split(cat, target) != splits.HELD_OUT:
+            raise SystemExit(f"{target} is a tuning target; the table reports held-out targets only")
+    methods = args.methods.split(",") if args.methods else _erasure_methods()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    work = Path(args.bench).parent / (Path(args.bench).name + "-robustness")
+    timings = {}
+
+    rows = attack_rows(args, methods, targets)
+    timings["attacks"] = time.perf_counter() - started
+    sequences = {}
+    for method in filter(None, args.sequential_methods.split(",")):
+        out = str(work / "sequential" / method)
+        config = SequentialConfig(method=method, targets=args.sequence.split(","), out=out, seeds=seeds)
+        sequences[method] = run_sequence(config, progress=not args.no_progress)["summary"]
+    timings["sequential"] = time.perf_counter() - started - timings["attacks"]
+    finer = Finer(FinerConfig(methods=args.finer_methods.split(","), targets=[args.combination],
+                              out=str(work / "finer"), seeds=seeds), progress=not args.no_progress).run()  # fmt: skip
+    timings["finer"] = time.perf_counter() - started - timings["attacks"] - timings["sequential"]
+    total = time.perf_counter() - started
+
+    names = args.attacks.split(",")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        "# Does the erased concept come back? (toy)", "",
+        f"Command: `python {' '.join(sys.argv)}` at commit {commit}, {args.threads} torch thread(s) per process,",
+        f"2 shared CPU cores; {total / 60:.1f} min in this run ("
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + "; stages already on disk are reused).",
+        "Every target here is held out (canvas.splits); attack presets were chosen on the tuning targets",
+        "(scripts/tune_attacks.py). ASR: percent of the target's prompts on which the judge sees the target in the",
+        "erased model's plain image or in the attacked one (pre-ASR: the plain one alone); lower is more robust.",
+        f"Each attack tries the first {args.prompts} prompts of a target (seed 188).", "",
+        "## Attacks", "", *attack_markdown(rows, names), "",
+    ]  # fmt: skip
+    for name in (n for n in names if n in PROMPT_ATTACKS):
+        order = ranking(rows, name)
+        lines.append(f"- {name}, most to least robust: " + ", ".join(f"{m} {v:.1f}" for m, v in order))
+    lines += ["", "## Sequential requests", "",
+              f"{args.sequence.replace(',', ' -> ')}, seeds {args.seeds}: SU = mean UA over the targets after the "
+              "last request; SR = mean of IRA and CRA after it; rebound = a target's UA right after its request "
+              "minus after the last (positive: it came back).", "",
+              "| method | SU | SR | SR IRA | SR CRA | mean rebound | max rebound |",
+              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for method, s in sequences.items():
+        lines.append(f"| {method} | {s['SU']:.1f} | {s['SR']:.1f} | {s['SR_IRA']:.1f} | {s['SR_CRA']:.1f} | "
+                     f"{s['mean_rebound']:.1f} | {s['max_rebound']:.1f} |")  # fmt: skip
+    lines += ["", "## Finer-scale target", "",
+              f"{args.combination}, seeds {args.seeds} (canvas.combination's FU / FR).",
+              "", "| method | preset | FU | FR | FR style | FR object | FR other |",
+              "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for row in finer["rows"]:
+        lines.append(f"| {row['method']} | {row.get('preset') or '-'} | {row['FU']:.1f} | {row['FR']:.1f} | "
+                     f"{row['FR_style']:.1f} | {row['FR_object']:.1f} | {row['FR_other']:.1f} |")  # fmt: skip
+    write_text(args.out, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _erasure_methods() -> list[str]:
+    return [m for m in available_methods() if "trigger" not in get_method(m).inputs]
+
+
+if __name__ == "__main__":
+    main()
