@@ -29,11 +29,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .images import denoising_target, encode_latents, image_files, image_size, noised, to_tensor
+from .images import diffusion_loss, encode_latents, image_files, image_size, to_tensor
 from .params import check_spec, select
 from .text import PromptEncoder
 
@@ -179,7 +178,7 @@ def relearn(
         for step in range(1, settings.steps + 1):
             unet.train()
             pick = torch.randint(len(latents), (settings.batch_size,), generator=generator)
-            loss = denoising_loss(unet, scheduler, latents[pick.to(latents.device)], emb[pick.to(emb.device)],
+            loss = diffusion_loss(unet, scheduler, latents[pick.to(latents.device)], emb[pick.to(emb.device)],
                                   generator)  # fmt: skip
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite relearning loss {loss.item()} at step {step}")
@@ -210,11 +209,3 @@ def relearn(
             p.requires_grad_(grads[name])
         unet.train(was_training)
     return outcome
-
-
-def denoising_loss(unet, scheduler, latents: torch.Tensor, emb: torch.Tensor, generator: torch.Generator):
-    """`‖e(x_t, t, c) − target‖²` (mean over every element) with t uniform over the training timesteps and ε
-    standard normal, both from `generator`; target ε, or the velocity on a v-prediction model."""
-    x_t, t, noise = noised(scheduler, latents, generator)
-    target = denoising_target(scheduler, latents, noise, t)
-    return F.mse_loss(unet(x_t, t, encoder_hidden_states=emb).sample.float(), target.float())

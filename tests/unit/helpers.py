@@ -58,3 +58,14 @@ def save_tiny(path: Path, seed: int = 0) -> Path:
 
 def generate(pipe, prompt: str = "a cat", seed: int = 0):
     return pipe(prompt, num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(seed)).images
+
+
+def listening_pipe():
+    """The tiny pipeline with its cross-attention outputs scaled up 20x: a random UNet barely listens to its text,
+    and an objective that does not depend on the prompt cannot show an attack or a learned word working."""
+    pipe = fresh_pipe()
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "attn2.to_out.0.weight" in name:
+                param.mul_(20)
+    return pipe

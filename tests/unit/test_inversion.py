@@ -12,23 +12,13 @@ import torch
 from erase.attack import prompt_ids, word_embedding
 from erase.inversion import PLACEHOLDER, PRESETS, Inversion, LearnedConcept, invert, placeholder_prompt
 from erase.unlearndiffatk import denoising_loss, image_latents
-from tests.unit.helpers import fresh_pipe
+from tests.unit.helpers import fresh_pipe, listening_pipe
 
 PROMPTS = [f"a {PLACEHOLDER} painting", f"a photo in {PLACEHOLDER} style"]
 
 
 def images(count: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.rand((count, 3, 16, 16), generator=torch.Generator().manual_seed(seed))
-
-
-def listening_pipe():
-    """The tiny pipeline with its cross-attention outputs scaled up 20x, so that its loss depends on the text."""
-    pipe = fresh_pipe()
-    with torch.no_grad():
-        for name, param in pipe.unet.named_parameters():
-            if "attn2.to_out.0.weight" in name:
-                param.mul_(20)
-    return pipe
 
 
 def fixed_loss(pipe, concept: LearnedConcept, target: torch.Tensor, draws: int = 6) -> float:

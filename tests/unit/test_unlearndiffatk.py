@@ -19,7 +19,7 @@ from erase.unlearndiffatk import (
     simplex_projection,
     unlearndiffatk,
 )
-from tests.unit.helpers import fresh_pipe
+from tests.unit.helpers import fresh_pipe, listening_pipe
 
 PROMPT = "a photo of a cat"
 
@@ -64,17 +64,6 @@ def fixed_objective(pipe, condition: torch.Tensor, latents: torch.Tensor, draws:
             noise = torch.randn(latents.shape, generator=g)
             total += float(denoising_loss(pipe.unet, pipe.scheduler, latents, condition.expand(n, -1, -1), t, noise))
     return total / draws
-
-
-def listening_pipe():
-    """The tiny pipeline with its cross-attention outputs scaled up 20x: a random UNet barely listens to its text,
-    and an objective that does not depend on the prompt cannot show an attack working."""
-    pipe = fresh_pipe()
-    with torch.no_grad():
-        for name, param in pipe.unet.named_parameters():
-            if "attn2.to_out.0.weight" in name:
-                param.mul_(20)
-    return pipe
 
 
 def test_the_attack_lowers_the_objective_and_returns_real_tokens():
