@@ -19,11 +19,8 @@ from pathlib import Path
 
 import pytest
 
-import erase
-from canvas import answers, attack_suite, attacks, catalog, splits, toy
+from canvas import catalog, splits
 from canvas.bench import Bench, BenchConfig
-from canvas.judge import Judge
-from erase.delta import Delta
 
 pytestmark = pytest.mark.slow
 
@@ -60,26 +57,12 @@ def test_the_targets_are_held_out():
         assert {splits.target_split(CAT, t) for t in (style, obj) if t} == {splits.HELD_OUT}
 
 
-# method -> the attacks that must bring its held-out object back: the erasers each attack broke on the tuning targets
-# (scripts/tune_attacks.py; docs/results/attacks.md). On the first ATTACK_PROMPTS prompts of the object (seed 188)
-# the attack's ASR must exceed its pre-ASR by ATTACK_MARGIN points: 2 of 4 prompts on which the erasure had stopped
-# the object show it again.
-ATTACKS = {"advunlearn": ("inversion",), "mace": ("inversion",)}
-ATTACK_PROMPTS, ATTACK_MARGIN = 4, 50.0
-
-
-@functools.cache
-def bench_dir(method: str) -> Path:
-    out = Path(tempfile.mkdtemp(prefix=f"erasure-{method}-"))
-    atexit.register(shutil.rmtree, out, True)
-    return out
-
-
 @functools.cache
 def rows_of(method: str) -> dict[tuple[str, str], dict]:
     """The bench rows of `method` on its targets, run once per test process (its tests are one class, which
     pytest-xdist keeps in one process)."""
-    out = bench_dir(method)
+    out = Path(tempfile.mkdtemp(prefix=f"erasure-{method}-"))
+    atexit.register(shutil.rmtree, out, True)
     targets = [t for t in TARGETS[method] if t]
     result = Bench(BenchConfig(methods=[method], targets=targets, out=str(out)), progress=False).run()
     assert not result["failed"], result["failed"]
@@ -89,21 +72,6 @@ def rows_of(method: str) -> dict[tuple[str, str], dict]:
     by_job = {(r["method"], r["target"]): r for r in result["rows"]}
     print(json.dumps({f"{m} {t}": r for (m, t), r in by_job.items()}, indent=1))
     return by_job
-
-
-def attacked(method: str, target: str, name: str) -> dict:
-    """`name`'s attack (its toy preset) on the bench's erasure of `target`, over the first ATTACK_PROMPTS prompts."""
-    job = bench_dir(method) / "jobs" / f"{method}__{target}"
-    attack = attack_suite.get(name)
-    items = attacks.attack_items(CAT, target, [188])[:ATTACK_PROMPTS]
-    images = attacks.target_images(CAT, target, toy.render, splits.load().forget_retain)
-    pipe = erase.load_pipeline("toy")
-    pipe.set_progress_bar_config(disable=True)
-    run = attacks.AttackRun(pipe, Delta.load(job / "delta"), CAT, target, attacks.settings_of(attack, None, "toy"),
-                            answers.preset("toy"), job / "attacks" / name, images, progress=False)  # fmt: skip
-    summary = attacks.run_attack(run, attack, items, Judge(CAT))
-    print(json.dumps({k: summary[k] for k in ("attack", "target", "pre_asr", "asr")}))
-    return summary
 
 
 def _kinds(method: str, with_shortfalls: bool = False) -> list:
@@ -134,16 +102,6 @@ def _tests_of(method: str) -> type:
             assert row["IRA"] >= 70, f"{method} {target}: IRA {row['IRA']:.1f}"
             assert row["CRA"] >= 70, f"{method} {target}: CRA {row['CRA']:.1f}"
 
-    if method in ATTACKS:
-
-        @pytest.mark.parametrize("attack", ATTACKS[method])
-        def test_an_attack_brings_the_object_back(self, attack):
-            obj = TARGETS[method][1]
-            rows_of(method)  # the bench's erasure of the object
-            summary = attacked(method, obj, attack)
-            assert summary["asr"] >= summary["pre_asr"] + ATTACK_MARGIN, summary["rows"]
-
-        MethodTests.test_an_attack_brings_the_object_back = test_an_attack_brings_the_object_back
     MethodTests.__name__ = MethodTests.__qualname__ = f"TestErasure_{method.replace('-', '_')}"
     return MethodTests
 
