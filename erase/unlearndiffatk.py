@@ -55,6 +55,13 @@ PRESETS = {
     # n_samples 50 (src/tasks/classifier_.py:30,67-70: t = 10, 30, ..., 990). Without a `stop` that is all 50 x 40
     # = 2000 steps; the released loop stops at the first timestep whose argmax prompt succeeds.
     "paper": UnlearnDiffAtk(tokens=5, iterations=40, lr=0.01, weight_decay=0.1, timesteps=50),
+    # Ours for the toy (its 226-token vocabulary moves the relaxed prefix little at lr 0.01 within a CPU budget):
+    # scripts/tune_attacks.py against the toy presets of ESD, FMN and MACE on the 4 tuning targets, 4 prompts each
+    # (docs/results/tuning/attack-unlearndiffatk-toy.txt). This trial (lr 0.5, 10 timesteps x 20 iterations) was run
+    # on every target: mean ASR 39.6, e.g. Towers 0 -> 50 on ESD and MACE, Cats 25 -> 100 on FMN, Pop_Art 0 -> 0 /
+    # 25 / 0. The other two (lr 0.05 with 5 x 20, lr 0.1 with 10 x 40) were stopped after Pop_Art, where none moved
+    # (ASR 0 on ESD, 25 on FMN, 0 on MACE) at up to twice the cost. Tuning figures, not results.
+    "toy": UnlearnDiffAtk(tokens=5, iterations=20, lr=0.5, weight_decay=0.1, timesteps=10),
 }
 
 
