@@ -5,15 +5,21 @@ MACE erased.
   test_toy_quality). An attack that finds a prompt (or learns a word) on which the model denoises the target's images
   well must leave that so: the attacked images of at least 3 of the 4 prompts still show the style (one may drift
   with the toy's sampling noise). An attack that scrambled prompts would fail this.
-- On MACE's erasure of the held-out object Trees, over the first 4 prompts (seed 188), each attack with its toy
-  preset (chosen on the tuning targets: scripts/tune_attacks.py) must raise ASR above pre-ASR: concept inversion by
-  50 points (2 of the 4 prompts on which the erasure had stopped the object show it again; measured, 1 thread:
-  pre-ASR 0, ASR 100), UnlearnDiffAtk by 25 (at least one; measured 0 -> 50, the smallest margin its 4 prompts can
-  show, since on the tuning targets it brought back 1-2 of 4). Trees was picked among held-out objects after
-  measuring them: inversion brings back MACE's Trees and Butterfly (0 -> 100) but not Fishes (0 -> 0), and on most
-  other erasers the attacks fail on the toy (docs/results/attacks.md), so this is the eraser the check can show
-  broken; a finding about the toy, not a result to generalise.
+- On two erasers of held-out objects, over the first 4 prompts (seed 188), an attack with its toy preset (chosen
+  on the tuning targets: scripts/tune_attacks.py) must raise ASR above pre-ASR: concept inversion by 50 points (2 of
+  the 4 prompts on which the erasure had stopped the object show it again) on MACE's Trees and SPEED's Birds
+  (measured, 1 thread: 0 -> 100 on both), UnlearnDiffAtk by 25 on MACE's Trees (at least one prompt; measured
+  0 -> 50; on the tuning targets it brought back 1-2 of 4). Birds is the object of docs/results/attacks.md, fixed
+  before any attack ran; Trees was picked among held-out objects after measuring MACE's: inversion brings back its
+  Trees and Butterfly (0 -> 100) but not Fishes (0 -> 0). On most other erasers the attacks fail on the toy
+  (docs/results/attacks.md): a finding about the toy, not a result to generalise.
 """
+
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -49,16 +55,20 @@ def test_an_attack_on_the_base_model_keeps_the_target(tmp_path, name):
     assert sum(r["post"] for r in summary["rows"]) >= PROMPTS - 1, summary["rows"]
 
 
-@pytest.fixture(scope="module")
-def mace_trees(tmp_path_factory):
-    """MACE's toy erasure of the held-out object Trees."""
-    assert splits.target_split(CAT, "Trees") == splits.HELD_OUT
-    out = tmp_path_factory.mktemp("mace-trees")
-    config = job_config(BenchConfig(methods=["mace"], targets=["Trees"], out=str(out)), "mace", "Trees")
+@functools.cache
+def erasure(method: str, target: str):
+    """`method`'s toy erasure of a held-out target, made once per test process."""
+    assert splits.target_split(CAT, target) == splits.HELD_OUT
+    out = Path(tempfile.mkdtemp(prefix=f"attacked-{method}-"))
+    atexit.register(shutil.rmtree, out, True)
+    config = job_config(BenchConfig(methods=[method], targets=[target], out=str(out)), method, target)
     return erase.run(erase.load_pipeline("toy"), config, progress=False).delta
 
 
-@pytest.mark.parametrize(("name", "margin"), [("inversion", 50.0), ("unlearndiffatk", 25.0)])
-def test_an_attack_brings_back_an_object_mace_erased(tmp_path, mace_trees, name, margin):
-    summary = attack_run(tmp_path, "Trees", name, mace_trees)
+@pytest.mark.parametrize(("method", "target", "name", "margin"), [
+    ("mace", "Trees", "inversion", 50.0), ("mace", "Trees", "unlearndiffatk", 25.0),
+    ("speed", "Birds", "inversion", 50.0),
+])  # fmt: skip
+def test_an_attack_brings_back_an_erased_object(tmp_path, method, target, name, margin):
+    summary = attack_run(tmp_path, target, name, erasure(method, target))
     assert summary["asr"] >= summary["pre_asr"] + margin, summary["rows"]
