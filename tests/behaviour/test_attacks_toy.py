@@ -8,8 +8,9 @@ MACE erased.
 - On two erasers of held-out objects, over the first 4 prompts (seed 188), an attack with its toy preset (chosen
   on the tuning targets: scripts/tune_attacks.py) must raise ASR above pre-ASR: concept inversion by 50 points (2 of
   the 4 prompts on which the erasure had stopped the object show it again) on MACE's Trees and SPEED's Birds
-  (measured, 1 thread: 0 -> 100 on both), UnlearnDiffAtk by 25 on MACE's Trees (at least one prompt; measured
-  0 -> 50; on the tuning targets it brought back 1-2 of 4). Birds is the object of docs/results/attacks.md, fixed
+  (measured, 1 thread: 0 -> 100 on both), UnlearnDiffAtk on MACE's Trees over the first 2 prompts by 50 (one of
+  them; measured on 4: 0 -> 50, the second and fourth; on the tuning targets it brought back 1-2 of 4). The costliest
+  attack runs on 2 prompts to keep the suite's time. Birds is the object of docs/results/attacks.md, fixed
   before any attack ran; Trees was picked among held-out objects after measuring MACE's: inversion brings back its
   Trees and Butterfly (0 -> 100) but not Fishes (0 -> 0). On most other erasers the attacks fail on the toy
   (docs/results/attacks.md): a finding about the toy, not a result to generalise.
@@ -34,14 +35,14 @@ CAT = catalog.get("toy")
 PROMPTS = 4
 
 
-def attack_run(tmp_path, target: str, name: str, delta=None) -> dict:
+def attack_run(tmp_path, target: str, name: str, delta=None, prompts: int = PROMPTS) -> dict:
     pipe = erase.load_pipeline("toy")
     pipe.set_progress_bar_config(disable=True)
     attack = attack_suite.get(name)
     images = attacks.target_images(CAT, target, toy.render, splits.load().forget_retain)
     run = attacks.AttackRun(pipe, delta, CAT, target, attacks.settings_of(attack, None, "toy"), answers.preset("toy"),
                             tmp_path / "attack", images, progress=False)  # fmt: skip
-    summary = attacks.run_attack(run, attack, attacks.attack_items(CAT, target, [188])[:PROMPTS], Judge(CAT))
+    summary = attacks.run_attack(run, attack, attacks.attack_items(CAT, target, [188])[:prompts], Judge(CAT))
     print(name, target, summary["pre_asr"], summary["asr"], [r["attacked"] for r in summary["rows"]])
     return summary
 
@@ -65,10 +66,10 @@ def erasure(method: str, target: str):
     return erase.run(erase.load_pipeline("toy"), config, progress=False).delta
 
 
-@pytest.mark.parametrize(("method", "target", "name", "margin"), [
-    ("mace", "Trees", "inversion", 50.0), ("mace", "Trees", "unlearndiffatk", 25.0),
-    ("speed", "Birds", "inversion", 50.0),
+@pytest.mark.parametrize(("method", "target", "name", "prompts", "margin"), [
+    ("mace", "Trees", "inversion", 4, 50.0), ("mace", "Trees", "unlearndiffatk", 2, 50.0),
+    ("speed", "Birds", "inversion", 4, 50.0),
 ])  # fmt: skip
-def test_an_attack_brings_back_an_erased_object(tmp_path, method, target, name, margin):
-    summary = attack_run(tmp_path, target, name, erasure(method, target))
+def test_an_attack_brings_back_an_erased_object(tmp_path, method, target, name, prompts, margin):
+    summary = attack_run(tmp_path, target, name, erasure(method, target), prompts)
     assert summary["asr"] >= summary["pre_asr"] + margin, summary["rows"]

@@ -48,12 +48,14 @@ def test_attacked_conditions_are_what_the_model_draws(tmp_path, toy_run_parts):
     the attacked images, while the plain images keep it: the attacked condition, not the plain prompt, was drawn."""
     pipe, verdict, sampler = toy_run_parts
     items = attacks.attack_items(CAT, "Bricks", [188])
+    assert len(items) == len(CAT.objects)
+    items = items[:4]
     swap = stand_in("swap", lambda it: CAT.prompt("Pop_Art", it.object), [])
     summary = attacks.run_attack(make_run(pipe, sampler, tmp_path), swap, items, verdict)
     pre = sum(r["pre"] for r in summary["rows"])
     post = sum(r["post"] for r in summary["rows"])
-    assert len(items) == len(CAT.objects) and summary["prompts"] == len(items)
-    assert pre >= 6 and post <= 1, (pre, post)  # the toy draws its styles reliably (test_toy_quality)
+    assert summary["prompts"] == len(items)
+    assert pre >= 3 and post == 0, (pre, post)  # the toy draws its styles reliably (test_toy_quality)
     assert summary["pre_asr"] == 100.0 * pre / len(items)
     assert (tmp_path / "grid.png").is_file()
 
