@@ -14,6 +14,7 @@ Three parts, each resumed from its own folder (a finished stage is not redone):
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -71,6 +72,18 @@ def attack_markdown(rows: list[dict[str, Any]], names: list[str]) -> list[str]:
                 cells.append(f"{mean(values):.1f}" if values else "-")
             lines.append(f"| {method} | {kind} | {', '.join(r['target'] for r in mine)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def attack_seconds(bench: Path, rows: list[dict[str, Any]], names: list[str]) -> dict[str, list[float]]:
+    """Each attack's wall seconds per job, from the jobs' stage clocks (recorded when the attack ran)."""
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    for r in rows:
+        path = bench / "jobs" / f"{r['method']}__{r['target']}" / "stages.json"
+        stages = json.loads(path.read_text()) if path.is_file() else {}
+        for n in names:
+            if f"attack:{n}" in stages:
+                seconds[n].append(stages[f"attack:{n}"])
+    return seconds
 
 
 def ranking(rows: list[dict[str, Any]], name: str) -> list[tuple[str, float]]:
@@ -144,6 +157,15 @@ def main() -> None:
         + ", ".join(args.prompts_of) + ".", "",
         "## Attacks", "", *attack_markdown(rows, names), "",
     ]  # fmt: skip
+    seconds = attack_seconds(Path(args.bench), rows, names)
+    lines += ["Time per attack per target (wall seconds of the bench's attack stage when it ran: 1 thread per",
+              "process, 2 processes on the 2 cores):", ""]  # fmt: skip
+    for n, values in seconds.items():
+        if values:
+            lines.append(f"- {n}: mean {mean(values):.0f} s, max {max(values):.0f} s over {len(values)} targets; "
+                         f"{sum(values) / 60:.1f} min in all")  # fmt: skip
+    every = sum(sum(v) for v in seconds.values())
+    lines += [f"- the whole attack suite above: {every / 60:.1f} min of job time", ""]
     for name in (n for n in names if n in PROMPT_ATTACKS):
         order = ranking(rows, name)
         lines.append(f"- {name}, most to least robust: " + ", ".join(f"{m} {v:.1f}" for m, v in order))
