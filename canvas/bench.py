@@ -347,13 +347,13 @@ class Bench:
     def attack_job(self, target: str, job: Path, stages: StageClock) -> None:
         """The bench's attacks on a finished job's erased model (single targets only); each attack's failure is
         recorded in its folder and does not stop the others or fail the job's scores."""
-        if TOGETHER in target:
+        todo = [n for n in self.config.attacks if not attack_suite.finished(job / "attacks" / n, n)]
+        if TOGETHER in target or not todo:
             return
-        for name in self.config.attacks:
+        pipe, delta = self.load_base(), Delta.load(job / "delta")  # once: each attack leaves the base as it found it
+        for name in todo:
             folder = job / "attacks" / name
-            if attack_suite.finished(folder, name):
-                continue
-            attack_suite.attack_job(self.load_base(), Delta.load(job / "delta"), self.catalog, target, name, folder,
+            attack_suite.attack_job(pipe, delta, self.catalog, target, name, folder,
                                self.judge, self.sampler, model=self.config.model, seeds=self.config.seeds[:1],
                                prompts=self.config.attack_prompts,
                                load=self.dataset().load, data_root=self.data_root() if self.config.data else None,

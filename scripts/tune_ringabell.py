@@ -24,21 +24,14 @@ import torch
 import erase
 from canvas import answers, splits
 from canvas import catalog as catalogs
+from canvas.attack_suite import concept_pairs
+from canvas.attacks import Conditions
 from canvas.judge import Judge
 from canvas.method_inputs import concept_text
-from erase.catalog import style_words
 from erase.ringabell import PRESETS, concept_vector, ring_a_bell
 from erase.text import PromptEncoder
 
 SEEDS = answers.SEEDS[:2]
-
-
-def pairs(cat, target: str) -> tuple[list[str], list[str]]:
-    """The target's benchmark prompts and the same prompts without the target's words."""
-    if cat.is_style(target):
-        return [cat.prompt(target, o) for o in cat.objects], [f"A {o} image." for o in cat.objects]
-    themes = cat.themes
-    return [cat.prompt(t, target) for t in themes], [f"An image in {style_words(t, cat.photo)} style." for t in themes]
 
 
 def success_rate(pipe, judge, cat, target: str, prompts: list[str], encoder) -> float:
@@ -52,16 +45,6 @@ def success_rate(pipe, judge, cat, target: str, prompts: list[str], encoder) -> 
     else:
         hits = object_logits.argmax(dim=1) == cat.object_label(target)
     return 100.0 * float(hits.float().mean())
-
-
-class AttackedEncoder:
-    """The sampler's encoder: attacked prompts (by name) give their condition, any other prompt its encoding."""
-
-    def __init__(self, conditions: dict[str, torch.Tensor], plain: PromptEncoder):
-        self.conditions, self.plain = conditions, plain
-
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        return torch.cat([self.conditions[p] if p in self.conditions else self.plain([p]) for p in prompts])
 
 
 def main() -> None:
@@ -80,7 +63,7 @@ def main() -> None:
               for g, k, s in itertools.product(args.generations, args.tokens, args.strength)]  # fmt: skip
     figures: dict[int, dict[str, float]] = {i: {} for i in range(len(trials))}
     for target in targets:
-        with_concept, without_concept = pairs(cat, target)
+        with_concept, without_concept = concept_pairs(cat, target)
         attacked = with_concept[: args.prompts]
         vector = concept_vector(pipe.tokenizer, pipe.text_encoder, with_concept, without_concept)
         original = success_rate(pipe, judge, cat, target, attacked, plain)
@@ -98,7 +81,7 @@ def main() -> None:
             erased = success_rate(pipe, judge, cat, target, attacked, plain)
             for i, (settings, (results, seconds)) in enumerate(zip(trials, found)):
                 conditions = {f"<ring-a-bell {j}>": r.condition(pipe.text_encoder) for j, r in enumerate(results)}
-                rate = success_rate(pipe, judge, cat, target, list(conditions), AttackedEncoder(conditions, plain))
+                rate = success_rate(pipe, judge, cat, target, list(conditions), Conditions(pipe, conditions))
                 figures[i][target] = rate
                 print(f"{target:12s} trial {i} tokens={settings.tokens:2d} eta={settings.strength:g} "
                       f"generations={settings.generations}: ASR {rate:5.1f} (erased, no attack {erased:5.1f}; "
