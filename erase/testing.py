@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .sampling import SD_V1_DDIM
 
@@ -37,9 +43,14 @@ def word_tokenizer(words: list[str] | tuple[str, ...], model_max_length: int = 1
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, layers: int = 2, heads: int = 4) -> CLIPTextModel:
-    """A randomly initialised CLIP text encoder sized to `tokenizer` (MLP width 2x hidden), as small models use."""
-    return CLIPTextModel(
+def clip_text_encoder(
+    tokenizer: CLIPTokenizer, hidden_size: int, layers: int = 2, heads: int = 4, projection_dim: int | None = None
+) -> CLIPTextModel:
+    """A randomly initialised CLIP text encoder sized to `tokenizer` (MLP width 2x hidden), as small models use;
+    with `projection_dim`, the projected kind SDXL's second encoder is (its pooled output feeds the UNet)."""
+    cls = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
+    extra = {} if projection_dim is None else {"projection_dim": projection_dim}
+    return cls(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=hidden_size,
@@ -50,15 +61,28 @@ def clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, layers: int = 
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **extra,
         )
     )
 
 
-def tiny_pipeline(
-    seed: int = 0,
-    words: tuple[str, ...] = ("a", "photo", "of", "cat", "dog", "style", "van", "gogh", "painting", "in", "image"),
-    sample_size: int = 8,
-) -> StableDiffusionPipeline:
+TINY_WORDS = ("a", "photo", "of", "cat", "dog", "style", "van", "gogh", "painting", "in", "image")
+
+
+def tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+
+
+def tiny_pipeline(seed: int = 0, words: tuple[str, ...] = TINY_WORDS, sample_size: int = 8) -> StableDiffusionPipeline:
     """A randomly initialised pipeline with SD's structure (attn1/attn2 transformer blocks, KL VAE, CLIP text
     encoder) at toy size, deterministic for `seed`."""
     torch.manual_seed(seed)
@@ -75,16 +99,7 @@ def tiny_pipeline(
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-    )
+    vae = tiny_vae()
     text_encoder = clip_text_encoder(tokenizer, hidden_size=32)
     scheduler = DDIMScheduler(**SD_V1_DDIM)
     return StableDiffusionPipeline(
@@ -110,3 +125,44 @@ def sd_shaped_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     )  # fmt: skip
     return pipe
+
+
+def tiny_sdxl_pipeline(seed: int = 0, words: tuple[str, ...] = TINY_WORDS) -> StableDiffusionXLPipeline:
+    """A randomly initialised pipeline with SDXL's structure at toy size: two CLIP text encoders (widths 16 and 32,
+    the second projected), a 48-d cross-attention context (their penultimate states side by side), linear
+    projections, several transformer layers per block and the "text_time" added conditions (pooled text embedding
+    and six time ids); deterministic for `seed`."""
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = word_tokenizer(words), word_tokenizer(words)
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=16)
+    text_encoder_2 = clip_text_encoder(tokenizer_2, hidden_size=32, projection_dim=24)
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=16 + 32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + 24,
+        norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(**SD_V1_DDIM)
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
