@@ -94,7 +94,7 @@ def sample(
         eta=0.0,
         size=sampler.size,
         scheduler=sampling.ddim_scheduler(pipe.scheduler.config),
-        encoder=encoder if encoder is not None else PromptEncoder(pipe.tokenizer, pipe.text_encoder),
+        encoder=encoder if encoder is not None else PromptEncoder.of(pipe),
         batch_size=batch_size,
         output_type=output_type,
     )
@@ -198,7 +198,7 @@ def generate(
         with apply(pipe) if apply else nullcontext():
             # created (and so filled) inside the apply context: a runtime patch on the text encoder (SEOT) must see
             # every encoding; an encoder cached before it would hand out unpatched embeddings
-            encode = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+            encode = PromptEncoder.of(pipe)
             for batch in todo:
                 prompts = [catalog.prompt(it.theme, it.object) for it in batch]
                 seeds = [it.generator_seed for it in batch]

@@ -33,6 +33,7 @@ from canvas.method_inputs import concept_text
 from erase import sampling
 from erase.atomic import atomic_write, save_image, write_json
 from erase.attack import AttackResult
+from erase.conditioning import require_one_encoder
 from erase.delta import Delta, fingerprint
 from erase.text import PromptEncoder
 
@@ -137,7 +138,7 @@ class Conditions:
 
     def __init__(self, pipe, attacked: Mapping[str, torch.Tensor]):
         self.attacked = attacked
-        self.plain = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+        self.plain = PromptEncoder.of(pipe)
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -188,6 +189,7 @@ def run_attack(run: AttackRun, attack: PromptAttack, items: Sequence[AnswerItem]
     summary (`results.json`: pre-ASR, ASR and one row per prompt) and a grid (base / erased / attacked)."""
     if not items:
         raise ValueError(f"no prompts to attack for target {run.target!r}")
+    require_one_encoder(run.pipe, f"the {attack.name} attack")  # before any folder is claimed
     out = run.out
     run.verdict = verdict
     answers.claim(out, identity(run, attack, items))

@@ -2,8 +2,8 @@
 
 One table per component (UNet, VAE, CLIP text encoder) maps each diffusers parameter name to its LDM name. The same
 table serves both directions, so a pipeline written with `to_single_file` loads back bit for bit, and checkpoints from
-the original Stable Diffusion repositories (SD 1.x, and SD 2.x with an OpenCLIP text encoder) load into diffusers
-modules without any hub access.
+the original Stable Diffusion repositories (SD 1.x, SD 2.x with an OpenCLIP text encoder, and SDXL base with both)
+load into diffusers modules without any hub access.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+# SDXL (Stability's generative-models layout): OpenAI CLIP ViT-L first, OpenCLIP ViT-bigG (with projection) second.
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # Inside a ResNet block, diffusers name -> LDM name.
 _UNET_RESNET = {
@@ -70,6 +73,8 @@ def unet_prefix_map(config: Mapping) -> list[tuple[str, str, bool]]:
         ("mid_block.resnets.0.", "middle_block.0.", True),
         ("mid_block.attentions.0.", "middle_block.1.", False),
         ("mid_block.resnets.1.", "middle_block.2.", True),
+        ("add_embedding.linear_1.", "label_emb.0.0.", False),  # SDXL's pooled-text + time-ids embedding
+        ("add_embedding.linear_2.", "label_emb.0.2.", False),
     ]
     index = 1
     for i, layers in enumerate(per_down):
@@ -99,7 +104,7 @@ def unet_key(key: str, config: Mapping) -> str:
         if key.startswith(old):
             rest = key[len(old) :]
             return new + (_rename_inner(rest, _UNET_RESNET) if is_resnet else rest)
-    raise ConversionError(f"UNet parameter {key!r} has no place in the CompVis/LDM layout (SD 1.x/2.x UNets only)")
+    raise ConversionError(f"UNet parameter {key!r} has no place in the CompVis/LDM layout (SD 1.x/2.x, SDXL UNets)")
 
 
 def vae_key(key: str, config: Mapping) -> str:
@@ -152,9 +157,38 @@ def ldm_state_dict(pipe) -> dict[str, torch.Tensor]:
         if _is_vae_attention_weight(name) and value.ndim == 2:
             value = value.reshape(*value.shape, 1, 1)  # LDM's VAE attention uses 1x1 convolutions
         out[VAE_PREFIX + name] = value
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     for key, value in pipe.text_encoder.state_dict().items():
-        out[CLIP_PREFIX + clip_key(key)] = value
+        out[(SDXL_CLIP_PREFIX if sdxl else CLIP_PREFIX) + clip_key(key)] = value
+    if sdxl:
+        out.update(open_clip_state_dict(pipe.text_encoder_2, SDXL_OPEN_CLIP_PREFIX))
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def open_clip_state_dict(text_encoder: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model in OpenCLIP's layout under `prefix`: q/k/v fused into `in_proj`, its own names,
+    and the projection as OpenCLIP's (width, projection) matrix (the transpose of the Linear weight)."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in text_encoder.state_dict().items():
+        name = clip_key(key)
+        if name == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T
+        elif name in _OPEN_CLIP_TOP:
+            out[prefix + _OPEN_CLIP_TOP[name]] = value
+        else:
+            match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+            if match is None:
+                raise ConversionError(f"text encoder parameter {key!r} has no place in the OpenCLIP layout")
+            layer, module, kind = match.groups()
+            base = f"{prefix}transformer.resblocks.{layer}."
+            if module in _QKV:
+                layers.setdefault(f"{base}attn.in_proj_{kind}", {})[module] = value
+            else:
+                out[f"{base}{_OPEN_CLIP_LAYER[module]}.{kind}"] = value
+    for name, parts in layers.items():
+        out[name] = torch.cat([parts[m] for m in _QKV])  # q, k, v stacked along the output rows
+    return out
 
 
 def to_single_file(pipe, path: str | os.PathLike) -> Path:
@@ -232,6 +266,7 @@ _OPEN_CLIP_LAYER = {
     "mlp.fc1": "mlp.c_fc",
     "mlp.fc2": "mlp.c_proj",
 }
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # the order OpenCLIP fuses them in
 _OPEN_CLIP_TOP = {
     "embeddings.token_embedding.weight": "token_embedding.weight",
     "embeddings.position_embedding.weight": "positional_embedding",
@@ -240,17 +275,22 @@ _OPEN_CLIP_TOP = {
 }
 
 
-def _open_clip_value(checkpoint: Mapping[str, torch.Tensor], key: str, target: torch.Tensor) -> torch.Tensor:
-    """SD 2.x stores an OpenCLIP text tower: fused q/k/v ('in_proj') and its own names; diffusers keeps the first
-    layers of it (SD 2 conditions on the penultimate layer), so unused trailing layers in the file are expected."""
+def _open_clip_value(
+    checkpoint: Mapping[str, torch.Tensor], key: str, target: torch.Tensor, prefix: str = OPEN_CLIP_PREFIX
+) -> torch.Tensor:
+    """SD 2.x and SDXL store an OpenCLIP text tower: fused q/k/v ('in_proj') and its own names; diffusers keeps the
+    first layers of SD 2's (it conditions on the penultimate layer), so unused trailing layers in the file are
+    expected."""
+    if key == "text_projection.weight":  # SDXL's second encoder: OpenCLIP keeps the transpose
+        return _take(checkpoint, prefix + "text_projection", target.T, "text encoder").T
     if key in _OPEN_CLIP_TOP:
-        return _take(checkpoint, OPEN_CLIP_PREFIX + _OPEN_CLIP_TOP[key], target, "text encoder")
+        return _take(checkpoint, prefix + _OPEN_CLIP_TOP[key], target, "text encoder")
     match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
     if not match:
         raise ConversionError(f"text encoder parameter {key!r} has no place in the OpenCLIP layout")
     layer, module, kind = match.groups()
-    base = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}."
-    qkv = {"self_attn.q_proj": 0, "self_attn.k_proj": 1, "self_attn.v_proj": 2}
+    base = f"{prefix}transformer.resblocks.{layer}."
+    qkv = {name: i for i, name in enumerate(_QKV)}
     if module in qkv:
         fused = checkpoint.get(f"{base}attn.in_proj_{kind}")
         if fused is None:
@@ -262,18 +302,24 @@ def _open_clip_value(checkpoint: Mapping[str, torch.Tensor], key: str, target: t
 
 
 def load_text_encoder_from_ldm(
-    text_encoder: nn.Module, checkpoint: Mapping[str, torch.Tensor], dtype: torch.dtype
+    text_encoder: nn.Module, checkpoint: Mapping[str, torch.Tensor], dtype: torch.dtype, which: int = 0
 ) -> None:
-    """Fill a transformers CLIPTextModel from 'cond_stage_model.transformer.*' (SD 1.x, OpenAI CLIP; with or without
-    the 'text_model.' level) or 'cond_stage_model.model.*' (SD 2.x, OpenCLIP)."""
-    open_clip = any(k.startswith(OPEN_CLIP_PREFIX) for k in checkpoint)
+    """Fill a transformers CLIP text model from 'cond_stage_model.transformer.*' (SD 1.x, OpenAI CLIP; with or without
+    the 'text_model.' level) or 'cond_stage_model.model.*' (SD 2.x, OpenCLIP); in an SDXL file, `which` 0 is the
+    OpenAI CLIP under 'conditioner.embedders.0.transformer.*', 1 the OpenCLIP under
+    'conditioner.embedders.1.model.*'."""
+    sdxl = any(k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in checkpoint)
+    open_clip = which == 1 or (not sdxl and any(k.startswith(OPEN_CLIP_PREFIX) for k in checkpoint))
+    open_prefix = SDXL_OPEN_CLIP_PREFIX if sdxl else OPEN_CLIP_PREFIX
+    clip_prefix = SDXL_CLIP_PREFIX if sdxl else CLIP_PREFIX
     values = {}
     for key, target in text_encoder.state_dict().items():
+        name = clip_key(key) if key != "text_projection.weight" else key
         if open_clip:
-            values[key] = _open_clip_value(checkpoint, key, target)
+            values[key] = _open_clip_value(checkpoint, name, target, open_prefix)
             continue
-        name = CLIP_PREFIX + clip_key(key)
-        if name not in checkpoint:  # checkpoints made with old transformers lack the 'text_model.' level
-            name = "cond_stage_model.transformer." + clip_key(key)
-        values[key] = _take(checkpoint, name, target, "text encoder")
+        ldm = clip_prefix + name
+        if ldm not in checkpoint:  # checkpoints made with old transformers lack the 'text_model.' level
+            ldm = clip_prefix.removesuffix("text_model.") + name
+        values[key] = _take(checkpoint, ldm, target, "text encoder")
     _load_into(text_encoder, values, dtype)

@@ -20,9 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_dir, atomic_write, write_json
+from .conditioning import architecture
 from .runtime import Handle, Runtime
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+ARCHITECTURES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}
 TENSORS_FILE, META_FILE = "delta.safetensors", "delta.json"
 RUNTIME_PREFIX = "runtime."
 
@@ -170,6 +172,10 @@ class Delta:
     @torch.no_grad()
     def apply(self, pipe, force: bool = False) -> None:
         """Write the delta's values into `pipe` (keeping the replaced ones for `revert`)."""
+        made_on, here = self.metadata.get("architecture"), architecture(pipe)
+        if made_on is not None and made_on != here:  # even forced: the tensors would not fit
+            raise ValueError(f"this delta was made on an {ARCHITECTURES.get(made_on, made_on)} model and cannot be "
+                             f"applied to an {ARCHITECTURES[here]} pipeline")  # fmt: skip
         if not force:
             self.check_base(pipe)
         targets = {name: _parameter(pipe, name) for name in self.tensors}

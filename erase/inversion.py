@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attack import AttackResult, content_tokens, encode_embeds, word_embedding
+from .conditioning import require_one_encoder
 from .sampling import randn
 from .unlearndiffatk import denoising_loss, frozen_tensors
 
@@ -150,6 +151,7 @@ def invert(
     if len(prompts) != images.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images: give one prompt per image")
     generator = generator if generator is not None else torch.Generator().manual_seed(settings.seed)
+    require_one_encoder(pipe, "Concept inversion")
     unet, encoder, scheduler = pipe.unet, pipe.text_encoder, pipe.scheduler
     table = word_embedding(encoder).weight
     encoded = [placeholder_ids(pipe.tokenizer, p) for p in prompts]

@@ -1,4 +1,4 @@
-"""Load a UNet2DConditionModel-based text-to-image pipeline (SD 1.x/2.x) from any of the forms users hold.
+"""Load a UNet2DConditionModel-based text-to-image pipeline (SD 1.x/2.x, SDXL) from any of the forms users hold.
 
 Sources: the built-in "toy", a diffusers pipeline folder, or one CompVis/LDM-layout checkpoint (`.safetensors`, or a
 legacy `.ckpt` read weights-only) together with a local diffusers folder giving the architecture. Nothing here
@@ -22,6 +22,7 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .conditioning import check_supported, install
 from .convert import ConversionError, load_text_encoder_from_ldm, load_unet_from_ldm, load_vae_from_ldm
 from .paths import TOY_ENV, toy_path
 
@@ -105,14 +106,14 @@ def _pipeline_class(folder: Path, label: str) -> tuple[type[DiffusionPipeline], 
     cls = getattr(diffusers, str(name), None)
     if not (isinstance(cls, type) and issubclass(cls, DiffusionPipeline)):
         raise ValueError(f"{label!r}: model_index.json names pipeline class {name!r}, which diffusers does not have")
-    if "text_encoder_2" in index or "XL" in str(name):
-        raise ValueError(f"{label!r}: {name} is an SDXL pipeline (two text encoders), which this toolkit does not "
-                         "support yet; accepted: SD 1.x/2.x pipelines")  # fmt: skip
+    if "Img2Img" in str(name) or "Inpaint" in str(name) or "text_encoder" not in index:
+        raise ValueError(f"{label!r}: {name} is not a text-to-image base pipeline (an SDXL refiner has no "
+                         "text_encoder); accepted: SD 1.x/2.x and SDXL text-to-image pipelines")  # fmt: skip
     unet = index.get("unet")
     if not (isinstance(unet, list | tuple) and len(unet) == 2 and unet[1] == UNet2DConditionModel.__name__):
         raise ValueError(
             f"{label!r}: {name} has no UNet2DConditionModel (unet entry: {unet!r}); only UNet2DConditionModel-based "
-            "text-to-image pipelines (SD 1.x, 2.x) are supported"
+            "text-to-image pipelines (SD 1.x, 2.x, SDXL) are supported"
         )
     return cls, index
 
@@ -129,6 +130,8 @@ def _safety_off_kwargs(cls: type[DiffusionPipeline]) -> dict:
 
 
 def _finish(pipe: DiffusionPipeline, dtype: torch.dtype, device: torch.device) -> DiffusionPipeline:
+    check_supported(pipe)
+    install(pipe)  # SDXL: the UNet reads the pooled embedding packed into the prompt embedding
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             first = next(module.parameters(), None)
@@ -204,11 +207,13 @@ def _load_single_file(
         with init_empty_weights():
             vae = vae_cls.from_config(vae_cls.load_config(str(config), subfolder="vae"))
         load_vae_from_ldm(vae, checkpoint, dtype)
-        text_cls = getattr(transformers, index["text_encoder"][1])
-        text_config = text_cls.config_class.from_pretrained(str(config / "text_encoder"), local_files_only=True)
-        with init_empty_weights():
-            text_encoder = text_cls(text_config)
-        load_text_encoder_from_ldm(text_encoder, checkpoint, dtype)
+        encoders = {}  # SDXL: both text encoders, the second from the file's OpenCLIP tower
+        for which, part in enumerate(p for p in ("text_encoder", "text_encoder_2") if p in index):
+            text_cls = getattr(transformers, index[part][1])
+            text_config = text_cls.config_class.from_pretrained(str(config / part), local_files_only=True)
+            with init_empty_weights():
+                encoders[part] = text_cls(text_config)
+            load_text_encoder_from_ldm(encoders[part], checkpoint, dtype, which)
     except ConversionError as err:
         raise ValueError(f"{label!r} does not fit the CompVis/LDM layout of config={str(config)!r}: {err}") from err
     del checkpoint
@@ -217,7 +222,7 @@ def _load_single_file(
             str(config),
             unet=unet,
             vae=vae,
-            text_encoder=text_encoder,
+            **encoders,
             local_files_only=True,
             **{_dtype_kwarg(): dtype},
             **_safety_off_kwargs(cls),

@@ -159,7 +159,7 @@ def relearn(
     prompts = [prompts] * len(latents) if isinstance(prompts, str) else list(prompts)
     if len(prompts) != len(latents) or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"give one prompt for all images or one per image ({len(latents)}), got {len(prompts)}")
-    emb = PromptEncoder(pipe.tokenizer, pipe.text_encoder)(prompts).to(pipe.unet.device, pipe.unet.dtype)
+    emb = PromptEncoder.of(pipe)(prompts).to(pipe.unet.device, pipe.unet.dtype)
     unet, scheduler = pipe.unet, pipe.scheduler
     params = select(unet, settings.params)
     outcome = RelearnOutcome(trained_tensors=len(params), _params=params)

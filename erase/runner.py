@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from ._version import __version__
+from .conditioning import architecture
 from .context import RunContext
 from .delta import Delta, component_fingerprints, fingerprint
 from .frozen import FrozenOriginal
@@ -76,7 +77,7 @@ def run(
     frozen = FrozenOriginal(unet, [n for n in params if not n.startswith(TEXT_ENCODER)])
     text_names = [n.removeprefix(TEXT_ENCODER) for n in params if n.startswith(TEXT_ENCODER)]
     ctx = RunContext(
-        pipe, config, params, frozen, PromptEncoder(pipe.tokenizer, pipe.text_encoder, strict=True),
+        pipe, config, params, frozen, PromptEncoder.of(pipe, strict=True),
         Path(checkpoint_dir) if checkpoint_dir else None, accelerator, progress, local,
         run_key=run_key(config, base_fingerprint),
         frozen_text=FrozenOriginal(pipe.text_encoder, text_names) if text_names else None,
@@ -101,6 +102,7 @@ def run(
     metadata |= {
         "method": spec.name, "config": config_dict, "versions": versions(), "base_fingerprint": base_fingerprint,
         "component_fingerprints": base_components, "parameter_set": config.parameter_set(),
+        "architecture": architecture(pipe),
     }  # fmt: skip
     delta = Delta.from_changes(before, after, metadata, runtime)
     if runtime is not None:

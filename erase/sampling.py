@@ -16,6 +16,8 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from .conditioning import is_sdxl, pooled_dim, unpack
+
 # (latents, timestep, text embeddings) -> predicted noise
 NoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -227,15 +229,29 @@ def _direct_batch(pipe, prompts: list[str], generators: list[torch.Generator], p
 def _pipeline_batch(pipe, prompts: list[str], generators: list[torch.Generator], protocol: _Protocol) -> Images:
     """One batch through the pipeline's own call: the reference the direct loop reproduces."""
     encoder = protocol.encoder
-    text = (
-        {"prompt_embeds": encoder(prompts), "negative_prompt_embeds": encoder([""] * len(prompts))}
-        if encoder is not None
-        else {"prompt": prompts}
-    )
+    if encoder is None:
+        text = {"prompt": prompts}
+    elif is_sdxl(pipe.unet):
+        text = _sdxl_embeds(pipe, encoder, prompts)
+    else:
+        text = {"prompt_embeds": encoder(prompts), "negative_prompt_embeds": encoder([""] * len(prompts))}
     return pipe(
         **text, num_inference_steps=protocol.steps, guidance_scale=protocol.guidance, eta=protocol.eta,
         height=protocol.size, width=protocol.size, output_type=protocol.output_type, generator=generators,
     ).images  # fmt: skip
+
+
+def _sdxl_embeds(pipe, encoder: Encoder, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """The SDXL pipeline's embedding arguments from an encoder of packed embeddings (erase.conditioning), with the
+    negative ones the pipeline itself uses for no negative prompt (zeros under `force_zeros_for_empty_prompt`)."""
+    width = pooled_dim(pipe.unet)
+    tokens, pooled = unpack(encoder(prompts), width)
+    if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        negative, negative_pooled = torch.zeros_like(tokens), torch.zeros_like(pooled)
+    else:
+        negative, negative_pooled = unpack(encoder([""] * len(prompts)), width)
+    return {"prompt_embeds": tokens, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": negative,
+            "negative_pooled_prompt_embeds": negative_pooled}  # fmt: skip
 
 
 @torch.no_grad()

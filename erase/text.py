@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .conditioning import encode_ids, install, is_sdxl
+
 
 class PromptEncoder:
     """Text-encoder outputs per prompt, computed once: erasure loops re-encode the same few prompts every step.
@@ -16,7 +18,18 @@ class PromptEncoder:
         self.strict = strict
         self.text_encoder = text_encoder
         self.device = device
+        self._pipe = None  # set by `of` for SDXL, whose embedding needs both encoders
         self._cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, pipe, device: torch.device | str | None = None, strict: bool = False) -> PromptEncoder:
+        """The encoder of what `pipe`'s UNet is given: its text encoder's states (SD 1.x/2.x), or SDXL's packed
+        embedding of both encoders (erase.conditioning; the pipeline's UNet learns to read it)."""
+        encoder = cls(pipe.tokenizer, pipe.text_encoder, device, strict)
+        if is_sdxl(pipe.unet):
+            install(pipe)
+            encoder._pipe = pipe
+        return encoder
 
     def ids(self, prompt: str) -> torch.Tensor:
         """The prompt's padded token ids (ValueError, when strict, if it does not fit)."""
@@ -35,7 +48,7 @@ class PromptEncoder:
         if missing:
             device = self.device or next(self.text_encoder.parameters()).device
             ids = torch.stack([self.ids(p) for p in missing]).to(device)
-            hidden = self.text_encoder(ids)[0]
+            hidden = self.text_encoder(ids)[0] if self._pipe is None else encode_ids(self._pipe, ids, self.text_encoder)
             self._cache.update(zip(missing, hidden))
         return torch.stack([self._cache[p] for p in prompts])
 

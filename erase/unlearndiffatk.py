@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attack import AttackResult, content_tokens, encode_embeds, prompt_ids, splice_prefix, word_embedding
+from .conditioning import require_one_encoder
 from .images import denoising_target, encode_latents
 from .sampling import randn
 
@@ -173,6 +174,7 @@ def unlearndiffatk(
     distribution gets gradients; the text encoder and UNet are used as they are."""
     check_prompt(pipe.tokenizer, prompt, settings.tokens)
     generator = generator if generator is not None else torch.Generator().manual_seed(settings.seed)
+    require_one_encoder(pipe, "UnlearnDiffAtk")
     unet, encoder, scheduler = pipe.unet, pipe.text_encoder, pipe.scheduler
     latents = image_latents(pipe, images).to(unet.device)
     table = word_embedding(encoder).weight

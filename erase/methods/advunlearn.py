@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attack import AttackResult, PrefixAttack, content_tokens, encode_embeds, prefix_attack, prompt_ids
+from ..conditioning import require_one_encoder
 from ..config import TrainingConfig, concept_texts, texts
 from ..context import RunContext
 from ..frozen import unwrap
@@ -147,6 +148,7 @@ def make_loss(ctx: RunContext) -> LossFn:
     """The AdvUnlearn loss for the training loop: the attack (after warm-up) then the ESD + retain loss."""
     cfg: AdvUnlearnConfig = ctx.config
     pipe, unet = ctx.pipe, ctx.pipe.unet
+    require_one_encoder(pipe, "AdvUnlearn (its attack and trained encoder, as released)")
     encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
     check_concepts(tokenizer, cfg)
     device, dtype, shape = unet.device, unet.dtype, latent_shape(unet)

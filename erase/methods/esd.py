@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..conditioning import sampling_unconditional
 from ..config import TrainingConfig, concept_texts
 from ..context import RunContext
 from ..frozen import unwrap
@@ -46,6 +47,11 @@ class ESDConfig(TrainingConfig):
         "diffusers-code": {"steps": 200, "lr": 5e-5, "negative_guidance": 2.0, "start_guidance": 3.0,
                            "ddim_steps": 50, "mixed_precision": "bf16", "sample_with": "frozen",
                            "anchor": "concept"},
+        # The authors' SDXL script (esd_sdxl.py, 2025): as diffusers-code but lr 2e-4, η 1, start guidance 2 (esd-x;
+        # they warn other variants are experimental). x_t's guidance uses the pipeline's zeroed negative
+        # (force_zeros_for_empty_prompt), the target the encoded empty prompt, as there; 1024 px, the model's size.
+        "paper-sdxl": {"steps": 200, "lr": 2e-4, "negative_guidance": 1.0, "start_guidance": 2.0, "ddim_steps": 50,
+                       "mixed_precision": "bf16", "sample_with": "frozen", "anchor": "concept"},
         # Ours (1.5 M-parameter UNet; paper values move it too little), chosen by scripts/tune_toy.py on the tuning
         # targets only (docs/results/tuning/esd-*.md). Tuning means (not results): styles UA 100 / IRA 90 / CRA 96
         # (lr 3e-3 lost IRA: 62; 400 steps no better); objects at lr 7.5e-4 UA 98 / IRA 87 / CRA 100 (1.5e-3: IRA 74).
@@ -193,21 +199,25 @@ def make_pool(ctx: RunContext) -> TrajectoryPool | None:
     unet, n = ctx.pipe.unet, cfg.trajectory_pool
     scheduler = ddim_scheduler(ctx.pipe.scheduler.config, cfg.ddim_steps)
     empty, frozen_noise = ctx.encode(""), frozen_noise_fn(ctx)
+    null = sampling_unconditional(ctx.pipe, empty)
+    nulls = [] if null is empty else [null]  # SDXL: the sampler's zeroed negative needs its own pass
 
     def refill(g: torch.Generator) -> list[PoolState]:
         """n trajectories to the last DDIM step, batched, keeping every state with its frozen predictions."""
         picks = torch.randint(len(cfg.concepts), (n,), generator=g).tolist()
         noise = randn((n, *latent_shape(unet)), g, unet.device, unet.dtype)
         prompts = torch.cat([sampling_prompt(ctx, i) for i in picks])
-        embs = torch.cat([empty.expand_as(prompts), prompts])
+        embs = torch.cat([e.expand_as(prompts) for e in [empty, *nulls]] + [prompts])
+        parts = len(nulls) + 2
         x, states = noise * scheduler.init_noise_sigma, []
         with torch.no_grad():
             for k, t in enumerate(scheduler.timesteps):
-                e_empty, e_prompt = frozen_noise(torch.cat([x, x]), t.expand(2 * n).to(x.device), embs).chunk(2)
+                out = frozen_noise(torch.cat([x] * parts), t.expand(parts * n).to(x.device), embs).chunk(parts)
+                e_empty, e_null, e_prompt = out[0], out[-2], out[-1]
                 states += [PoolState(x[b : b + 1], int(t), k, picks[b], noise[b : b + 1], e_empty[b : b + 1],
                                      e_prompt[b : b + 1]) for b in range(n)]  # fmt: skip
                 if k + 1 < cfg.ddim_steps:
-                    x = scheduler.step(e_empty + cfg.start_guidance * (e_prompt - e_empty), t, x).prev_sample
+                    x = scheduler.step(e_null + cfg.start_guidance * (e_prompt - e_null), t, x).prev_sample
         return states
 
     # One run over several processes: each its own pool, or they would all hand out the same states.
@@ -221,6 +231,7 @@ def make_loss(ctx: RunContext) -> LossFn:
     unet = ctx.pipe.unet
     device, dtype, shape = unet.device, unet.dtype, latent_shape(unet)
     empty = ctx.encode("")
+    null = sampling_unconditional(ctx.pipe, empty)  # x_t's negative; the target's ∅ is `empty`
     scheduler = ddim_scheduler(ctx.pipe.scheduler.config, cfg.ddim_steps)
     train_steps = scheduler.config.num_train_timesteps
     frozen_noise = frozen_noise_fn(ctx)
@@ -246,7 +257,7 @@ def make_loss(ctx: RunContext) -> LossFn:
             index = int(torch.randint(len(cfg.concepts), (1,), generator=g))
             steps, fed = draw_steps(cfg, g, train_steps)
             noise = randn((1, *shape), g, device, dtype)
-            x_t, t = ddim_partial(sampler, scheduler, noise, sampling_prompt(ctx, index), empty, cfg.start_guidance,
+            x_t, t = ddim_partial(sampler, scheduler, noise, sampling_prompt(ctx, index), null, cfg.start_guidance,
                                   steps)  # fmt: skip
             xs.append(x_t)
             ts.append(t if fed is None else fed)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_write
+from ..conditioning import context_dim, encode_ids, token_rows
 from ..delta import fingerprint
 from ..text import check_fits
 from .uce import statistics_dtype
@@ -98,14 +99,14 @@ def _ids(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, list[list[int
 
 
 @torch.no_grad()
-def _encode(text_encoder, ids: torch.Tensor) -> torch.Tensor:
-    device = next(text_encoder.parameters()).device
-    return text_encoder(ids.to(device))[0].to(statistics_dtype(device))
+def _encode(pipe, ids: torch.Tensor) -> torch.Tensor:
+    device = next(pipe.text_encoder.parameters()).device
+    return token_rows(encode_ids(pipe, ids), pipe.unet).to(statistics_dtype(device))
 
 
 def refinement_statistics(pipe, pairs: Sequence[tuple[str, str]], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(E, S) = (Σ c_old c_oldᵀ, Σ c_new c_oldᵀ) over the aligned positions of every (erased, mapped) prompt pair."""
-    dim = pipe.text_encoder.config.hidden_size
+    dim = context_dim(pipe)
     device = next(pipe.text_encoder.parameters()).device
     erase = torch.zeros(dim, dim, dtype=statistics_dtype(device), device=device)
     shift = erase.clone()
@@ -113,7 +114,7 @@ def refinement_statistics(pipe, pairs: Sequence[tuple[str, str]], batch: int) ->
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
         padded, raw = _ids(pipe.tokenizer, [p for pair in chunk for p in pair])
-        emb = _encode(pipe.text_encoder, padded)
+        emb = _encode(pipe, padded)
         for k in range(len(chunk)):
             old, new = aligned_positions(raw[2 * k], raw[2 * k + 1], length)
             c_old, c_new = emb[2 * k, old], emb[2 * k + 1, new]
@@ -124,11 +125,11 @@ def refinement_statistics(pipe, pairs: Sequence[tuple[str, str]], batch: int) ->
 
 def gram(pipe, prompts: Sequence[str], batch: int) -> torch.Tensor:
     """Σ x xᵀ over every token vector (BOS, words, EOS, padding) of every prompt (the code's all_words=True)."""
-    dim = pipe.text_encoder.config.hidden_size
+    dim = context_dim(pipe)
     device = next(pipe.text_encoder.parameters()).device
     total = torch.zeros(dim, dim, dtype=statistics_dtype(device), device=device)
     for start in range(0, len(prompts), batch):
-        emb = _encode(pipe.text_encoder, _ids(pipe.tokenizer, prompts[start : start + batch])[0])
+        emb = _encode(pipe, _ids(pipe.tokenizer, prompts[start : start + batch])[0])
         flat = emb.reshape(-1, dim)
         total += flat.T @ flat
     return total
@@ -139,12 +140,12 @@ def preserve_gram(pipe, prompts: Sequence[str], batch: int, cache: Path | None) 
     and token ids, else computed and stored there (the released code's pre-cached COCO statistics, src/cache_coco.py,
     hold the same sums per layer)."""
     if not prompts:
-        dim = pipe.text_encoder.config.hidden_size
+        dim = context_dim(pipe)
         device = next(pipe.text_encoder.parameters()).device
         return torch.zeros(dim, dim, dtype=statistics_dtype(device), device=device)
     if cache is None:
         return gram(pipe, prompts, batch)
-    digest = hashlib.sha256(f"{CACHE_VERSION}:{fingerprint(pipe, ('text_encoder',))}".encode())
+    digest = hashlib.sha256(f"{CACHE_VERSION}:{fingerprint(pipe, ('text_encoder', 'text_encoder_2'))}".encode())
     for prompt in prompts:
         digest.update(torch.tensor(pipe.tokenizer(prompt).input_ids).numpy().tobytes() + b"|")
     path = cache / f"preserve-{digest.hexdigest()[:24]}.pt"

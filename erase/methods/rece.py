@@ -121,7 +121,7 @@ def padded_vectors(pipe, prompts: list[str]) -> torch.Tensor:
     for prompt, n in zip(prompts, lengths):
         if n > limit:
             raise ValueError(f"prompt {prompt!r} has {n} tokens, more than the tokenizer's {limit}; shorten it")
-    return uce._encode(pipe.text_encoder, ids)
+    return uce._encode(pipe, ids)
 
 
 def regenerating_map(

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..conditioning import context_dim
 from ..config import MethodConfig, concept_texts
 from ..context import RunContext
 from .uce import _aligned_spans, _check_tokens, _encode, _tokenize, check_kv_params
@@ -155,7 +156,7 @@ class SPEEDStatistics:
 
 def speed_statistics(pipe, config: SPEEDConfig) -> SPEEDStatistics:
     """Encode every prompt in batches of `encode_batch` (each batch's concepts and anchors in one call)."""
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    tokenizer = pipe.tokenizer
     step, generator = config.encode_batch, torch.Generator().manual_seed(config.seed)
     concepts, anchors = config.concepts, config.anchor_for_each()
     rows_c, rows_a, owners = [], [], []
@@ -168,7 +169,7 @@ def speed_statistics(pipe, config: SPEEDConfig) -> SPEEDStatistics:
         _check_tokens(tokenizer, chunk_c, last[ic], [lengths[i] for i in ic], "concept", need_word=True)
         _check_tokens(tokenizer, chunk_a, last[ia], [lengths[i] for i in ia], "anchor", need_word=False)
         _check_known(tokenizer, chunk_c, ids[ic], last[ic])
-        emb = _encode(encoder, ids)  # (B, T, d)
+        emb = _encode(pipe, ids)  # (B, T, d)
         if config.token_choice == "all":  # every token after the start, position by position (lines 61-63)
             c, a = emb[ic, 1:].reshape(-1, emb.shape[-1]), emb[ia, 1:].reshape(-1, emb.shape[-1])
             per = emb.shape[1] - 1
@@ -181,7 +182,7 @@ def speed_statistics(pipe, config: SPEEDConfig) -> SPEEDStatistics:
     erased, anchored = torch.cat(rows_c), torch.cat(rows_a)
     count = len(concepts)
     empty_ids, _, _ = _tokenize(tokenizer, [""])
-    empty = _encode(encoder, empty_ids)[0]  # (T, d): start, end, padding
+    empty = _encode(pipe, empty_ids)[0]  # (T, d): start, end, padding
     prompts = config.prior_prompts()
     if prompts:
         parts = []
@@ -189,7 +190,7 @@ def speed_statistics(pipe, config: SPEEDConfig) -> SPEEDStatistics:
             chunk = prompts[start : start + step]
             ids, last, lengths = _tokenize(tokenizer, chunk)
             _check_tokens(tokenizer, chunk, last, lengths, "preserve prompt", need_word=True)
-            parts.append(_encode(encoder, ids)[torch.arange(len(chunk)), last])
+            parts.append(_encode(pipe, ids)[torch.arange(len(chunk)), last])
         priors = torch.cat(parts)
     else:
         priors = empty[1:]
@@ -378,7 +379,7 @@ def speed_deltas(weights: dict[str, torch.Tensor], stats: SPEEDStatistics, confi
 def edit(ctx: RunContext) -> None:
     """Edit every declared K/V weight in place (statistics-dtype arithmetic, one rounding to its dtype)."""
     cfg: SPEEDConfig = ctx.config
-    check_kv_params(ctx.params, "SPEED", ctx.pipe.text_encoder.config.hidden_size)
+    check_kv_params(ctx.params, "SPEED", context_dim(ctx.pipe))
     stats = speed_statistics(ctx.pipe, cfg)
     weights = {n: p.detach().to(device=stats.erase.device, dtype=stats.erase.dtype) for n, p in ctx.params.items()}
     deltas = speed_deltas(weights, stats, cfg)

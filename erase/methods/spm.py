@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import LowRankAdapter, wrappable
+from ..conditioning import token_rows
 from ..config import TrainingConfig, concept_texts
 from ..context import RunContext
 from ..frozen import unwrap
@@ -242,7 +243,8 @@ def build(ctx: RunContext) -> Runtime:
     finally:
         adapter.detach()
         delattr(unet, SUBMODULE)
-    targets = ctx.encode(cfg.concepts).detach().cpu()
+    # the token rows the UNet's hook sees (SDXL's pooled row is taken off before any method hook: erase.conditioning)
+    targets = token_rows(ctx.encode(cfg.concepts), ctx.pipe.unet).detach().cpu()
     settings = {"concepts": cfg.concepts, "rank": cfg.rank, "alpha": cfg.alpha, "gate": cfg.gate}
     return Runtime(KIND, {**adapter.tensors(), TARGETS: targets}, settings)
 

@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import catalog as catalogs
+from ..conditioning import context_dim, encode_ids, token_rows
 from ..config import MethodConfig, concept_texts, texts
 from ..context import RunContext
 
@@ -292,10 +293,11 @@ def _check_tokens(tokenizer, prompts: list[str], last: torch.Tensor, lengths: li
 
 
 @torch.no_grad()
-def _encode(text_encoder, ids: torch.Tensor) -> torch.Tensor:
-    """Text-encoder output token vectors (B, T, d) in the statistics dtype, whatever the encoder's dtype."""
-    device = next(text_encoder.parameters()).device
-    return text_encoder(ids.to(device))[0].to(statistics_dtype(device))
+def _encode(pipe, ids: torch.Tensor) -> torch.Tensor:
+    """The token vectors (B, T, d) the cross-attention keys and values read (SDXL: both encoders' side by side), in
+    the statistics dtype, whatever the encoder's dtype."""
+    device = next(pipe.text_encoder.parameters()).device
+    return token_rows(encode_ids(pipe, ids), pipe.unet).to(statistics_dtype(device))
 
 
 def _aligned_spans(
@@ -323,13 +325,13 @@ def token_vectors(pipe, config: UCEConfig) -> tuple[torch.Tensor, torch.Tensor, 
     inspection and tests (the statistics themselves are accumulated batch by batch without keeping these)."""
     parts: dict[str, list[torch.Tensor]] = {"c": [], "g": [], "p": []}
     _collect(pipe, config, lambda c, g: (parts["c"].append(c), parts["g"].append(g)), parts["p"].append)
-    dim = pipe.text_encoder.config.hidden_size
+    dim = context_dim(pipe)
     return tuple(torch.cat(parts[k]) if parts[k] else torch.zeros(0, dim) for k in "cgp")  # type: ignore[return-value]
 
 
 def _collect(pipe, config: UCEConfig, on_erase, on_preserve) -> None:
     """Encode the prompts in batches and hand each batch's chosen token vectors to the callbacks."""
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    tokenizer = pipe.tokenizer
     through_eos = config.token_choice == "through_eos"
     step = config.encode_batch
     pairs = config.erase_pairs()
@@ -342,14 +344,14 @@ def _collect(pipe, config: UCEConfig, on_erase, on_preserve) -> None:
         rows_c, rows_g = [where[c] for c in concepts], [where[g] for g in guides]
         _check_tokens(tokenizer, concepts, last[rows_c], [lengths[i] for i in rows_c], "concept", need_word=True)
         _check_tokens(tokenizer, guides, last[rows_g], [lengths[i] for i in rows_g], "guide", need_word=False)
-        emb = _encode(encoder, ids)  # one encoder call for the batch's concepts and guides
+        emb = _encode(pipe, ids)  # one encoder call for the batch's concepts and guides
         on_erase(*_aligned_spans(emb[rows_c], last[rows_c], emb[rows_g], last[rows_g], through_eos))
     preserve = config.preserve_prompts()
     for start in range(0, len(preserve), step):
         prompts = preserve[start : start + step]
         ids, last, lengths = _tokenize(tokenizer, prompts)
         _check_tokens(tokenizer, prompts, last, lengths, "preserve concept", need_word=not through_eos)
-        emb = _encode(encoder, ids)
+        emb = _encode(pipe, ids)
         if through_eos:  # the older code keeps every token of a preserved prompt
             on_preserve(emb.reshape(-1, emb.shape[-1]))
         else:
@@ -358,7 +360,7 @@ def _collect(pipe, config: UCEConfig, on_erase, on_preserve) -> None:
 
 def uce_statistics(pipe, config: UCEConfig) -> UCEStatistics:
     """The d×d sums of the closed form, accumulated over batches of prompts as matrix products."""
-    dim = pipe.text_encoder.config.hidden_size
+    dim = context_dim(pipe)
     device = next(pipe.text_encoder.parameters()).device
     stats = UCEStatistics.zeros(dim, device)
 
@@ -401,13 +403,13 @@ def check_kv_params(params: dict[str, torch.nn.Parameter], method: str, dim: int
                          "it")  # fmt: skip
     for name, p in params.items():
         if dim is not None and p.shape[1] != dim:
-            raise ValueError(f"{name} takes {p.shape[1]}-d inputs but the text encoder gives {dim}-d vectors")
+            raise ValueError(f"{name} takes {p.shape[1]}-d inputs but the text encoders give {dim}-d vectors")
 
 
 def edit(ctx: RunContext) -> None:
     """Edit every declared K/V weight in place (at least fp32 arithmetic, cast back to its dtype)."""
     cfg: UCEConfig = ctx.config
-    dim = ctx.pipe.text_encoder.config.hidden_size
+    dim = context_dim(ctx.pipe)
     check_kv_params(ctx.params, "UCE", dim)
     stats = uce_statistics(ctx.pipe, cfg)
     update = uce_update(stats, float(cfg.lam), float(cfg.erase_scale), cfg.effective_preserve_scale())

@@ -201,7 +201,6 @@ def test_folder_without_model_index(tmp_path):
 
 
 def test_folder_without_unet2dcondition(saved, tmp_path):
-    import json
     import shutil
 
     folder = tmp_path / "other"
@@ -241,7 +240,6 @@ def test_single_file_without_config(single_file):
 
 
 def test_single_file_with_wrong_architecture(saved, single_file, tmp_path):
-    import json
     import shutil
 
     wider = tmp_path / "wider"
@@ -316,12 +314,3 @@ def test_a_folder_with_code_carrying_bin_weights_is_refused_without_running_it(t
     with pytest.raises(ValueError, match="not a weights-only pickle"):
         load_pipeline(str(folder))
     assert not marker.exists()
-
-
-def test_an_sdxl_folder_is_refused_up_front(tmp_path):
-    folder = save_tiny(tmp_path / "model")
-    index = json.loads((folder / "model_index.json").read_text())
-    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
-    (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="SDXL pipeline"):
-        load_pipeline(str(folder))

@@ -1,0 +1,242 @@
+"""SDXL on a tiny random SDXL-shaped pipeline: loading, the packed prompt embedding against diffusers' own encoding
+and added conditions, sampling, frozen predictions, every registered method, ESD's loss and UCE's closed form
+against independent computations, and Deltas that refuse the other architecture."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import erase
+from erase import conditioning
+from erase.delta import Delta
+from erase.frozen import FrozenOriginal
+from erase.methods import get_method
+from erase.methods.esd import esd_target
+from erase.params import delta_name, select, select_in
+from erase.sampling import generate
+from erase.testing import tiny_sdxl_pipeline
+from erase.text import PromptEncoder
+from tests.unit.helpers import fresh_pipe
+from tests.unit.test_registry import example, weights
+
+# Methods written against one CLIP text encoder: on SDXL they refuse with a clear error (see their docstrings).
+ONE_ENCODER_ONLY = {"advunlearn": "one text encoder", "seot": "one CLIP text encoder"}
+
+
+def sdxl_pipe(seed: int = 0):
+    pipe = tiny_sdxl_pipeline(seed)
+    pipe.set_progress_bar_config(disable=True)
+    conditioning.install(pipe)
+    return pipe
+
+
+def sdxl_weights(pipe) -> dict[str, torch.Tensor]:
+    return weights(pipe) | {f"text_encoder_2.{k}": v.clone() for k, v in pipe.text_encoder_2.state_dict().items()}
+
+
+@torch.no_grad()
+def diffusers_conditions(pipe, prompt: str, size: int):
+    """diffusers' own SDXL conditioning of `prompt` (no classifier-free guidance): token states, added kwargs."""
+    tokens, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)  # fmt: skip
+    ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=tokens.dtype,
+                                 text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)  # fmt: skip
+    return tokens, {"text_embeds": pooled, "time_ids": ids}
+
+
+def test_a_saved_sdxl_folder_loads_with_its_conditions_installed(tmp_path):
+    tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")
+    pipe = erase.load_pipeline(tmp_path / "sdxl")
+    assert conditioning.is_sdxl(pipe.unet) and getattr(pipe.unet, conditioning.HOOK_ATTRIBUTE) is not None
+    assert conditioning.context_dim(pipe) == 48
+
+
+def test_a_refiner_like_folder_is_refused(tmp_path):
+    tiny_sdxl_pipeline().save_pretrained(tmp_path / "refiner")
+    index = json.loads((tmp_path / "refiner" / "model_index.json").read_text())
+    index["text_encoder"] = [None, None]  # the refiner has the second encoder only
+    (tmp_path / "refiner" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="refiner"):
+        erase.load_pipeline(tmp_path / "refiner")
+
+
+def test_packed_embedding_is_diffusers_encoding_and_the_unet_reads_it_as_added_conditions():
+    pipe = sdxl_pipe()
+    packed = PromptEncoder.of(pipe)("a van gogh painting")
+    tokens, added = diffusers_conditions(pipe, "a van gogh painting", size=16)
+    assert packed.shape == (1, tokens.shape[1] + 1, 48)
+    torch.testing.assert_close(packed[:, :-1], tokens, rtol=0, atol=1e-6)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    with torch.no_grad():
+        ours = pipe.unet(x, t, encoder_hidden_states=packed).sample
+        theirs = pipe.unet(x, t, encoder_hidden_states=tokens, added_cond_kwargs=added).sample
+        without_pooled = pipe.unet(x, t, encoder_hidden_states=tokens, added_cond_kwargs={
+            "text_embeds": torch.zeros_like(added["text_embeds"]), "time_ids": added["time_ids"]}).sample  # fmt: skip
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert not torch.allclose(ours, without_pooled)  # the pooled row does reach the UNet
+
+
+def test_sampling_with_the_packed_encoder_equals_the_pipelines_own_call():
+    pipe = sdxl_pipe()
+    ours = generate(pipe, ["a cat", "a dog"], [3, 4], steps=3, guidance=5.0, encoder=PromptEncoder.of(pipe))
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    theirs = pipe(["a cat", "a dog"], num_inference_steps=3, guidance_scale=5.0, generator=gens,
+                  output_type="pt").images  # fmt: skip
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_frozen_prediction_equals_an_untouched_copy_with_added_conditions():
+    pipe = sdxl_pipe()
+    original = copy.deepcopy(pipe.unet)
+    params = select(pipe.unet, "xattn")
+    frozen = FrozenOriginal(pipe.unet, list(params))
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn_like(p))
+    packed = PromptEncoder.of(pipe)(["a cat", "a dog"])
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    tokens, pooled = conditioning.unpack(packed, conditioning.pooled_dim(pipe.unet))
+    added = {"text_embeds": pooled, "time_ids": conditioning.time_ids(16, 16, 2, x.device, x.dtype)}
+    with torch.no_grad():
+        expected = original(x, t, encoder_hidden_states=tokens, added_cond_kwargs=added).sample
+        changed = pipe.unet(x, t, encoder_hidden_states=packed).sample
+    got = frozen(pipe.unet, x, t, encoder_hidden_states=packed).sample
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.allclose(changed, expected)
+
+
+@pytest.mark.parametrize("name", erase.available_methods())
+def test_every_method_runs_on_sdxl_and_changes_only_declared_tensors(name, tmp_path):
+    pipe = sdxl_pipe()
+    config = example(name, tmp_path)
+    if name in ONE_ENCODER_ONLY:
+        with pytest.raises(ValueError, match=ONE_ENCODER_ONLY[name]):
+            erase.run(pipe, config, progress=False)
+        return
+    before = sdxl_weights(pipe)
+    result = erase.run(pipe, config, progress=False)
+    changed = {k for k, v in sdxl_weights(pipe).items() if not torch.equal(before[k], v)}
+    if get_method(name).patches_at_runtime:
+        assert not changed and result.delta.runtime is not None
+    else:
+        declared = {delta_name(n) for n in select_in(sdxl_pipe(), config.parameter_set())}
+        assert changed and changed == set(result.delta.tensors) and changed <= declared
+    assert result.delta.metadata["architecture"] == "sdxl"
+    result.delta.save(tmp_path / "delta")
+    base = sdxl_pipe()
+    Delta.load(tmp_path / "delta").apply(base)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([400])
+    emb = PromptEncoder.of(pipe)("a van gogh painting of a cat")
+    with torch.no_grad():
+        torch.testing.assert_close(base.unet(x, t, emb).sample, pipe.unet(x, t, emb).sample, rtol=0, atol=0)
+
+
+def test_esd_loss_equals_the_formula_from_independent_unet_calls_with_added_conditions():
+    pipe = sdxl_pipe()
+    original = copy.deepcopy(pipe.unet)
+    params = select(pipe.unet, "xattn")
+    frozen = FrozenOriginal(pipe.unet, list(params))
+    with torch.no_grad():
+        for p in params.values():
+            p.mul_(1.1)
+    encode = PromptEncoder.of(pipe)
+    c, u = encode("van gogh"), encode("")
+    x, t, eta = torch.randn(1, 4, 8, 8), torch.tensor([321]), 1.7
+
+    def frozen_noise(x_, t_, e_):
+        return frozen(pipe.unet, x_, t_, encoder_hidden_states=e_).sample
+
+    ours = F.mse_loss(pipe.unet(x, t, encoder_hidden_states=c).sample, esd_target(frozen_noise, x, t, c, u, eta))
+    (tc, ac), (tu, au) = diffusers_conditions(pipe, "van gogh", 16), diffusers_conditions(pipe, "", 16)
+    with torch.no_grad():
+        e0_u = original(x, t, encoder_hidden_states=tu, added_cond_kwargs=au).sample
+        e0_c = original(x, t, encoder_hidden_states=tc, added_cond_kwargs=ac).sample
+        e_c = pipe.unet(x, t, encoder_hidden_states=tc, added_cond_kwargs=ac).sample
+    expected = ((e_c - (e0_u - eta * (e0_c - e0_u))) ** 2).mean()
+    torch.testing.assert_close(ours.detach(), expected, rtol=1e-5, atol=0)
+
+
+def test_uce_on_sdxl_equals_an_independent_least_squares_solve_over_the_2048_wide_context():
+    pipe = sdxl_pipe()
+    before = {n: p.detach().clone().double() for n, p in select(pipe.unet, "kv").items()}
+    concepts, guides, preserve = ["van gogh", "dog"], ["painting", ""], ["cat", "a photo of"]
+    lam, eta_e, eta_p = 0.5, 1.3, 0.7
+    config = erase.make_config("uce", concepts=concepts, guides=guides, preserve=preserve, lam=lam,
+                               erase_scale=eta_e, preserve_scale=eta_p, token_choice="last_word")  # fmt: skip
+    erase.run(pipe, config, progress=False)
+
+    def last_word(prompt: str) -> torch.Tensor:  # diffusers' encoding, the last word's row (BOS for "")
+        tokens, _ = diffusers_conditions(pipe, prompt, 16)
+        return tokens[0, max(len(pipe.tokenizer(prompt).input_ids) - 2, 0)].double()
+
+    c = torch.stack([last_word(p) for p in concepts])
+    g = torch.stack([last_word(p) for p in guides])
+    k = torch.stack([last_word(p) for p in preserve])
+    assert c.shape[1] == 48  # both encoders' widths side by side
+    for name, p in select(pipe.unet, "kv").items():
+        w = before[name]
+        a = torch.cat([lam**0.5 * torch.eye(48, dtype=torch.float64), eta_e**0.5 * c, eta_p**0.5 * k])
+        y = torch.cat([lam**0.5 * w.T, eta_e**0.5 * (g @ w.T), eta_p**0.5 * (k @ w.T)])
+        expected = torch.linalg.lstsq(a, y, driver="gelsd").solution.T
+        change, expected_change = p.detach().double() - w, expected - w
+        assert expected_change.norm() > 1e-3 * w.norm()
+        assert (change - expected_change).norm() / expected_change.norm() < 1e-4, name
+
+
+def test_a_delta_of_one_architecture_is_refused_by_the_other(tmp_path):
+    sdxl = sdxl_pipe()
+    made = erase.run(sdxl, erase.make_config("uce", concepts=["van gogh"], guides=["painting"]), progress=False)
+    with pytest.raises(ValueError, match="made on an SDXL model and cannot be applied to an SD 1.x/2.x"):
+        made.delta.apply(fresh_pipe(), force=True)
+    sd = erase.run(fresh_pipe(), erase.make_config("uce", concepts=["van gogh"], guides=["painting"]), progress=False)
+    with pytest.raises(ValueError, match="made on an SD 1.x/2.x model and cannot be applied to an SDXL"):
+        sd.delta.apply(sdxl_pipe())
+
+
+def test_attacks_written_for_one_encoder_refuse_sdxl_clearly():
+    from erase.unlearndiffatk import unlearndiffatk
+
+    with pytest.raises(ValueError, match="UnlearnDiffAtk works in one text encoder"):
+        unlearndiffatk(sdxl_pipe(), "a van gogh painting", torch.zeros(1, 3, 16, 16))
+
+
+def test_single_file_sdxl_export_reloads_tensor_for_tensor_here_and_in_diffusers(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from erase.convert import to_single_file
+
+    pipe = tiny_sdxl_pipeline(seed=3)
+    pipe.save_pretrained(tmp_path / "config")
+    path = to_single_file(pipe, tmp_path / "sdxl.safetensors")
+    ours = erase.load_pipeline(path, config=tmp_path / "config")
+    theirs = StableDiffusionXLPipeline.from_single_file(str(path), config=str(tmp_path / "config"),
+                                                        local_files_only=True)  # fmt: skip
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        expected = getattr(pipe, part).state_dict()
+        for loaded in (ours, theirs):
+            got = getattr(loaded, part).state_dict()
+            assert set(got) == set(expected), part
+            assert all(torch.equal(got[k], v) for k, v in expected.items()), part
+
+
+def test_esd_paper_sdxl_preset_is_the_authors_sdxl_script():
+    config = erase.make_config("esd", preset="paper-sdxl", concepts=["van gogh"])
+    # esd_sdxl.py: --iterations 200, --lr 2e-4 (esd-x), --negative_guidance 1, --guidance_scale 2,
+    # --num_inference_steps 50, bf16, x_t by the base UNet, no --erase_from: the concept is its own anchor
+    assert (config.steps, config.lr, config.negative_guidance, config.start_guidance, config.ddim_steps) == (
+        200, 2e-4, 1.0, 2.0, 50)  # fmt: skip
+    assert (config.mixed_precision, config.sample_with, config.anchor, config.parameter_set()) == (
+        "bf16", "frozen", "concept", "esd-x")  # fmt: skip
+
+
+def test_trajectories_are_guided_against_the_pipelines_own_negative():
+    empty_sdxl = PromptEncoder.of(sdxl_pipe())("")
+    assert torch.equal(conditioning.sampling_unconditional(sdxl_pipe(), empty_sdxl), torch.zeros_like(empty_sdxl))
+    kept = sdxl_pipe()
+    kept.register_to_config(force_zeros_for_empty_prompt=False)
+    assert conditioning.sampling_unconditional(kept, empty_sdxl) is empty_sdxl
+    empty_sd = PromptEncoder.of(fresh_pipe())("")
+    assert conditioning.sampling_unconditional(fresh_pipe(), empty_sd) is empty_sd
