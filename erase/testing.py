@@ -166,3 +166,19 @@ def tiny_sdxl_pipeline(seed: int = 0, words: tuple[str, ...] = TINY_WORDS) -> St
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
+
+
+def sdxl_shaped_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """`tiny_sdxl_pipeline` with SDXL base's UNet layout (3 levels, 2 layers, 1 / 2 / 10 transformer layers, linear
+    projections, text_time conditions) at a fifth of its width: for benchmarks of the SDXL code paths."""
+    pipe = tiny_sdxl_pipeline(seed)
+    torch.manual_seed(seed)
+    pipe.unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(64, 128, 256), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(2, 4, 8), cross_attention_dim=48,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=32,
+        projection_class_embeddings_input_dim=6 * 32 + 24,
+    )  # fmt: skip
+    return pipe

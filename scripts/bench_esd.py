@@ -1,6 +1,7 @@
 """ESD step time against the authors' code's compute, and memory against a two-UNet design, on the same model.
 
-    python scripts/bench_esd.py [--model toy|sd-shaped] [--steps 20] [--ddim-steps 25] [--pool 2] [--threads 1]
+    python scripts/bench_esd.py [--model toy|sd-shaped|sdxl-shaped] [--steps 20] [--ddim-steps 25] [--pool 2]
+        [--threads 1]
 
 Official: the bare UNet passes one step of the authors' code needs (the partial DDIM run, the two frozen target
 passes, the trained forward and backward, a deep-copied frozen UNet), timed with the same random draws and no
@@ -22,16 +23,21 @@ import torch
 import torch.nn.functional as F
 
 import erase
+from erase import conditioning
 from erase.frozen import FrozenOriginal
 from erase.params import select
 from erase.sampling import ddim_partial, ddim_scheduler, randn, sample_seed
-from erase.testing import sd_shaped_pipeline
+from erase.testing import sd_shaped_pipeline, sdxl_shaped_pipeline
 from erase.text import PromptEncoder
+
+SHAPED = {"sd-shaped": sd_shaped_pipeline, "sdxl-shaped": sdxl_shaped_pipeline}
 
 
 def load(model: str):
-    if model == "sd-shaped":
-        return sd_shaped_pipeline()
+    if model in SHAPED:
+        pipe = SHAPED[model]()
+        conditioning.install(pipe)  # SDXL: the packed prompt embedding's added conditions (no-op for SD)
+        return pipe
     return erase.load_pipeline(model)
 
 
@@ -98,7 +104,7 @@ def main() -> None:
     for p in params.values():
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params.values(), lr=1e-5)
-    encode = PromptEncoder(fresh.tokenizer, fresh.text_encoder)
+    encode = PromptEncoder.of(fresh)
     emb, empty = encode("a painting"), encode("")
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     scheduler = ddim_scheduler(pipe.scheduler.config, args.ddim_steps)
