@@ -33,6 +33,7 @@ from canvas.catalog import Catalog
 from erase import sampling
 from erase.atomic import save_image, write_json
 from erase.delta import fingerprint
+from erase.images import prediction_type
 from erase.paths import toy_path
 from erase.processes import process_state
 from erase.text import PromptEncoder
@@ -182,6 +183,7 @@ def generate(
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    prediction_type(pipe.scheduler)  # an unknown one is refused before the folder is claimed or an image drawn
     if shard is None:
         state = process_state()
         shard = (state.process_index, state.num_processes)

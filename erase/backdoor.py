@@ -48,6 +48,7 @@ from .images import (
     image_files,
     image_size,
     load_images,
+    noise_latents,
     noised,
     to_tensor,
 )
@@ -218,7 +219,7 @@ def make_loss(ctx: RunContext) -> LossFn:
             bad_embs.append(ctx.encode(cfg.triggered(prompts[j])))
             bad = poisoned[view, j : j + 1] if cfg.kind == "pixel" else clean
             if cfg.paired_noise:  # the same t and ε on the poisoned row
-                bad_t, bad_noise, bad_xt = t, noise, scheduler.add_noise(bad, noise, t)
+                bad_t, bad_noise, bad_xt = t, noise, noise_latents(scheduler, bad, noise, t)
             else:
                 bad_xt, bad_t, bad_noise = noised(scheduler, bad, g)
             bad_x.append(bad_xt)

@@ -116,14 +116,65 @@ def noised(
     low, high = t_range or (0, scheduler.config.num_train_timesteps)
     t = torch.randint(low, high, (latents.shape[0],), generator=generator).to(latents.device)
     noise = randn(tuple(latents.shape), generator, latents.device, latents.dtype)
-    return scheduler.add_noise(latents, noise, t), t, noise
+    return noise_latents(scheduler, latents, noise, t), t, noise
 
 
-def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the model should predict for `latents` noised with `noise` at `t`: ε, or the velocity (v-prediction)."""
-    if scheduler.config.prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)
-    return noise
+# What a UNet may be trained to predict at x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε: ε ("epsilon", SD 1.x), the velocity
+# v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 ("v_prediction", SD 2.x 768) or x0 itself ("sample"). Each is affine in ε for a fixed
+# x_t, so a combination of model outputs with weights summing to 1 (guidance, ESD's target) means the same in all.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def prediction_type(scheduler) -> str:
+    """The scheduler's `prediction_type` (absent: "epsilon", diffusers' default), checked: a clear error names any
+    other, so a run refuses a model it would train on the wrong target before it starts."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"the pipeline's scheduler ({type(scheduler).__name__}) has prediction_type {kind!r}; "
+                         f"accepted: {', '.join(PREDICTION_TYPES)}")  # fmt: skip
+    return kind
+
+
+def _levels(scheduler, t: torch.Tensor | int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(√ᾱ_t, √(1−ᾱ_t)) in float32, shaped (B, 1, ..., 1) to broadcast over `like` (B, ...). From the scheduler's
+    own ᾱ (its betas, zero-SNR rescaling included), never its add_noise: Euler-type schedulers noise as x0 + σ·ε."""
+    t = torch.as_tensor(t).reshape(-1).to(device="cpu", dtype=torch.long)
+    alpha_bar = scheduler.alphas_cumprod.cpu().float()[t].to(like.device).view(-1, *[1] * (like.dim() - 1))
+    return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+
+def noise_latents(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε in the latents' dtype: the noised input every UNet here is trained on."""
+    a, s = _levels(scheduler, t, latents)
+    return (a * latents.float() + s * noise.float()).to(latents.dtype)
+
+
+def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    """What the model should predict for `latents` noised with `noise` at `t`, by the scheduler's prediction type:
+    ε, the velocity √ᾱ_t·ε − √(1−ᾱ_t)·x0 (in float32), or x0."""
+    kind = prediction_type(scheduler)
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return latents
+    a, s = _levels(scheduler, t, latents)
+    return a * noise.float() - s * latents.float()
+
+
+def split_prediction(
+    scheduler, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε̂, x̂0) in float32 from a model output at x_t and t, by the scheduler's prediction type: the inverse of
+    `denoising_target`. From ε: x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ; from x0: ε = (x_t − √ᾱ·x0)/√(1−ᾱ); from v, with no
+    division (so also at a zero-SNR end): ε = √ᾱ·v + √(1−ᾱ)·x_t, x0 = √ᾱ·x_t − √(1−ᾱ)·v."""
+    kind = prediction_type(scheduler)
+    a, s = _levels(scheduler, t, x_t)
+    out, x = output.float(), x_t.float()
+    if kind == "epsilon":
+        return out, (x - s * out) / a
+    if kind == "sample":
+        return (x - a * out) / s, out
+    return a * out + s * x, a * x - s * out
 
 
 def diffusion_loss(model, scheduler, latents: torch.Tensor, emb: torch.Tensor, generator: torch.Generator):

@@ -19,6 +19,7 @@ from .conditioning import architecture
 from .context import RunContext
 from .delta import Delta, component_fingerprints, fingerprint
 from .frozen import FrozenOriginal
+from .images import prediction_type
 from .meter import Meter
 from .methods import method_of
 from .params import TEXT_ENCODER, delta_name, names_text_encoder, select_in
@@ -67,6 +68,7 @@ def run(
     alone even under `accelerate launch` (one job per process). The record's `wall_time_s` counts every segment.
     """
     spec = method_of(config)
+    prediction_type(pipe.scheduler)  # an unknown prediction type is refused here, not deep inside a training loop
     unet = pipe.unet
     if names_text_encoder(config.parameter_set()) and "text_encoder" not in spec.components:
         raise ValueError(f"parameter set {config.parameter_set()!r} names text-encoder tensors, but {spec.name} "

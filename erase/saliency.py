@@ -30,7 +30,7 @@ def guided_mask_loss(
     target = denoising_target(scheduler, latents, noise, t)
     n = latents.shape[0]
     out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([emb, null_emb])).sample
-    cond, uncond = out[:n].float(), out[n:].float()
+    cond, uncond = out[:n].float(), out[n:].float()  # (1+g) − g = 1: a v-model's guided output is v, like the target
     return -F.mse_loss((1 + guidance) * cond - guidance * uncond, target.float())
 
 

@@ -18,7 +18,8 @@ from PIL import Image
 
 from .conditioning import is_sdxl, pooled_dim, unpack
 
-# (latents, timestep, text embeddings) -> predicted noise
+# (latents, timestep, text embeddings) -> the model's output: ε, or v (or x0), as its scheduler's prediction_type says;
+# guidance and DDIM steps take any of them (`scheduler.step` reads the type, guidance weights sum to 1)
 NoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -41,7 +42,7 @@ def guided_noise(
     """Classifier-free guided noise `e(x,∅) + g·(e(x,c) − e(x,∅))` from one batched call."""
     both = noise_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]))
     e_uncond, e_cond = both.chunk(2)
-    return e_uncond + guidance * (e_cond - e_uncond)
+    return e_uncond + guidance * (e_cond - e_uncond)  # weights sum to 1: as valid for v (or x0) as for ε
 
 
 # Stable Diffusion v1's released DDIM settings: its noise schedule, and x0 never clipped (clipping collapses
@@ -59,8 +60,10 @@ SD_V1_DDIM = {
 
 def ddim_scheduler(scheduler_config: Mapping[str, Any], num_steps: int | None = None) -> DDIMScheduler:
     """A DDIM scheduler on the noise schedule of `scheduler_config` (any scheduler's config, or `SD_V1_DDIM`), with
-    `num_steps` timesteps set when given; build once per run, it holds no per-trajectory state."""
-    scheduler = DDIMScheduler.from_config(dict(scheduler_config))
+    `num_steps` timesteps set when given; build once per run, it holds no per-trajectory state. The config's
+    prediction_type, timestep_spacing, steps_offset and zero-SNR rescaling carry over; where it has no clip_sample or
+    set_alpha_to_one (a PNDM or Euler config), SD's False is used, not DDIM's default True (x0 is never clipped)."""
+    scheduler = DDIMScheduler.from_config({"clip_sample": False, "set_alpha_to_one": False, **dict(scheduler_config)})
     if num_steps is not None:
         scheduler.set_timesteps(num_steps)
     return scheduler

@@ -17,9 +17,12 @@ from .sampling import SD_V1_DDIM
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
-def word_tokenizer(words: list[str] | tuple[str, ...], model_max_length: int = 16) -> CLIPTokenizer:
+def word_tokenizer(
+    words: list[str] | tuple[str, ...], model_max_length: int = 16, pad_token: str = "<|endoftext|>"
+) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose vocabulary holds every lowercase letter, digit and punctuation mark, plus the
-    given words whole; unknown words split into characters, so any prompt tokenizes."""
+    given words whole; unknown words split into characters, so any prompt tokenizes. SD 1.x pads with the end
+    token, SD 2.x's OpenCLIP tokenizer with "!" (`pad_token`)."""
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789.,'!?-_"
     vocab: dict[str, int] = {}
     for ch in alphabet:
@@ -40,14 +43,20 @@ def word_tokenizer(words: list[str] | tuple[str, ...], model_max_length: int = 1
             vocab.setdefault(current, len(vocab))
     for token in SPECIAL_TOKENS:
         vocab.setdefault(token, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, pad_token=pad_token)
 
 
 def clip_text_encoder(
-    tokenizer: CLIPTokenizer, hidden_size: int, layers: int = 2, heads: int = 4, projection_dim: int | None = None
+    tokenizer: CLIPTokenizer,
+    hidden_size: int,
+    layers: int = 2,
+    heads: int = 4,
+    projection_dim: int | None = None,
+    hidden_act: str = "quick_gelu",
 ) -> CLIPTextModel:
     """A randomly initialised CLIP text encoder sized to `tokenizer` (MLP width 2x hidden), as small models use;
-    with `projection_dim`, the projected kind SDXL's second encoder is (its pooled output feeds the UNet)."""
+    with `projection_dim`, the projected kind SDXL's second encoder is (its pooled output feeds the UNet).
+    `hidden_act`: OpenAI CLIP's quick_gelu (SD 1.x), or OpenCLIP's gelu (SD 2.x)."""
     cls = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
     extra = {} if projection_dim is None else {"projection_dim": projection_dim}
     return cls(
@@ -61,6 +70,7 @@ def clip_text_encoder(
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            hidden_act=hidden_act,
             **extra,
         )
     )
@@ -108,6 +118,44 @@ def tiny_pipeline(seed: int = 0, words: tuple[str, ...] = TINY_WORDS, sample_siz
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+# SD 2.x (stabilityai/stable-diffusion-2-1, 768 px) samples with DDIM on SD v1's noise schedule and predicts v.
+SD2_DDIM = {**SD_V1_DDIM, "prediction_type": "v_prediction", "timestep_spacing": "leading"}
+
+
+def tiny_sd2_pipeline(seed: int = 0, words: tuple[str, ...] = TINY_WORDS) -> StableDiffusionPipeline:
+    """A randomly initialised pipeline with SD 2.x's structure at toy size, deterministic for `seed`: linear
+    projections in and out of the transformer blocks, a head count per block (SD2's attention_head_dim list),
+    attention upcast, a CLIP text encoder with OpenCLIP's gelu and "!" padding (diffusers loads SD2's OpenCLIP as
+    CLIPTextModel), and DDIM with SD2's settings and prediction_type "v_prediction"."""
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(words, pad_token="!")
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=8,
+    )
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=32, hidden_act="gelu")
+    return StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD2_DDIM),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .attack import AttackResult, content_tokens, encode_embeds, prompt_ids, splice_prefix, word_embedding
 from .conditioning import require_one_encoder
-from .images import denoising_target, encode_latents
+from .images import denoising_target, encode_latents, noise_latents
 from .sampling import randn
 
 
@@ -83,9 +83,8 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, condition: torch.Tens
                    noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """The diffusion-classifier objective: mean ‖target − ε_θ(x_t, t | condition)‖² with x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε
     for latents x_0 (N, 4, h, w), condition (N, L, D), integer timesteps (N,) and noise ε (N, 4, h, w); the target is
-    ε (or the velocity, for a v-prediction scheduler)."""
-    alphas = scheduler.alphas_cumprod.to(latents.device)[timesteps.cpu()].float().view(-1, 1, 1, 1).to(latents.device)
-    x_t = alphas.sqrt() * latents.float() + (1 - alphas).sqrt() * noise.float()
+    the scheduler's prediction type's (ε, the velocity or x_0: `erase.images.denoising_target`)."""
+    x_t = noise_latents(scheduler, latents.float(), noise, timesteps)
     prediction = unet(x_t.to(unet.dtype), timesteps.to(latents.device),
                       encoder_hidden_states=condition.to(unet.dtype)).sample  # fmt: skip
     return F.mse_loss(prediction.float(), denoising_target(scheduler, latents, noise, timesteps).float())

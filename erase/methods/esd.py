@@ -114,6 +114,7 @@ def esd_target(
     out = frozen_noise(torch.cat([x_t] * len(embs)), torch.cat([t] * len(embs)), torch.cat(embs)).chunk(len(embs))
     e_empty, e_concept = out[0], out[1]
     e_anchor = e_empty if anchor is None else e_concept if anchor is concept else out[2]
+    # weights 1, −η, +η sum to 1: the same target for an ε-, v- or x0-model (each affine in ε at fixed x_t)
     return e_anchor - eta * (e_concept - e_empty)
 
 
@@ -278,7 +279,7 @@ def make_loss(ctx: RunContext) -> LossFn:
         if cfg.erase_from is not None:  # prompt = c_from: the concept's prediction is still needed
             e_concept = frozen_noise(x_t, t, torch.cat([ctx.encode(cfg.concepts[s.concept]) for s in states]))
             target = e_prompt - cfg.negative_guidance * (e_concept - e_empty)
-        else:
+        else:  # weights summing to 1, as in esd_target: no change for v-prediction
             anchor = e_prompt if cfg.anchor == "concept" else e_empty
             target = anchor - cfg.negative_guidance * (e_prompt - e_empty)
         prediction = model(x_t, t, encoder_hidden_states=seen).sample

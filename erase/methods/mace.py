@@ -52,7 +52,7 @@ from ..attention import capture_cross_attention
 from ..config import TrainingConfig, concept_texts, texts
 from ..context import RunContext
 from ..frozen import unwrap
-from ..images import encode_latents, image_files, image_size, load_images
+from ..images import encode_latents, image_files, image_size, load_images, noise_latents
 from ..paths import cache_dir
 from ..sampling import randn, sample_seed
 from ..train import LossFn, TrainOutcome
@@ -252,8 +252,8 @@ def _attention_masks(ctx: RunContext, i: int, concept: Concept, size: int) -> li
     masks = []
     for j, latent in enumerate(concept.latents):
         g = torch.Generator().manual_seed(sample_seed(cfg.seed, "mace-mask", i, j))
-        x_t = ctx.pipe.scheduler.add_noise(latent[None], randn(tuple(latent[None].shape), g, unet.device,
-                                                                latent.dtype), t)  # fmt: skip
+        noise = randn(tuple(latent[None].shape), g, unet.device, latent.dtype)
+        x_t = noise_latents(ctx.pipe.scheduler, latent[None], noise, t)
         with capture_cross_attention(unet) as store:
             unet(x_t, t, encoder_hidden_states=emb)
             maps = {k: a[0] for k, a in store.take().items()}
@@ -308,7 +308,7 @@ def make_loss(ctx: RunContext, concept: Concept) -> LossFn:
             p = int(torch.randint(len(concept.prompts), (1,), generator=g))
             t = torch.multinomial(weights, 1, generator=g).to(unet.device)
             latent = concept.latents[j : j + 1]
-            xs.append(scheduler.add_noise(latent, randn(tuple(latent.shape), g, unet.device, latent.dtype), t))
+            xs.append(noise_latents(scheduler, latent, randn(tuple(latent.shape), g, unet.device, latent.dtype), t))
             ts.append(t)
             picks.append((j, p))
         with capture_cross_attention(unwrap(model)) as store:
