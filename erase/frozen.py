@@ -42,7 +42,8 @@ class FrozenOriginal:
     @torch.no_grad()
     def __call__(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """`model(*args, **kwargs)` as the original model would answer, without gradients."""
-        return torch.func.functional_call(unwrap(model), self._values(), args, kwargs, strict=False)
+        # tie_weights=False: no UNet or text-encoder weight is tied, and looking for ties walks every tensor per call
+        return torch.func.functional_call(unwrap(model), self._values(), args, kwargs, strict=False, tie_weights=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
