@@ -87,7 +87,7 @@ def _body(
     config = metadata.get("config") or {}
     method = str(metadata.get("method", "unknown"))
     concepts = concepts_of(config)
-    parts = ["## Base model\n"]
+    parts = ["## Base model\n\n"]
     parts.append(f"- fingerprint: `{metadata.get('base_fingerprint', 'unknown')}`\n")
     for component, value in (metadata.get("component_fingerprints") or {}).items():
         parts.append(f"- {component} fingerprint: `{value}`\n")
@@ -148,9 +148,13 @@ def lora_card(
     rows = [(n, f"{export.ranks[n]} / {export.errors[n]:.3g}") for n in sorted(export.errors)]
     tail = ["\n## LoRA factors\n\nRelative error ||dW - B A|| / ||dW|| (Frobenius) of each tensor.\n\n"]
     tail.append(_table(rows, ("tensor", "rank / relative error")))
-    tail.append("\nNot exportable (kept only in the Delta): ")
-    tail.append(", ".join(f"`{n}` ({why})" for n, why in sorted(export.not_exportable.items())) or "none")
-    return "".join(head + _body(metadata, record, metrics) + tail) + "\n"
+    if export.not_exportable:
+        tail.append("\n## Not exportable\n\nThese changes have no LoRA form and stay only in the Delta, so the LoRA "
+                    "alone is not the whole erasure:\n\n")  # fmt: skip
+        tail += [f"- `{n}`: {why}\n" for n, why in sorted(export.not_exportable.items())]
+    else:
+        tail.append("\nEvery tensor the erasure changed is in the LoRA.\n")
+    return "".join(head + _body(metadata, record, metrics) + tail)
 
 
 def read_record(folder: str | Path) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 import erase
@@ -60,6 +61,10 @@ def test_lora_card_lists_errors_and_what_was_not_exported(uce):
     for name, error in export.errors.items():
         assert f"| {name} | 1 / {error:.3g} |" in card
     assert "| UA | 91.25 |" in card and "| final loss | 0.25 |" in card
+    assert "Every tensor the erasure changed is in the LoRA." in card and not export.not_exportable
+    with_bias = erase.Delta({**uce.delta.tensors, "unet.conv_in.bias": torch.zeros(16)}, uce.delta.metadata)
+    partial = lora_card(export_lora(with_bias, fresh_pipe(), 1), "erased.safetensors", uce.delta.metadata)
+    assert "- `unet.conv_in.bias`: Conv2d.bias (1-D)" in partial and "not the whole erasure" in partial
     assert lora_card_path("out/erased.safetensors").as_posix() == "out/erased.README.md"
 
 
