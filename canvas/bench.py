@@ -28,6 +28,7 @@ from canvas.method_inputs import together_inputs
 from canvas.metrics import TOGETHER, targets_of
 from erase import available_methods, get_method, make_config
 from erase.atomic import write_json
+from erase.card import write_delta_card
 from erase.delta import Delta, fingerprint
 from erase.lock import exclusive
 from erase.processes import process_state
@@ -310,6 +311,7 @@ class Bench:
                                    progress=self.progress, local=self.state.num_processes > 1)  # fmt: skip
                 result.delta.save(job / "delta")
                 write_json(job / "delta" / "record.json", result.record)
+                write_delta_card(job / "delta")
                 stages.lap("erase")
             delta = Delta.load(job / "delta")
             if not (job / "answers" / answers.MANIFEST).is_file():
@@ -343,6 +345,7 @@ class Bench:
             split=splits.target_split(self.catalog, target),
         )  # fmt: skip
         write_json(job / "metrics.json", row)
+        write_delta_card(job / "delta", row)  # the card now carries the job's scores
 
     def attack_job(self, target: str, job: Path, stages: StageClock) -> None:
         """The bench's attacks on a finished job's erased model (single targets only); each attack's failure is

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import atomic_dir, write_json
+from .atomic import atomic_dir, write_json, write_text
+from .card import write_delta_card
 from .checkpoint import NonFiniteLossError
 from .lock import LockedError, exclusive
 from .paths import cache_dir
@@ -62,6 +63,19 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--out", required=True, help="output folder for the erased pipeline")
     apply.add_argument("--force", action="store_true", help="apply even if the base model's fingerprint differs")
     apply.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+    lora = sub.add_parser("export-lora", help="export a delta's weight changes as a LoRA file (diffusers or kohya)")
+    lora.add_argument("--delta", required=True, help="folder holding delta.safetensors and delta.json")
+    lora.add_argument("--rank", required=True, type=int, help="LoRA rank (>= 1); exact where a change's rank is <= it")
+    lora.add_argument(
+        "--format",
+        default="diffusers",
+        choices=("diffusers", "kohya"),
+        help="diffusers (pipe.load_lora_weights) or kohya (ComfyUI, A1111; diffusers reads it too)",
+    )
+    lora.add_argument("--out", required=True, help="the .safetensors file to write (its card: <stem>.README.md)")
+    lora.add_argument("--model", help="the delta's base model (default: the model in the folder's record.json)")
+    lora.add_argument("--model-config", help="diffusers folder giving the architecture of a single-file checkpoint")
 
     backdoor = sub.add_parser("backdoor", help="backdoor a model (BadT2I) to make test subjects for removal methods")
     backdoor_sub = backdoor.add_subparsers(dest="backdoor_command", required=True)
@@ -173,6 +187,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             def save(folder: Path) -> None:
                 result.delta.save(folder)
                 write_json(folder / "record.json", record)
+                write_delta_card(folder)
 
             _write_out(out, save, kept)
             shutil.rmtree(work, ignore_errors=True)
@@ -219,6 +234,38 @@ def cmd_apply(args: argparse.Namespace) -> None:
         pipe = _load(args.model, args.model_config, args.dtype)
         delta.export(pipe, out, force=args.force)
     print(f"applied {len(delta.tensors)} tensors ({delta.metadata.get('method', '?')}) -> {out}")
+
+
+def cmd_export_lora(args: argparse.Namespace) -> None:
+    from .card import lora_card, lora_card_path, read_record
+    from .delta import Delta
+    from .lora import export_lora
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out {out} must be a .safetensors file (the LoRA loaders read safetensors)")
+    if out.exists():
+        raise UsageError(f"--out {out} exists; choose a new file")
+    if args.rank < 1:
+        raise UsageError(f"--rank must be a positive integer, got {args.rank}")
+    delta = Delta.load(args.delta)
+    record = read_record(args.delta)
+    model = args.model or (record or {}).get("model")
+    if not model:
+        raise UsageError(f"--model not given and {Path(args.delta) / 'record.json'} names no model; give the "
+                         f"delta's base model ({MODEL_HELP})")  # fmt: skip
+    pipe = _load(model, args.model_config, "float32")
+    export = export_lora(delta, pipe, args.rank, args.format)
+    export.save(out)
+    card = write_text(lora_card_path(out), lora_card(export, out, delta.metadata, record))
+    print(f"{delta.metadata.get('method', '?')}: {len(export.errors)} tensors as a rank-{args.rank} {args.format} "
+          f"LoRA ({export.nbytes} bytes; the delta's tensors {delta.nbytes}) -> {out}")  # fmt: skip
+    for name in sorted(export.errors):
+        print(f"  {name}  rank {export.ranks[name]}  relative error {export.errors[name]:.3g}")
+    print(f"not exportable (kept only in the delta): {len(export.not_exportable) or 'none'}")
+    for name, why in sorted(export.not_exportable.items()):
+        print(f"  {name}: {why}")
+    print(f"model card -> {card}")
 
 
 def cmd_backdoor(args: argparse.Namespace) -> None:
@@ -296,7 +343,9 @@ def dispatch(
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"list": cmd_list, "run": cmd_run, "apply": cmd_apply, "backdoor": cmd_backdoor}[args.command]
+    handlers = {"list": cmd_list, "run": cmd_run, "apply": cmd_apply, "export-lora": cmd_export_lora,
+                "backdoor": cmd_backdoor}  # fmt: skip
+    handler = handlers[args.command]
     return dispatch("erase", handler, args, USAGE_ERRORS)
 
 

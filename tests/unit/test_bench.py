@@ -64,6 +64,8 @@ def test_bench_writes_the_report_and_resumes_after_a_kill(tmp_path, model_dir, m
     )
     for row in rows.values():
         assert 0 <= row["UA"] <= 100 and row["FID"] is not None and row["time_s"] > 0 and row["storage_gb"] > 0
+        card = (tmp_path / "jobs" / f"esd__{row['target']}" / "delta" / "README.md").read_text()
+        assert f"| UA | {row['UA']:.4g} |" in card and f"| CRA | {row['CRA']:.4g} |" in card, "the card has its scores"
     written = json.loads((tmp_path / "report.json").read_text())
     assert {r["target"] for r in written["rows"]} == {"Sketch", "Cats"}
     assert [(t["method"], t["split"], t["n_style"], t["n_object"]) for t in written["table"]] == [

@@ -28,7 +28,7 @@ class Evil:
 def test_run_then_apply_end_to_end(tmp_path, model_dir, capsys):
     out = tmp_path / "esd"
     assert main(["run", "esd", "--model", str(model_dir), "--concept", "van gogh", "--out", str(out), *FAST]) == 0
-    assert {p.name for p in out.iterdir()} == {"delta.safetensors", "delta.json", "record.json"}
+    assert {p.name for p in out.iterdir()} == {"delta.safetensors", "delta.json", "record.json", "README.md"}
     record = json.loads((out / "record.json").read_text())
     assert record["config"]["steps"] == 2 and len(record["losses"]) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["esd"], "no checkpoint or temp folder left behind"

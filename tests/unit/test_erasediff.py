@@ -224,7 +224,7 @@ def test_cli_runs_erasediff(image_sets, tmp_path, capsys):
             "--set", "pseudo_prompts=a photo", "--set", "forget_prompts=a van gogh painting",
             "--set", "retain_prompts=a photo of a dog"]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
-    assert {p.name for p in out.iterdir()} == {"delta.safetensors", "delta.json", "record.json"}
+    assert {p.name for p in out.iterdir()} == {"delta.safetensors", "delta.json", "record.json", "README.md"}
     assert "erasediff: 2 steps" in capsys.readouterr().out
 
 

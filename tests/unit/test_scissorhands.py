@@ -317,7 +317,7 @@ def test_cli_runs_it_and_bad_inputs_write_nothing(image_sets, tmp_path, capsys):
             "--set", f"retain_images={retain}", "--set", "steps=2", "--set", "batch_size=2"]  # fmt: skip
     out = tmp_path / "out"
     assert main([*base, "--out", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"delta.safetensors", "delta.json", "record.json"}
+    assert {p.name for p in out.iterdir()} == {"delta.safetensors", "delta.json", "record.json", "README.md"}
     capsys.readouterr()
     bad_sets = {"sparsity": "1.5", "reinit": "normal", "alpha": "-0.5",
                 "forget_images": str(tmp_path / "missing"), "retain_images": "none"}  # fmt: skip

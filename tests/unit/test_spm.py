@@ -339,7 +339,7 @@ def test_cli_runs_spm_and_bad_input_writes_nothing(tmp_path, model_dir, capsys):
     fast = ["--set", "steps=2", "--set", "ddim_steps=3", "--set", "anchors=2", "--no-progress"]
     out = tmp_path / "spm"
     assert main(["run", "spm", "--model", str(model_dir), "--concept", "van gogh", "--out", str(out), *fast]) == 0
-    assert {p.name for p in out.iterdir()} == {"delta.safetensors", "delta.json", "record.json"}
+    assert {p.name for p in out.iterdir()} == {"delta.safetensors", "delta.json", "record.json", "README.md"}
     delta = Delta.load(out)
     assert delta.runtime.kind == "spm" and delta.tensors == {}
     bad = tmp_path / "bad"
