@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import atomic_write
+from .conditioning import is_sdxl
 from .convert import unet_key
 from .delta import Delta
 
@@ -107,20 +108,18 @@ def canonical_text_module(module_path: str) -> str:
     return "text_model." + module_path
 
 
-def is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
-
-
 def kohya_module(pipe, component: str, module_path: str) -> str:
     """The kohya (sd-scripts) LoRA name of a module: `lora_unet_` + its path with `_` for `.`, the UNet in
     diffusers' layout for SD 1.x/2.x and in the sgm (LDM) layout for SDXL; `lora_te_` for the one text encoder of
     SD 1.x/2.x, `lora_te1_` / `lora_te2_` for SDXL's two."""
     if component == "unet":
-        if is_sdxl(pipe):
+        if is_sdxl(pipe.unet):
             module_path = _SDXL_LDM_EXTRA.get(module_path) or unet_key(module_path + ".weight", pipe.unet.config)
             module_path = module_path.removesuffix(".weight")
         return "lora_unet_" + module_path.replace(".", "_")
-    prefix = {"text_encoder": "lora_te1_" if is_sdxl(pipe) else "lora_te_", "text_encoder_2": "lora_te2_"}[component]
+    prefix = {"text_encoder": "lora_te1_" if is_sdxl(pipe.unet) else "lora_te_", "text_encoder_2": "lora_te2_"}[
+        component
+    ]
     return prefix + canonical_text_module(module_path).replace(".", "_")
 
 

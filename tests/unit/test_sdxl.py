@@ -240,3 +240,22 @@ def test_trajectories_are_guided_against_the_pipelines_own_negative():
     assert conditioning.sampling_unconditional(kept, empty_sdxl) is empty_sdxl
     empty_sd = PromptEncoder.of(fresh_pipe())("")
     assert conditioning.sampling_unconditional(fresh_pipe(), empty_sd) is empty_sd
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_an_sdxl_erasure_exported_as_lora_loads_into_diffusers_as_the_delta(layout, tmp_path):
+    from erase.lora import export_lora
+
+    erased = sdxl_pipe()
+    delta = erase.run(
+        erased, erase.make_config("uce", concepts=["van gogh"], guides=["painting"]), progress=False
+    ).delta
+    export_lora(delta, sdxl_pipe(), rank=48, format=layout).save(tmp_path / "uce.safetensors")
+    loaded = sdxl_pipe()
+    loaded.load_lora_weights(str(tmp_path / "uce.safetensors"))
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([400])
+    emb = PromptEncoder.of(erased)("a van gogh painting")
+    with torch.no_grad():
+        want, got, base = (p.unet(x, t, emb).sample for p in (erased, loaded, sdxl_pipe()))
+    assert (want - base).abs().max() > 1e-3  # the erasure moves the prediction
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
