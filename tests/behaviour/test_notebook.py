@@ -14,7 +14,7 @@ rounding):
 - CRA >= 90 for each (measured 99.4 for both): objects survive a style erasure.
 - The base model: the judge sees Sketch in >= 7 of its 8 Sketch images in the notebook's sheet (measured 8) and the
   asked-for style in >= 8 of the 9 others (measured 9); else "the style is gone" would hold before any erasure.
-- Under 90 s of CPU time in the kernel, the notebook's budget (measured 27-29 s). Wall time is printed, not checked:
+- Under 90 s of CPU time in the kernel, the notebook's budget (measured 27-31 s). Wall time is printed, not checked:
   30-39 s on the 2 shared cores when quiet, far more when other processes load them.
 """
 
