@@ -11,7 +11,7 @@ import json
 import shutil
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,7 +318,7 @@ class Bench:
                 items = answers.answer_items(self.catalog, self.config.seeds)
                 answers.generate(
                     self.load_base(), items, self.catalog, job / "answers", self.sampler,
-                    batch_size=self.config.batch_size, shard=(0, 1), apply=_applied(delta), progress=self.progress,
+                    batch_size=self.config.batch_size, shard=(0, 1), apply=delta.applied, progress=self.progress,
                     manifest_extra={"model": self.config.model, "delta": str(job / "delta"), "method": method},
                     identity={"base_fingerprint": self.base_fingerprint, "delta": delta.digest()},
                 )  # fmt: skip
@@ -439,17 +439,3 @@ class StageClock:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.started
         self.started = now
         write_json(self.path, self.seconds)
-
-
-def _applied(delta):
-    """A context-manager factory: inside `with _applied(delta)(pipe):` the pipeline carries the delta."""
-
-    @contextmanager
-    def apply(pipe):
-        delta.apply(pipe)
-        try:
-            yield pipe
-        finally:
-            delta.revert(pipe)
-
-    return apply

@@ -238,8 +238,6 @@ def cmd_answers(args: argparse.Namespace) -> None:
     from canvas import answers, catalog
     from erase.delta import Delta
 
-    from .bench import _applied
-
     cat = catalog.get(args.catalog or ("toy" if args.model == "toy" else "unlearncanvas-50"))
     sampler = answers.preset(args.sampler or ("toy" if args.model == "toy" else "unlearncanvas"))
     shard = answers.parse_shard(args.shard) if args.shard else None
@@ -248,7 +246,7 @@ def cmd_answers(args: argparse.Namespace) -> None:
     pipe.set_progress_bar_config(disable=True)
     out = answers.generate(
         pipe, answers.answer_items(cat), cat, args.out, sampler, batch_size=args.batch_size, shard=shard,
-        apply=_applied(delta) if delta else None, manifest_extra={"model": args.model, "delta": args.delta},
+        apply=delta.applied if delta else None, manifest_extra={"model": args.model, "delta": args.delta},
         identity=answers.answer_identity(pipe, delta),
     )  # fmt: skip
     print(f"answer set -> {out}")

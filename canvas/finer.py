@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 import erase
 from canvas import answers, grids, splits
 from canvas import catalog as catalogs
-from canvas.bench import Bench, StageClock, _applied, _is_int
+from canvas.bench import Bench, StageClock, _is_int
 from canvas.combination import (
     OTHER_CELLS,
     Combination,
@@ -179,7 +179,7 @@ class Finer:
             if not (job / "answers" / answers.MANIFEST).is_file():
                 answers.generate(
                     self.load_base(), finer_items(self.config, combo), self.catalog, job / "answers", self.sampler,
-                    batch_size=self.config.batch_size, shard=(0, 1), apply=_applied(delta), progress=self.progress,
+                    batch_size=self.config.batch_size, shard=(0, 1), apply=delta.applied, progress=self.progress,
                     manifest_extra={"model": self.config.model, "delta": str(job / "delta"), "method": method},
                     identity={"base_fingerprint": self.base_fingerprint, "delta": delta.digest()},
                 )  # fmt: skip

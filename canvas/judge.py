@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,17 +129,38 @@ class Judge:
         return fid.FeatureBank.cached(cache, meta, compute)
 
 
+# (items, style logits, object logits, features) of one chunk of an answer set
+Judged = tuple[list[answers.AnswerItem], torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _judged(judge: Judge, answer_dir: Path) -> Iterator[Judged]:
+    """(items, style logits, object logits, features) of an answer set, `CHUNK` images at a time."""
+    items, paths, _ = answers.load_answer_set(answer_dir)
+    for start in range(0, len(items), CHUNK):
+        yield (items[start : start + CHUNK], *judge(load_images(paths[start : start + CHUNK])))
+
+
+def _update(accuracy: metrics.UnlearningAccuracy, items: Sequence[answers.AnswerItem], style, obj) -> None:
+    labels = metrics.true_labels(accuracy.catalog, [it.theme for it in items], [it.object for it in items])
+    accuracy.update(style, obj, *labels)
+
+
+def accuracy_scores(judge: Judge, answer_dir: str | os.PathLike[str], target: str) -> metrics.UnlearningScores:
+    """UA / IRA / CRA of `target` (one, or "A+B+..." erased together) on an answer set, without FID, which needs
+    the real set's features: what a sequence of requests or a quick look in a notebook reports."""
+    accuracy = metrics.UnlearningAccuracy(judge.catalog, target)
+    for items, style, obj, _ in _judged(judge, Path(answer_dir)):
+        _update(accuracy, items, style, obj)
+    return accuracy.scores()
+
+
 def score(
     judge: Judge, answer_dir: Path, target: str, real: fid.FeatureStats, keep: fid.KeepFn | None = None
 ) -> dict[str, Any]:
     """UA / IRA / CRA of one target on an answer set, and FID against the real statistics."""
-    items, paths, _ = answers.load_answer_set(answer_dir)
     accuracy = metrics.UnlearningAccuracy(judge.catalog, target)
     frechet = fid.FrechetDistance(real.dim, keep=keep, reference=real)
-    for start in range(0, len(items), CHUNK):
-        chunk_items, chunk_paths = items[start : start + CHUNK], paths[start : start + CHUNK]
-        style, obj, feats = judge(load_images(chunk_paths))
-        themes, objects = [it.theme for it in chunk_items], [it.object for it in chunk_items]
-        accuracy.update(style, obj, *metrics.true_labels(judge.catalog, themes, objects))
-        frechet.update(feats, real=False, themes=themes, objects=objects)
+    for items, style, obj, feats in _judged(judge, Path(answer_dir)):
+        _update(accuracy, items, style, obj)
+        frechet.update(feats, real=False, themes=[it.theme for it in items], objects=[it.object for it in items])
     return {"scores": accuracy.scores(), "FID": float(frechet.compute())}

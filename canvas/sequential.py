@@ -41,7 +41,7 @@ import erase
 from canvas import answers, metrics
 from canvas import catalog as catalogs
 from canvas.bench import BenchConfig, job_config, resolve_targets
-from canvas.judge import CHUNK, Judge, load_images
+from canvas.judge import Judge, accuracy_scores
 from erase import available_methods
 from erase.atomic import write_json, write_text
 from erase.delta import Delta, fingerprint
@@ -227,18 +227,6 @@ def _evaluate(pipe, chain, judge, directory, index, erased, evaluation, config, 
     }  # fmt: skip
     write_json(scores_path, row)
     return row
-
-
-def accuracy_scores(judge: Judge, answer_dir: Path, target: str) -> metrics.UnlearningScores:
-    """UA / IRA / CRA of `target` (one or "A+B+...") on an answer set; no FID (the sequence reports none)."""
-    items, paths, _ = answers.load_answer_set(answer_dir)
-    accuracy = metrics.UnlearningAccuracy(judge.catalog, target)
-    for start in range(0, len(items), CHUNK):
-        chunk = items[start : start + CHUNK]
-        style, obj, _ = judge(load_images(paths[start : start + CHUNK]))
-        labels = metrics.true_labels(judge.catalog, [it.theme for it in chunk], [it.object for it in chunk])
-        accuracy.update(style, obj, *labels)
-    return accuracy.scores()
 
 
 def summarize(rows: list[dict[str, Any]], targets: list[str]) -> dict[str, Any]:

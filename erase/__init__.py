@@ -21,7 +21,7 @@ from .methods.skd_cag import SKDCAGConfig
 from .methods.speed import SPEEDConfig
 from .methods.spm import SPMConfig
 from .methods.uce import UCEConfig
-from .pipeline import load_pipeline
+from .pipeline import load_pipeline, quiet_libraries
 from .runner import Result, run
 
 
@@ -54,5 +54,6 @@ __all__ = [
     "get_method",
     "load_pipeline",
     "make_config",
+    "quiet_libraries",
     "run",
 ]

@@ -300,16 +300,6 @@ def cmd_backdoor(args: argparse.Namespace) -> None:
           f"{r['wall_time_s']:.1f} s -> {out}")  # fmt: skip
 
 
-def _quiet_libraries() -> None:
-    """The CLI prints its own progress and one-line errors; silence the libraries' loading bars and notices."""
-    import diffusers
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.disable_progress_bar()
-        lib.utils.logging.set_verbosity_error()
-
-
 USAGE_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError)
 # Work that could not be done, for reasons outside the program: one line, exit code 1.
 FAILURES = (OSError, LockedError, NonFiniteLossError)
@@ -325,7 +315,9 @@ def dispatch(
     """Run a command's handler: bad input is one line on stderr and exit code 2, a failure outside the program
     (disk, locks, a diverged run) one line and exit code 1, Ctrl-C exit code 130. Anything else is a bug in the
     toolkit and keeps its traceback."""
-    _quiet_libraries()
+    from .pipeline import quiet_libraries  # here: diffusers and transformers take seconds to import
+
+    quiet_libraries()
     try:
         handler(args)
     except usage_errors as err:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,6 +208,16 @@ class Delta:
             handle.remove()
         for name, value in originals.items():
             _parameter(pipe, name).copy_(value)
+
+    @contextmanager
+    def applied(self, pipe, force: bool = False) -> Iterator[Any]:
+        """`with delta.applied(pipe):` the pipeline is the erased model inside the block and the base model again
+        after it, an exception included; `answers.generate(..., apply=delta.applied)` takes it as it is."""
+        self.apply(pipe, force=force)
+        try:
+            yield pipe
+        finally:
+            self.revert(pipe)
 
     def export(self, pipe, directory: str | Path, force: bool = False) -> Path:
         """Apply onto `pipe` and save the complete diffusers pipeline into `directory` (written beside, then

@@ -30,6 +30,14 @@ ACCEPTED = "'toy', a diffusers pipeline folder, a single-file .safetensors or a 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
+def quiet_libraries() -> None:
+    """Silence diffusers' and transformers' loading bars and notices, for the CLIs and notebooks, which report
+    their own progress; process-wide, as the libraries' own switches are."""
+    for lib in (diffusers, transformers):
+        lib.utils.logging.disable_progress_bar()
+        lib.utils.logging.set_verbosity_error()
+
+
 def _dtype_kwarg() -> str:
     """diffusers renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns); use whichever it reads."""
     deprecation_utils = getattr(diffusers.utils, "deprecation_utils", None)

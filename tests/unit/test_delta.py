@@ -101,3 +101,18 @@ def test_edited_metadata_and_bad_tensors_are_refused(tmp_path, esd_result):
     (tmp_path / "list" / "delta.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="must hold a JSON object"):
         Delta.load(tmp_path / "list")
+
+
+def test_applied_is_the_erased_model_inside_the_block_and_the_base_after_it(esd_result):
+    erased, result = esd_result
+    base = fresh_pipe()
+    before = generate(base)
+    with result.delta.applied(base) as inside:
+        assert inside is base and result.delta.is_applied(base)
+        assert torch.equal(generate(base), generate(erased))
+    assert not result.delta.is_applied(base) and torch.equal(generate(base), before)
+    with pytest.raises(RuntimeError, match="inside"), result.delta.applied(base):
+        raise RuntimeError("inside")
+    assert not result.delta.is_applied(base) and torch.equal(generate(base), before), "reverted on an error too"
+    with pytest.raises(ValueError, match="made on base model"), result.delta.applied(fresh_pipe(seed=1)):
+        pass

@@ -314,3 +314,25 @@ def test_a_folder_with_code_carrying_bin_weights_is_refused_without_running_it(t
     with pytest.raises(ValueError, match="not a weights-only pickle"):
         load_pipeline(str(folder))
     assert not marker.exists()
+
+
+def test_quiet_libraries_silences_the_loading_bars_and_notices():
+    import diffusers
+    import transformers
+
+    from erase import quiet_libraries
+
+    libs = (diffusers, transformers)
+    saved = [(lib.utils.logging.is_progress_bar_enabled(), lib.utils.logging.get_verbosity()) for lib in libs]
+    try:
+        for lib in libs:
+            lib.utils.logging.enable_progress_bar()
+            lib.utils.logging.set_verbosity_warning()
+        quiet_libraries()
+        for lib in libs:
+            assert not lib.utils.logging.is_progress_bar_enabled()
+            assert lib.utils.logging.get_verbosity() == lib.utils.logging.ERROR
+    finally:
+        for lib, (bar, level) in zip(libs, saved):
+            (lib.utils.logging.enable_progress_bar if bar else lib.utils.logging.disable_progress_bar)()
+            lib.utils.logging.set_verbosity(level)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import erase
-from canvas import answers, bench, catalog
+from canvas import answers, catalog
 from erase.cli import main
 from erase.delta import Delta
 from erase.methods import seot
@@ -242,7 +242,7 @@ def test_answer_sets_under_the_bench_apply_are_patched_where_the_concept_is(tmp_
     items = answers.answer_items(cat, seeds=[188], themes=["Bricks", "Pop_Art"], objects=["Cats"])
     sampler = answers.SamplerPreset("test", steps=3, guidance=3.0)
     answers.generate(pipe, items, cat, tmp_path / "plain", sampler, progress=False)
-    answers.generate(pipe, items, cat, tmp_path / "seot", sampler, apply=bench._applied(delta), progress=False)
+    answers.generate(pipe, items, cat, tmp_path / "seot", sampler, apply=delta.applied, progress=False)
     assert not pipe.text_encoder._forward_hooks and not pipe.unet._forward_pre_hooks  # reverted after generation
 
     def pixels(folder, item):
