@@ -26,8 +26,6 @@ from .delta import Delta
 
 FORMATS = ("diffusers", "kohya")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-# SDXL's added-condition MLP, which the SD 1.x/2.x LDM table of erase.convert does not hold (sgm calls it label_emb).
-_SDXL_LDM_EXTRA = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 @dataclass
@@ -114,12 +112,10 @@ def kohya_module(pipe, component: str, module_path: str) -> str:
     SD 1.x/2.x, `lora_te1_` / `lora_te2_` for SDXL's two."""
     if component == "unet":
         if is_sdxl(pipe.unet):
-            module_path = _SDXL_LDM_EXTRA.get(module_path) or unet_key(module_path + ".weight", pipe.unet.config)
-            module_path = module_path.removesuffix(".weight")
+            module_path = unet_key(module_path + ".weight", pipe.unet.config).removesuffix(".weight")
         return "lora_unet_" + module_path.replace(".", "_")
-    prefix = {"text_encoder": "lora_te1_" if is_sdxl(pipe.unet) else "lora_te_", "text_encoder_2": "lora_te2_"}[
-        component
-    ]
+    first = "lora_te1_" if is_sdxl(pipe.unet) else "lora_te_"
+    prefix = {"text_encoder": first, "text_encoder_2": "lora_te2_"}[component]
     return prefix + canonical_text_module(module_path).replace(".", "_")
 
 
