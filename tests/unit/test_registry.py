@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import erase
-from erase.delta import Delta
+from erase.delta import COMPONENTS, Delta
 from erase.methods import get_method
 from erase.params import delta_name, select_in
 from tests.unit.helpers import fresh_pipe, generate
@@ -118,8 +118,27 @@ def example(name: str, tmp_path):
 
 
 def weights(pipe) -> dict[str, torch.Tensor]:
-    """Every UNet and text-encoder tensor by its Delta name (`unet.*`, `text_encoder.*`)."""
-    return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder") for k, v in getattr(pipe, c).state_dict().items()}
+    """Every UNet and text-encoder tensor by its Delta name (`unet.*`, `text_encoder.*`, SDXL's `text_encoder_2.*`)."""
+    return {f"{c}.{k}": v.clone() for c in COMPONENTS if getattr(pipe, c, None) is not None
+            for k, v in getattr(pipe, c).state_dict().items()}  # fmt: skip
+
+
+def run_changes_only_declared(make_pipe, name: str, tmp_path):
+    """Run `name`'s example on `make_pipe()` and check that it changes exactly its declared tensors (a runtime
+    patch: none, and the patch changes the images); returns the pipeline and the run's result."""
+    pipe = make_pipe()
+    before = weights(pipe)
+    config = example(name, tmp_path)
+    result = erase.run(pipe, config, progress=False)
+    changed = {k for k, v in weights(pipe).items() if not torch.equal(before[k], v)}
+    if get_method(name).patches_at_runtime:  # a hook or adapter: no base weight moves, the patch is the result
+        assert not changed and not result.delta.tensors and result.delta.runtime is not None
+        assert not torch.equal(generate(pipe), generate(make_pipe())), f"{name}'s patch changes no image"
+    else:
+        declared = {delta_name(n) for n in select_in(make_pipe(), config.parameter_set())}
+        assert changed, f"{name} changed nothing"
+        assert changed == set(result.delta.tensors) and changed <= declared
+    return pipe, result
 
 
 def test_every_method_has_an_example():
@@ -128,18 +147,7 @@ def test_every_method_has_an_example():
 
 @pytest.mark.parametrize("name", erase.available_methods())
 def test_method_changes_only_declared_parameters_and_round_trips(name, tmp_path):
-    pipe = fresh_pipe()
-    before = weights(pipe)
-    config = example(name, tmp_path)
-    result = erase.run(pipe, config, progress=False)
-    changed = {k for k, v in weights(pipe).items() if not torch.equal(before[k], v)}
-    if get_method(name).patches_at_runtime:  # a hook or adapter: no base weight moves, the patch is the result
-        assert not changed and not result.delta.tensors and result.delta.runtime is not None
-        assert not torch.equal(generate(pipe), generate(fresh_pipe())), f"{name}'s patch changes no image"
-    else:
-        declared = {delta_name(n) for n in select_in(fresh_pipe(), config.parameter_set())}
-        assert changed, f"{name} changed nothing"
-        assert changed == set(result.delta.tensors) and changed <= declared
+    pipe, result = run_changes_only_declared(fresh_pipe, name, tmp_path)
     result.delta.save(tmp_path / "delta")
     base = fresh_pipe()
     Delta.load(tmp_path / "delta").apply(base)
