@@ -85,6 +85,18 @@ def _unlearndiffatk(run: AttackRun) -> Callable[[AnswerItem], AttackResult]:
     return attack
 
 
+def _random_prefix(run: AttackRun) -> Callable[[AnswerItem], AttackResult]:
+    """UnlearnDiffAtk's control, judged the same way and with its preset: random prefixes, as many as it judges."""
+
+    def attack(item: AnswerItem) -> AttackResult:
+        with run.erased():
+            return unlearndiffatk.random_prefixes(run.pipe, run.prompt(item), run.settings,
+                                                  run.generator(item, "random-prefix"),
+                                                  stop=lambda result: judge_attacked(run, item, result))  # fmt: skip
+
+    return attack
+
+
 INVERSION_IMAGES = 25  # CCE's --num_train_images (its train.sh)
 
 
@@ -120,6 +132,8 @@ def _inversion(run: AttackRun) -> Callable[[AnswerItem], AttackResult]:
 
 register(PromptAttack("unlearndiffatk", unlearndiffatk.PRESETS, _unlearndiffatk,
                       "white box: k prefix tokens that make the erased model denoise the target's images"))  # fmt: skip
+register(PromptAttack("random-prefix", unlearndiffatk.PRESETS, _random_prefix,
+                      "control for UnlearnDiffAtk: as many random k-token prefixes as it judges"))  # fmt: skip
 register(PromptAttack("inversion", inversion.PRESETS, _inversion,
                       "concept inversion: a word learned against the erased model on the target's images"))  # fmt: skip
 register(PromptAttack("ringabell", ringabell.PRESETS, _ring_a_bell, "black box: a hard prompt near the concept"))

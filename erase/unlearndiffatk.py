@@ -205,3 +205,25 @@ def unlearndiffatk(
             if stop is not None and stop(result):
                 break
     return result
+
+
+def random_prefixes(
+    pipe,
+    prompt: str,
+    settings: UnlearnDiffAtk = PRESETS["paper"],
+    generator: torch.Generator | None = None,
+    stop: Callable[[AttackResult], bool] | None = None,
+) -> AttackResult:
+    """UnlearnDiffAtk's control: as many k-token prefixes as the attack judges (one per timestep), each drawn
+    uniformly from the vocabulary the attack optimises over, ending at the first that `stop` accepts. An attack
+    that beats it found more than k extra tokens and that many tries explain; one that does not, found nothing."""
+    check_prompt(pipe.tokenizer, prompt, settings.tokens)
+    require_one_encoder(pipe, "the random-prefix control")
+    generator = generator if generator is not None else torch.Generator().manual_seed(settings.seed)
+    vocab = word_embedding(pipe.text_encoder).weight.shape[0]
+    result = None
+    for _ in range(settings.timesteps):
+        result = token_result(pipe, prompt, torch.randint(vocab, (1, settings.tokens), generator=generator), [])
+        if stop is not None and stop(result):
+            break
+    return result

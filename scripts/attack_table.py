@@ -32,7 +32,7 @@ from canvas.sequential import SequentialConfig, run_sequence
 from erase import available_methods, get_method
 from erase.atomic import write_text
 
-PROMPT_ATTACKS = ("unlearndiffatk", "inversion", "ringabell")
+PROMPT_ATTACKS = ("unlearndiffatk", "random-prefix", "inversion", "ringabell")
 
 
 def attack_rows(args, methods: list[str], targets: list[str]) -> list[dict[str, Any]]:
@@ -100,14 +100,14 @@ def main() -> None:
     parser.add_argument("--bench", required=True, help="the toy bench folder (e.g. the toy table's)")
     parser.add_argument("--methods", help="comma-separated methods (default: every erasure method)")
     parser.add_argument("--targets", default="Bricks,Birds", help="held-out targets each method is attacked on")
-    parser.add_argument("--attacks", default="unlearndiffatk,inversion,ringabell,relearning")
+    parser.add_argument("--attacks", default="unlearndiffatk,random-prefix,inversion,ringabell,relearning")
     parser.add_argument("--prompts", type=int, default=4, help="prompts per target each attack tries")
     parser.add_argument(
         "--prompts-of",
         action="append",
-        default=["unlearndiffatk=2"],
+        default=["unlearndiffatk=2", "random-prefix=2"],
         metavar="ATTACK=N",
-        help="another prompt count for one attack (default: unlearndiffatk=2, the costliest)",
+        help="another prompt count for one attack (default: unlearndiffatk=2, the costliest, and its control's)",
     )
     parser.add_argument("--sequence", default="Mosaic,Sketch,Winter", help="held-out targets requested in turn")
     parser.add_argument("--sequential-methods", default="uce,speed,mace")

@@ -16,6 +16,7 @@ from erase.unlearndiffatk import (
     attack_timesteps,
     denoising_loss,
     image_latents,
+    random_prefixes,
     simplex_projection,
     unlearndiffatk,
 )
@@ -152,3 +153,23 @@ def test_bad_inputs_are_one_line_errors():
                        UnlearnDiffAtk(tokens=5, iterations=1, timesteps=1), progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="tokenizes to nothing"):
         unlearndiffatk(pipe, "", images(1), settings, progress=False)
+
+
+def test_the_random_prefix_control_tries_as_many_prefixes_as_the_attack_judges_and_stops_at_a_success():
+    pipe, settings = fresh_pipe(), UnlearnDiffAtk(tokens=3, iterations=1, lr=0.1, timesteps=4)
+    seen = []
+
+    def never(result):
+        seen.append(result.tokens.clone())
+        return False
+
+    last = random_prefixes(pipe, PROMPT, settings, torch.Generator().manual_seed(0), stop=never)
+    vocab = word_embedding(pipe.text_encoder).weight.shape[0]
+    assert len(seen) == 4 and all(t.shape == (1, 3) and 0 <= int(t.min()) and int(t.max()) < vocab for t in seen)
+    assert len({tuple(t.flatten().tolist()) for t in seen}) == 4  # fresh draws, not one prefix judged four times
+    assert torch.equal(last.tokens, seen[-1]) and last.text.endswith(PROMPT)
+    table = word_embedding(pipe.text_encoder).weight
+    assert torch.equal(last.prefix, table[last.tokens[0]].float()[None])
+    calls = []
+    random_prefixes(pipe, PROMPT, settings, torch.Generator().manual_seed(0), stop=lambda r: calls.append(r) or True)
+    assert len(calls) == 1 and torch.equal(calls[0].tokens, seen[0])  # seeded: the same first draw, then it stops
