@@ -24,7 +24,7 @@ class PromptEncoder:
     @classmethod
     def of(cls, pipe, device: torch.device | str | None = None, strict: bool = False) -> PromptEncoder:
         """The encoder of what `pipe`'s UNet is given: its text encoder's states (SD 1.x/2.x), or SDXL's packed
-        embedding of both encoders (erase.conditioning; the pipeline's UNet learns to read it)."""
+        embedding of both encoders (erase.conditioning; a hook it installs lets the UNet read it)."""
         encoder = cls(pipe.tokenizer, pipe.text_encoder, device, strict)
         if is_sdxl(pipe.unet):
             install(pipe)

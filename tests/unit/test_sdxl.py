@@ -83,6 +83,18 @@ def test_sampling_with_the_packed_encoder_equals_the_pipelines_own_call():
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
+def test_answer_set_sampling_on_sdxl_equals_the_pipelines_own_call():
+    from canvas import answers
+
+    pipe = sdxl_pipe()
+    protocol = answers.SamplerPreset("test", steps=3, guidance=3.0)
+    ours = answers.sample(pipe, ["a cat", "a dog"], [5, 6], protocol, batch_size=2, output_type="pt")
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    theirs = pipe(["a cat", "a dog"], num_inference_steps=3, guidance_scale=3.0, generator=gens,
+                  output_type="pt").images  # fmt: skip
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
 def test_frozen_prediction_equals_an_untouched_copy_with_added_conditions():
     pipe = sdxl_pipe()
     original = copy.deepcopy(pipe.unet)
