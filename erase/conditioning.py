@@ -39,6 +39,9 @@ def check_supported(pipe) -> None:
                              "erasure edits the base model, which has text_encoder and text_encoder_2")  # fmt: skip
         if getattr(pipe.config, "requires_aesthetics_score", False):
             raise ValueError("SDXL refiner pipelines (requires_aesthetics_score) are not supported; use the base model")
+        if pipe.tokenizer.get_vocab() != pipe.tokenizer_2.get_vocab():  # `second_ids` re-pads one for the other
+            raise ValueError("the SDXL pipeline's two tokenizers have different vocabularies; expected the shared CLIP "
+                             "one")  # fmt: skip
 
 
 def pack(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -113,9 +116,7 @@ def install(pipe) -> None:
 def second_ids(pipe, ids: torch.Tensor) -> torch.Tensor:
     """The ids of `pipe.tokenizer` re-padded for `pipe.tokenizer_2`: SDXL's two tokenizers share the CLIP vocabulary
     and differ in their padding token only, so the tokens before the first end-of-text are the same."""
-    first, second = pipe.tokenizer, pipe.tokenizer_2
-    if first.get_vocab() != second.get_vocab():
-        raise ValueError("the SDXL pipeline's two tokenizers have different vocabularies; expected the shared CLIP one")
+    first, second = pipe.tokenizer, pipe.tokenizer_2  # same vocabulary: checked once, by `check_supported`
     if second.pad_token_id == first.pad_token_id:
         return ids
     eos = first.eos_token_id

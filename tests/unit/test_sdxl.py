@@ -74,25 +74,18 @@ def test_packed_embedding_is_diffusers_encoding_and_the_unet_reads_it_as_added_c
     assert not torch.allclose(ours, without_pooled)  # the pooled row does reach the UNet
 
 
-def test_sampling_with_the_packed_encoder_equals_the_pipelines_own_call():
-    pipe = sdxl_pipe()
-    ours = generate(pipe, ["a cat", "a dog"], [3, 4], steps=3, guidance=5.0, encoder=PromptEncoder.of(pipe))
-    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
-    theirs = pipe(["a cat", "a dog"], num_inference_steps=3, guidance_scale=5.0, generator=gens,
-                  output_type="pt").images  # fmt: skip
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
-
-
-def test_answer_set_sampling_on_sdxl_equals_the_pipelines_own_call():
+def test_sampling_and_answer_sets_with_the_packed_encoder_equal_the_pipelines_own_call():
     from canvas import answers
 
     pipe = sdxl_pipe()
-    protocol = answers.SamplerPreset("test", steps=3, guidance=3.0)
-    ours = answers.sample(pipe, ["a cat", "a dog"], [5, 6], protocol, batch_size=2, output_type="pt")
-    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
-    theirs = pipe(["a cat", "a dog"], num_inference_steps=3, guidance_scale=3.0, generator=gens,
-                  output_type="pt").images  # fmt: skip
+    prompts, seeds = ["a cat", "a dog"], [3, 4]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    theirs = pipe(prompts, num_inference_steps=3, guidance_scale=5.0, generator=gens, output_type="pt").images
+    ours = generate(pipe, prompts, seeds, steps=3, guidance=5.0, encoder=PromptEncoder.of(pipe))
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    protocol = answers.SamplerPreset("test", steps=3, guidance=5.0)
+    answer_images = answers.sample(pipe, prompts, seeds, protocol, batch_size=2, output_type="pt")
+    torch.testing.assert_close(answer_images, theirs, rtol=0, atol=1e-5)
 
 
 def test_frozen_prediction_equals_an_untouched_copy_with_added_conditions():
