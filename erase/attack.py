@@ -2,7 +2,9 @@
 
 k soft vectors in the text encoder's word-embedding space are spliced in after BOS (`[BOS, p_1..p_k, prompt, EOS,
 pad...]`, cut back to the context length) and optimised so that the model's denoising loss, conditioned on the
-encoded sequence, goes down: the prompt that makes an erased model denoise the concept's images again. AdvUnlearn's
+encoded sequence, goes down: the prompt that makes an erased model denoise the concept's images again. On SDXL a
+prefix vector spans both encoders' word embeddings side by side (`WordEncoder`: their tokenizers share the
+vocabulary, so one token is one row of each table), and the sequence encodes to the packed SDXL condition. AdvUnlearn's
 inner attack is this one (its `prefix_k` word-embedding attack); `project` keeps the prefix on real tokens
 (straight-through nearest tokens). UnlearnDiffAtk's released attack reaches real tokens another way, through a
 distribution over the vocabulary (erase.unlearndiffatk). The objective is the caller's: it gets the encoded
@@ -12,15 +14,18 @@ condition and the attack step.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from .conditioning import encode_ids, is_sdxl, second_ids
+
 INITS = ("random", "latest")
 
-# objective(condition (1, L, d) text-encoder output, attack step) -> scalar loss to lower
+# objective(condition (1, L, D): what the UNet is given for the attacked prompt, attack step) -> loss to lower
 Objective = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -63,10 +68,11 @@ class AttackResult:
     text: str = ""  # the attacked prompt as a person reads it (real tokens decoded; learned vectors as <v1>, ...)
 
     @torch.no_grad()
-    def condition(self, encoder: nn.Module) -> torch.Tensor:
-        """(1, L, D) the `encoder`'s last hidden state for this attacked prompt: what the UNet is conditioned on."""
-        device = next(encoder.parameters()).device
-        return encode_embeds(encoder, self.ids.to(device), self.embeds.to(device))
+    def condition(self, encoder: nn.Module | WordEncoder) -> torch.Tensor:
+        """What the UNet is conditioned on for this attacked prompt: a text encoder's last hidden state (1, L, D), or
+        a `WordEncoder`'s condition (SDXL's packed one)."""
+        words = as_word_encoder(encoder)
+        return words(self.ids.to(words.device), self.embeds.to(words.device))
 
 
 def word_embedding(encoder: nn.Module) -> nn.Embedding:
@@ -107,6 +113,60 @@ def encode_embeds(encoder: nn.Module, ids: torch.Tensor, embeds: torch.Tensor) -
         return encoder(ids)[0]
 
 
+@dataclass(frozen=True)
+class WordEncoder:
+    """Token ids, with their word embeddings replaceable, to the UNet's condition: through one CLIP text encoder
+    (SD 1.x/2.x: its last hidden state), or through SDXL's two (`pipe` given; both penultimate states side by side,
+    packed with the second's pooled embedding, erase.conditioning). A word vector is the two encoders' word
+    embeddings of one token side by side on SDXL. Gradients reach the embeddings and the encoders' trainable tensors."""
+
+    encoders: tuple[nn.Module, ...]
+    pipe: Any = None  # SDXL's pipeline (its second encoder and tokenizer), None for one encoder
+
+    @classmethod
+    def of(cls, pipe) -> WordEncoder:
+        """The pipeline's own text encoder(s), as they are (trained ones included)."""
+        if is_sdxl(pipe.unet):
+            return cls((pipe.text_encoder, pipe.text_encoder_2), pipe)
+        return cls((pipe.text_encoder,))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoders[0].parameters()).device
+
+    @property
+    def table(self) -> torch.Tensor:
+        """(V, d) every token's word vector (detached)."""
+        tables = [word_embedding(e).weight.detach() for e in self.encoders]
+        return tables[0] if len(tables) == 1 else torch.cat([t.float() for t in tables], dim=-1)
+
+    def words(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) the word vectors of `ids` (B, L) of the first tokenizer (detached)."""
+        if self.pipe is None:
+            return word_embedding(self.encoders[0]).weight[ids].detach()
+        first, second = (word_embedding(e).weight.detach().float() for e in self.encoders)
+        return torch.cat([first[ids], second[second_ids(self.pipe, ids)]], dim=-1)
+
+    def __call__(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The condition of `ids` (B, L) with word vectors `embeds` (B, L, d)."""
+        if self.pipe is None:
+            return encode_embeds(self.encoders[0], ids, embeds)
+        width = word_embedding(self.encoders[0]).weight.shape[1]
+        with ExitStack() as stack:
+            for encoder, part in zip(self.encoders, (embeds[..., :width], embeds[..., width:]), strict=True):
+                stack.enter_context(word_embeddings_replaced(encoder, part))
+            return encode_ids(self.pipe, ids, self.encoders[0])
+
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        """The condition of plain token ids (with gradients to the encoders' trainable tensors)."""
+        return self.encoders[0](ids)[0] if self.pipe is None else encode_ids(self.pipe, ids, self.encoders[0])
+
+
+def as_word_encoder(encoder: nn.Module | WordEncoder) -> WordEncoder:
+    """A `WordEncoder` as it is, a text encoder as the one-encoder `WordEncoder` over it."""
+    return encoder if isinstance(encoder, WordEncoder) else WordEncoder((encoder,))
+
+
 def splice_prefix(ids: torch.Tensor, embeds: torch.Tensor, prefix: torch.Tensor, bos_id: int):
     """`[BOS, prefix, rest]` cut to the context: ids (1, L) and word embeddings (1, L, d) with the k prefix vectors
     (1, k, d) after position 0; the prefix ids are BOS, a placeholder that moves neither EOS lookup of CLIP."""
@@ -116,11 +176,11 @@ def splice_prefix(ids: torch.Tensor, embeds: torch.Tensor, prefix: torch.Tensor,
     return spliced_ids, spliced
 
 
-def random_prefix(encoder: nn.Module, k: int, generator: torch.Generator) -> torch.Tensor:
-    """(1, k, d) word embeddings of k vocabulary tokens drawn at random (AdvUnlearn's random init)."""
-    table = word_embedding(encoder).weight
+def random_prefix(encoder: nn.Module | WordEncoder, k: int, generator: torch.Generator) -> torch.Tensor:
+    """(1, k, d) word vectors of k vocabulary tokens drawn at random (AdvUnlearn's random init)."""
+    table = as_word_encoder(encoder).table
     ids = torch.randint(table.shape[0], (1, k), generator=generator).to(table.device)
-    return table[ids].detach().float()
+    return table[ids].float()
 
 
 def nearest_tokens(prefix: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -130,18 +190,20 @@ def nearest_tokens(prefix: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 def prefix_attack(
     objective: Objective,
-    encoder: nn.Module,
+    encoder: nn.Module | WordEncoder,
     ids: torch.Tensor,
     settings: PrefixAttack,
     generator: torch.Generator,
     start: torch.Tensor | None = None,
 ) -> AttackResult:
-    """Lower `objective` over a k-vector prefix of the prompt with token ids `ids` (1, L), encoded by `encoder` as
-    it is (its tensors get no gradient: only the prefix does). `start` (1, k, d) is the first prefix under
-    `init="latest"`; otherwise (or without one) k random vocabulary tokens."""
-    table = word_embedding(encoder).weight
+    """Lower `objective` over a k-vector prefix of the prompt with token ids `ids` (1, L), encoded by `encoder` (a
+    text encoder, or a `WordEncoder`: SDXL's two) as it is (its tensors get no gradient: only the prefix does).
+    `start` (1, k, d) is the first prefix under `init="latest"`; otherwise (or without one) k random vocabulary
+    tokens."""
+    encoder = as_word_encoder(encoder)
+    table = encoder.table
     bos_id = int(ids[0, 0])
-    words = table[ids].detach()
+    words = encoder.words(ids)
     first = start if settings.init == "latest" and start is not None else random_prefix(encoder, settings.tokens,
                                                                                           generator)  # fmt: skip
     if first.shape[1] != settings.tokens:
@@ -159,7 +221,7 @@ def prefix_attack(
     spliced_ids = splice_prefix(ids, words, prefix.detach(), bos_id)[0]
     for step in range(settings.steps):
         spliced_ids, spliced = splice_prefix(ids, words, used(prefix), bos_id)
-        loss = objective(encode_embeds(encoder, spliced_ids, spliced), step)
+        loss = objective(encoder(spliced_ids, spliced), step)
         (grad,) = torch.autograd.grad(loss, [prefix])
         prefix.grad = grad.sign() if settings.sign else grad
         optimizer.step()

@@ -21,12 +21,12 @@ class RunContext:
     """The pipeline being edited, the method's config, the declared parameters and the shared tools.
 
     `params` are the live tensors of the declared parameter set (`config.parameter_set()`; UNet tensors by their
-    UNet names, text-encoder ones as `text_encoder.<name>`, erase.params), `frozen` answers as the original UNet
-    would (`frozen_text` as the original text encoder, when its tensors train), `encode` caches prompt embeddings
-    (of the text encoder as it was when first asked: a method that trains the text encoder encodes live prompts
-    itself). A method that trains a masked subset of its parameters
-    sets `grad_masks` (name -> 0/1 tensor) before `train`; weights outside the masks then never move. One that
-    changes the whole gradient before each optimizer step (a projection) sets `grad_transform` (erase.train).
+    UNet names, text-encoder ones as `text_encoder.<name>` or `text_encoder_2.<name>`, erase.params), `frozen`
+    answers as the original UNet would (`frozen_text[component]` as that text encoder originally would, for each one
+    whose tensors train), `encode` caches prompt embeddings (of the text encoders as they were when first asked: a
+    method that trains a text encoder encodes live prompts itself). A method that trains a masked subset of its
+    parameters sets `grad_masks` (name -> 0/1 tensor) before `train`; weights outside the masks then never move. One
+    that changes the whole gradient before each optimizer step (a projection) sets `grad_transform` (erase.train).
     """
 
     pipe: Any  # a diffusers StableDiffusion-style pipeline
@@ -42,7 +42,8 @@ class RunContext:
     run_key: str | None = None  # the run's identity (erase.runner.run_key): only its own checkpoints are resumed
     last_outcome: TrainOutcome | None = None  # what the last `train` call returned (losses, resume point)
     grad_transform: GradTransform | None = None
-    frozen_text: FrozenOriginal | None = None  # the text encoder's original values of its trained tensors, if any
+    # text encoder ("text_encoder", SDXL's "text_encoder_2") -> the original values of its trained tensors
+    frozen_text: dict[str, FrozenOriginal] = field(default_factory=dict)
     findings: dict[str, Any] = field(default_factory=dict)  # what the method measured along the run (JSON values):
     # the runner puts it into the record and the Delta's metadata under "findings" (e.g. RECE's embedding norms)
 
@@ -51,8 +52,8 @@ class RunContext:
         (parameters of the UNet by their names in it, e.g. an adapter's while it is attached as a submodule)."""
         if not isinstance(self.config, TrainingConfig):
             raise TypeError(f"{type(self.config).__name__} has no training settings; only fine-tuning methods train")
-        if self.frozen_text is not None:  # only its declared tensors train; the rest of the encoder stays frozen
-            self.pipe.text_encoder.requires_grad_(False)
+        for component in self.frozen_text:  # only its declared tensors train; the rest of the encoder stays frozen
+            getattr(self.pipe, component).requires_grad_(False)
         outcome = train(
             self.pipe.unet,
             self.params if params is None else params,

@@ -1,9 +1,10 @@
-"""Named parameter sets over a pipeline's UNet and text encoder: the one definition of "which weights a method
+"""Named parameter sets over a pipeline's UNet and text encoders: the one definition of "which weights a method
 trains" for every method.
 
 UNet parameters keep their names in the UNet (`down_blocks.0...`); text-encoder parameters are named
-`text_encoder.<name in the text encoder>`, so one dict holds both without ambiguity (no UNet name starts so) and
-its keys are the Delta's own names minus the `unet.` prefix (`delta_name`)."""
+`text_encoder.<name in the text encoder>` (SDXL's second: `text_encoder_2.<name>`), so one dict holds them all
+without ambiguity (no UNet name starts so) and its keys are the Delta's own names minus the `unet.` prefix
+(`delta_name`). The named text-encoder sets cover every text encoder the pipeline has (both on SDXL)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ NAMED_SETS = {
     "the CompVis code's 'noxattn' (ESD-u of the paper-era code, EraseDiff's NSFW recipe)",
     "all": "every parameter",
 }
-TEXT_ENCODER = "text_encoder."  # the prefix of text-encoder names in a parameter set
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the pipeline's text encoders, as their names' prefixes
+TEXT_PREFIXES = tuple(f"{c}." for c in TEXT_ENCODERS)
 TEXT_ENCODER_SETS = {
     "text-encoder": "every text-encoder parameter",
-    "text-encoder-layers": "the text encoder's transformer layers and final layer norm, not its embeddings "
+    "text-encoder-layers": "the text encoders' transformer layers and final layer norms, not their embeddings "
     "(AdvUnlearn's text_encoder_full)",
 }
 
@@ -52,7 +54,7 @@ def check_spec(spec: str | Sequence[str]) -> None:
     if not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"parameter set must be text (named sets or glob patterns), got {spec!r}")
     accepted = (f"accepted: {', '.join([*NAMED_SETS, *TEXT_ENCODER_SETS])}, the aliases {', '.join(ALIASES)}, or "
-                "glob patterns (text-encoder ones start with 'text_encoder.')")  # fmt: skip
+                "glob patterns (text-encoder ones start with 'text_encoder.' or 'text_encoder_2.')")  # fmt: skip
     patterns = _patterns(spec)
     if not patterns:
         raise ValueError(f"empty parameter set {spec!r}; {accepted}")
@@ -79,7 +81,13 @@ def _in_named_set(name: str, set_name: str) -> bool:
 
 
 def is_text_encoder_pattern(pattern: str) -> bool:
-    return pattern in TEXT_ENCODER_SETS or pattern.startswith(TEXT_ENCODER)
+    return pattern in TEXT_ENCODER_SETS or pattern.startswith(TEXT_PREFIXES)
+
+
+def text_component(name: str) -> str | None:
+    """The text encoder (`text_encoder`, `text_encoder_2`) a parameter-set name belongs to; None for a UNet name."""
+    component = name.split(".", 1)[0]
+    return component if component in TEXT_ENCODERS and "." in name else None
 
 
 def names_text_encoder(spec: str | Sequence[str]) -> bool:
@@ -88,28 +96,32 @@ def names_text_encoder(spec: str | Sequence[str]) -> bool:
 
 
 def delta_name(name: str) -> str:
-    """A parameter set's name as the Delta names the tensor (`unet.<name>` or `text_encoder.<name>`)."""
-    return name if name.startswith(TEXT_ENCODER) else f"unet.{name}"
+    """A parameter set's name as the Delta names the tensor (`unet.<name>`, or `<text encoder>.<name>`)."""
+    return name if text_component(name) else f"unet.{name}"
 
 
 def select_in(pipe, spec: str | Sequence[str]) -> dict[str, nn.Parameter]:
     """Parameters of a pipeline named by `spec`: UNet ones (as `select` over `pipe.unet`) under their UNet names,
-    text-encoder ones (named sets `text-encoder`, `text-encoder-layers`, or patterns `text_encoder.<glob>`) under
-    `text_encoder.<name>`. Raises ValueError like `select`, also for a text-encoder set on a pipeline without one."""
+    text-encoder ones (named sets `text-encoder`, `text-encoder-layers` over every text encoder the pipeline has, or
+    patterns `text_encoder.<glob>` / `text_encoder_2.<glob>`) under `<component>.<name>`. Raises ValueError like
+    `select`, also for a text-encoder set on a pipeline without that encoder."""
     check_spec(spec)
     patterns = _patterns(spec)
     text = [p for p in patterns if is_text_encoder_pattern(p)]
     unet = [p for p in patterns if not is_text_encoder_pattern(p)]
     selected = _select(pipe.unet, unet) if unet else {}
-    if text:
-        encoder = getattr(pipe, "text_encoder", None)
-        if encoder is None:
-            raise ValueError(
-                f"parameter set {text[0]!r} names text-encoder tensors, but the pipeline has no text_encoder"
-            )
-        for pattern in text:
-            local = pattern if pattern in TEXT_ENCODER_SETS else pattern.removeprefix(TEXT_ENCODER)
-            selected.update({TEXT_ENCODER + n: p for n, p in _select(encoder, [local], TEXT_ENCODER).items()})
+    for pattern in text:
+        named = pattern in TEXT_ENCODER_SETS
+        components = [c for c in TEXT_ENCODERS if getattr(pipe, c, None) is not None] if named else [
+            text_component(pattern)]  # fmt: skip
+        if not components or getattr(pipe, components[0], None) is None:
+            missing = "text_encoder" if named else components[0]
+            raise ValueError(f"parameter set {pattern!r} names text-encoder tensors, but the pipeline has no {missing}")
+        for component in components:
+            prefix = f"{component}."
+            local = pattern if named else pattern.removeprefix(prefix)
+            found = _select(getattr(pipe, component), [local], prefix)
+            selected.update({prefix + n: p for n, p in found.items()})
     return selected
 
 

@@ -22,7 +22,7 @@ from .frozen import FrozenOriginal
 from .images import prediction_type
 from .meter import Meter
 from .methods import method_of
-from .params import TEXT_ENCODER, delta_name, names_text_encoder, select_in
+from .params import delta_name, select_in, text_component
 from .text import PromptEncoder
 from .train import TrainOutcome
 
@@ -70,19 +70,22 @@ def run(
     spec = method_of(config)
     prediction_type(pipe.scheduler)  # an unknown prediction type is refused here, not deep inside a training loop
     unet = pipe.unet
-    if names_text_encoder(config.parameter_set()) and "text_encoder" not in spec.components:
-        raise ValueError(f"parameter set {config.parameter_set()!r} names text-encoder tensors, but {spec.name} "
-                         f"edits only its components ({', '.join(spec.components)})")  # fmt: skip
     # A runtime patch trains no base weight: its parameter set (if any) says where the patch goes, not what moves.
     params = {} if spec.patches_at_runtime else select_in(pipe, config.parameter_set())
+    text_names: dict[str, list[str]] = {}  # text encoder -> its trained tensors' names in it
+    for name in params:
+        if component := text_component(name):
+            text_names.setdefault(component, []).append(name.removeprefix(f"{component}."))
+    if outside := [c for c in text_names if c not in spec.components]:
+        raise ValueError(f"parameter set {config.parameter_set()!r} names {outside[0]} tensors, but {spec.name} "
+                         f"edits only its components ({', '.join(spec.components)})")  # fmt: skip
     base_fingerprint, base_components = fingerprint(pipe), component_fingerprints(pipe)
-    frozen = FrozenOriginal(unet, [n for n in params if not n.startswith(TEXT_ENCODER)])
-    text_names = [n.removeprefix(TEXT_ENCODER) for n in params if n.startswith(TEXT_ENCODER)]
+    frozen = FrozenOriginal(unet, [n for n in params if not text_component(n)])
     ctx = RunContext(
         pipe, config, params, frozen, PromptEncoder.of(pipe, strict=True),
         Path(checkpoint_dir) if checkpoint_dir else None, accelerator, progress, local,
         run_key=run_key(config, base_fingerprint),
-        frozen_text=FrozenOriginal(pipe.text_encoder, text_names) if text_names else None,
+        frozen_text={c: FrozenOriginal(getattr(pipe, c), names) for c, names in text_names.items()},
     )  # fmt: skip
     outcome = TrainOutcome()
     runtime = None
@@ -96,8 +99,8 @@ def run(
             runtime = spec.build(ctx)
             outcome = ctx.last_outcome or outcome  # an adapter trains through ctx.train
     before = {f"unet.{n}": t for n, t in frozen.original.items()}
-    if ctx.frozen_text is not None:
-        before.update({f"{TEXT_ENCODER}{n}": t for n, t in ctx.frozen_text.original.items()})
+    for component, original in ctx.frozen_text.items():
+        before.update({f"{component}.{n}": t for n, t in original.original.items()})
     after = {delta_name(n): p.detach() for n, p in params.items()}
     config_dict = dataclasses.asdict(config)
     metadata = {"findings": ctx.findings} if ctx.findings else {}

@@ -177,11 +177,12 @@ def sd_shaped_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 def tiny_sdxl_pipeline(seed: int = 0, words: tuple[str, ...] = TINY_WORDS) -> StableDiffusionXLPipeline:
     """A randomly initialised pipeline with SDXL's structure at toy size: two CLIP text encoders (widths 16 and 32,
-    the second projected), a 48-d cross-attention context (their penultimate states side by side), linear
-    projections, several transformer layers per block and the "text_time" added conditions (pooled text embedding
-    and six time ids); deterministic for `seed`."""
+    the second projected; one tokenizer pads with the end token, the other with "!", as SDXL's do), a 48-d
+    cross-attention context (their penultimate states side by side), linear projections, several transformer layers
+    per block and the "text_time" added conditions (pooled text embedding and six time ids); deterministic for
+    `seed`."""
     torch.manual_seed(seed)
-    tokenizer, tokenizer_2 = word_tokenizer(words), word_tokenizer(words)
+    tokenizer, tokenizer_2 = word_tokenizer(words), word_tokenizer(words, pad_token="!")  # pads as SDXL's pair do
     text_encoder = clip_text_encoder(tokenizer, hidden_size=16)
     text_encoder_2 = clip_text_encoder(tokenizer_2, hidden_size=32, projection_dim=24)
     time_embed_dim = 8

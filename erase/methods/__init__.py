@@ -18,7 +18,7 @@ from ..train import LossFn
 from . import advunlearn, ca, erasediff, esd, fmn, mace, rece, salun, scissorhands, seot, skd_cag, speed, spm, uce
 
 KINDS = ("fine-tune", "closed-form", "inference-time", "adapter")
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 INPUTS = ("concepts", "anchors", "images", "masks", "forget_images", "retain_images", "trigger", "captions")
 
 
@@ -112,7 +112,7 @@ METHODS: dict[str, MethodSpec] = _rows(
         "fine-tune",
         "AdvUnlearn: ESD on adversarial prefix prompts found by an inner attack, plus a retain loss (text encoder)",
         ("concepts",),
-        components=("text_encoder", "unet"),  # the text encoder by default; UNet tensors through `params`
+        components=("text_encoder", "text_encoder_2", "unet"),  # text encoders by default; UNet through `params`
         make_loss=advunlearn.make_loss,
     ),
     MethodSpec(

@@ -12,6 +12,11 @@ tensors through `params`. The first `warmup_iter` iterations train on the plain 
 attack) every `adv_prompt_update_step` iterations, drawn from `concepts`. Prompt embeddings of the original encoder
 (c, ∅, r as targets) are encoded once; the trained encoder's come from a live forward with gradients.
 
+SDXL (ours: the authors released SD 1.x code only): θ is both text encoders' layers by default (the first's last
+layer and final norm, which SDXL's penultimate-state conditioning never reads, get no gradient and do not move), a
+prefix vector spans both encoders' word embeddings of one token (erase.attack.WordEncoder), and x_t is guided
+against the pipeline's zeroed negative, as ESD's SDXL script does (erase.methods.esd, `paper-sdxl`).
+
 Where we differ from the released code, and why (train-scripts/AdvUnlearn.py, utils/attack_util.py):
 - the attack zeroes its gradient each step; the released loop never calls `attack_opt.zero_grad()`
   (attack_util.py:175-207), so Adam there sees the running sum of all earlier gradients;
@@ -32,8 +37,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..attack import AttackResult, PrefixAttack, content_tokens, encode_embeds, prefix_attack, prompt_ids
-from ..conditioning import require_one_encoder
+from ..attack import AttackResult, PrefixAttack, WordEncoder, content_tokens, prefix_attack, prompt_ids
+from ..conditioning import sampling_unconditional
 from ..config import TrainingConfig, concept_texts, texts
 from ..context import RunContext
 from ..frozen import unwrap
@@ -148,8 +153,7 @@ def make_loss(ctx: RunContext) -> LossFn:
     """The AdvUnlearn loss for the training loop: the attack (after warm-up) then the ESD + retain loss."""
     cfg: AdvUnlearnConfig = ctx.config
     pipe, unet = ctx.pipe, ctx.pipe.unet
-    require_one_encoder(pipe, "AdvUnlearn (its attack and trained encoder, as released)")
-    encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
+    encoder, tokenizer = WordEncoder.of(pipe), pipe.tokenizer
     check_concepts(tokenizer, cfg)
     device, dtype, shape = unet.device, unet.dtype, latent_shape(unet)
     scheduler = ddim_scheduler(pipe.scheduler.config, cfg.ddim_steps)
@@ -157,6 +161,7 @@ def make_loss(ctx: RunContext) -> LossFn:
     frozen_noise = frozen_noise_fn(ctx)
     # The original encoder's embeddings, encoded now, before any training step changes it.
     empty = ctx.encode("")
+    null = sampling_unconditional(pipe, empty)  # x_t's negative (SDXL: zeros); the target's ∅ is `empty`
     originals = [ctx.encode(c) for c in cfg.concepts]
     retain_original = ctx.encode(cfg.retain_prompts) if cfg.retain_prompts else None
     ids = [prompt_ids(tokenizer, c, encoder.device) for c in cfg.concepts]
@@ -176,7 +181,7 @@ def make_loss(ctx: RunContext) -> LossFn:
         noise = torch.cat([randn((1, *shape), g, device, dtype) for _ in draws])
         n = len(draws)
         concept_emb = originals[concept].expand(n, -1, -1)
-        x_t, levels = ddim_partial_each(sampler(model), scheduler, noise, concept_emb, empty.expand(n, -1, -1),
+        x_t, levels = ddim_partial_each(sampler(model), scheduler, noise, concept_emb, null.expand(n, -1, -1),
                                         cfg.start_guidance, [s for s, _ in draws])  # fmt: skip
         t = torch.tensor([lv if fed is None else fed for lv, (_, fed) in zip(levels, draws, strict=True)],
                          device=device)  # fmt: skip
@@ -212,8 +217,8 @@ def make_loss(ctx: RunContext) -> LossFn:
     def live_condition(state: Held) -> torch.Tensor:
         """The trained encoder's embedding of the adversarial prompt (or, in warm-up, of the plain concept)."""
         if state.adversarial is None:
-            return encoder(ids[state.concept])[0]
-        return encode_embeds(encoder, state.adversarial.ids, state.adversarial.embeds)
+            return encoder.encode(ids[state.concept])
+        return encoder(state.adversarial.ids, state.adversarial.embeds)
 
     def sample_loss(model, g: torch.Generator, step: int, slot: int) -> torch.Tensor:
         state = slot_state(model, g, step, slot)
@@ -225,11 +230,11 @@ def make_loss(ctx: RunContext) -> LossFn:
         noise = randn((count, *shape), g, device, dtype)
         concept = originals[state.concept]
         conds = torch.cat([concept, retain_original[picks]]) if picks else concept
-        x, level = ddim_partial(sampler(model), scheduler, noise, conds, empty.expand(count, -1, -1),
+        x, level = ddim_partial(sampler(model), scheduler, noise, conds, null.expand(count, -1, -1),
                                 cfg.start_guidance, steps)  # fmt: skip
         t = torch.full((count,), level if fed is None else fed, device=device)
         target = esd_target(frozen_noise, x[:1], t[:1], concept, empty, cfg.negative_guidance)
-        live = [live_condition(state)] + ([encoder(retain_ids[picks])[0]] if picks else [])
+        live = [live_condition(state)] + ([encoder.encode(retain_ids[picks])] if picks else [])
         prediction = model(x, t, encoder_hidden_states=torch.cat(live).to(dtype)).sample.float()
         loss = F.mse_loss(prediction[:1], target.float())
         if picks:

@@ -1,6 +1,7 @@
 """AdvUnlearn on the tiny pipeline: the prefix attack lowers the denoising loss it attacks (checked by another way of
 encoding the adversarial prompt), the outer step moves only the declared tensors, the erased text encoder plugs
-into another pipeline, and bad inputs are one-line errors."""
+into another pipeline, and bad inputs are one-line errors; on a tiny SDXL pipeline, the attack through both text
+encoders is checked the same way and both encoders train."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import erase
 from erase.attack import (
     PrefixAttack,
+    WordEncoder,
     encode_embeds,
     nearest_tokens,
     prefix_attack,
@@ -20,6 +22,7 @@ from erase.attack import (
     splice_prefix,
     word_embedding,
 )
+from erase.conditioning import encode_ids, pack
 from erase.delta import Delta
 from erase.params import delta_name, select_in
 from erase.sampling import ddim_partial, ddim_partial_each, ddim_scheduler
@@ -96,6 +99,67 @@ def test_the_attack_lowers_the_erased_models_denoising_loss_on_the_target():
     assert loss_before == pytest.approx(result.losses[0], rel=1e-4)  # the attack measured what we measure
     assert loss_after < loss_before
     assert all(not p.requires_grad and p.grad is None for p in encoder.parameters())  # only the prefix had grads
+
+
+def sdxl_with_new_tokens(pipe, prompt: str, prefix: torch.Tensor) -> torch.Tensor:
+    """SDXL's packed condition of the adversarial prompt, encoded another way: each encoder's part of the prefix as
+    k new vocabulary rows of a copy of it, spliced after BOS into each tokenizer's own ids (their padding differs)."""
+    k, width = prefix.shape[1], pipe.text_encoder.config.hidden_size
+    outputs = []
+    for encoder, tokenizer, part in ((pipe.text_encoder, pipe.tokenizer, prefix[..., :width]),
+                                     (pipe.text_encoder_2, pipe.tokenizer_2, prefix[..., width:])):  # fmt: skip
+        vocab = word_embedding(encoder).weight.shape[0]
+        other = copy.deepcopy(encoder)
+        other.resize_token_embeddings(vocab + k)
+        with torch.no_grad():
+            word_embedding(other).weight[vocab:] = part[0]
+        ids = prompt_ids(tokenizer, prompt)
+        spliced = torch.cat([ids[:, :1], torch.arange(vocab, vocab + k)[None], ids[:, 1:]], dim=1)[:, : ids.shape[1]]
+        with torch.no_grad():
+            outputs.append(other(spliced, output_hidden_states=True))
+    tokens = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
+    return pack(tokens, outputs[1].text_embeds)
+
+
+def test_on_sdxl_word_vectors_encode_as_the_ids_do_and_the_attack_lowers_its_loss():
+    from tests.unit.test_sdxl import sdxl_pipe
+
+    pipe, original = sdxl_pipe(), sdxl_pipe(seed=1)  # the "erased" UNet and another, whose output is the target
+    words = WordEncoder.of(pipe)
+    ids = prompt_ids(pipe.tokenizer, "van gogh")
+    with torch.no_grad():
+        assert torch.allclose(words(ids, words.words(ids)), encode_ids(pipe, ids), atol=1e-6)
+        x_t, t = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+        target = original.unet(x_t, t, encoder_hidden_states=encode_ids(original, ids)).sample
+
+    def denoising_loss(cond: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(pipe.unet(x_t, t, encoder_hidden_states=cond).sample, target)
+
+    settings = PrefixAttack(tokens=2, steps=15, lr=0.05, init="random")
+    result = prefix_attack(lambda cond, step: denoising_loss(cond), words, ids, settings,
+                           torch.Generator().manual_seed(1))  # fmt: skip
+    before = prefix_attack(lambda c, s: 0, words, ids, PrefixAttack(tokens=2, steps=0),
+                           torch.Generator().manual_seed(1))  # fmt: skip
+    assert result.prefix.shape == (1, 2, 16 + 32)  # one vector spans both encoders' word embeddings
+    with torch.no_grad():
+        loss_before = float(denoising_loss(sdxl_with_new_tokens(pipe, "van gogh", before.prefix)))
+        loss_after = float(denoising_loss(sdxl_with_new_tokens(pipe, "van gogh", result.prefix)))
+        assert torch.allclose(result.condition(words), sdxl_with_new_tokens(pipe, "van gogh", result.prefix),
+                              atol=1e-5)  # fmt: skip
+    assert loss_before == pytest.approx(result.losses[0], rel=1e-4)
+    assert loss_after < loss_before
+
+
+def test_on_sdxl_both_text_encoders_train_by_default():
+    from tests.unit.test_sdxl import sdxl_pipe
+
+    result = erase.run(sdxl_pipe(), small(), progress=False)
+    assert {n.split(".")[0] for n in result.delta.tensors} == {"text_encoder", "text_encoder_2"}
+    # SDXL reads the first encoder's penultimate states: its last layer and final norm get no gradient and stay put
+    last = sdxl_pipe().text_encoder.config.num_hidden_layers - 1
+    unread = {n for n in select_in(sdxl_pipe(), "text-encoder-layers") if n.startswith("text_encoder.") and (
+        f".layers.{last}." in n or "final_layer_norm" in n)}  # fmt: skip
+    assert unread and set(result.delta.tensors) == set(select_in(sdxl_pipe(), "text-encoder-layers")) - unread
 
 
 def test_a_projected_attack_returns_real_tokens():

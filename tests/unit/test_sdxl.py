@@ -22,7 +22,7 @@ from tests.unit.helpers import fresh_pipe
 from tests.unit.test_registry import example, run_changes_only_declared
 
 # Methods written against one CLIP text encoder: on SDXL they refuse with a clear error (see their docstrings).
-ONE_ENCODER_ONLY = {"advunlearn": "one text encoder", "seot": "one CLIP text encoder"}
+ONE_ENCODER_ONLY = {"seot": "one CLIP text encoder"}
 
 
 def sdxl_pipe(seed: int = 0):
@@ -120,7 +120,9 @@ def test_every_method_runs_on_sdxl_and_changes_only_declared_tensors(name, tmp_p
     base = sdxl_pipe()
     Delta.load(tmp_path / "delta").apply(base)
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([400])
-    emb = PromptEncoder.of(pipe)("a van gogh painting of a cat")
+    prompt = "a van gogh painting of a cat"
+    emb = PromptEncoder.of(pipe)(prompt)
+    torch.testing.assert_close(PromptEncoder.of(base)(prompt), emb, rtol=0, atol=0)  # the text encoders too
     with torch.no_grad():
         torch.testing.assert_close(base.unet(x, t, emb).sample, pipe.unet(x, t, emb).sample, rtol=0, atol=0)
 

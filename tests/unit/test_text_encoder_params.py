@@ -49,7 +49,7 @@ def make_loss(ctx: RunContext) -> LossFn:
         ]
 
     concept, empty = ids(ctx.config.concepts[0]), ids("")
-    target = ctx.frozen_text(encoder, empty)[0]  # the original encoder's empty-prompt embedding
+    target = ctx.frozen_text["text_encoder"](encoder, empty)[0]  # the original encoder's empty-prompt embedding
 
     def loss_fn(model, generators):  # one noisy copy of the target per sample: gradients differ between samples
         noise = torch.stack([torch.randn(target.shape[1:], generator=g) for g in generators])
@@ -88,6 +88,23 @@ def test_text_encoder_sets_name_text_encoder_tensors_by_prefix():
     assert names_text_encoder("kv,text-encoder") and not names_text_encoder("xattn")
 
 
+def test_on_sdxl_the_named_sets_cover_both_text_encoders_and_patterns_name_one():
+    from tests.unit.test_sdxl import sdxl_pipe
+
+    pipe = sdxl_pipe()
+    layers = select_in(pipe, "text-encoder-layers")
+    for component in ("text_encoder", "text_encoder_2"):
+        expected = {f"{component}.{n}" for n, _ in getattr(pipe, component).named_parameters()
+                    if n.removeprefix("text_model.").startswith(("encoder.", "final_layer_norm."))}  # fmt: skip
+        assert expected and expected == {n for n in layers if n.split(".")[0] == component}
+    second = select_in(pipe, "text_encoder_2.*layers.1.*")
+    assert second and all(n.startswith("text_encoder_2.") and ".layers.1." in n for n in second)
+    assert delta_name("text_encoder_2.text_model.final_layer_norm.weight").startswith("text_encoder_2.")
+    with pytest.raises(ValueError, match="'text_encoder_2.\\*' names text-encoder tensors, but the pipeline has no "
+                                         "text_encoder_2"):  # fmt: skip
+        select_in(fresh_pipe(), "text_encoder_2.*")
+
+
 def test_a_text_encoder_set_is_not_a_unet_set():
     with pytest.raises(ValueError, match="'text-encoder' names text-encoder tensors"):
         select(fresh_pipe().unet, "text-encoder")
@@ -96,7 +113,7 @@ def test_a_text_encoder_set_is_not_a_unet_set():
 
 
 def test_a_unet_method_refuses_text_encoder_tensors():
-    with pytest.raises(ValueError, match="names text-encoder tensors, but esd edits only its components \\(unet\\)"):
+    with pytest.raises(ValueError, match="names text_encoder tensors, but esd edits only its components \\(unet\\)"):
         erase.run(fresh_pipe(), small_esd(params="text-encoder"), progress=False)
 
 
@@ -120,7 +137,9 @@ def test_run_trains_only_the_declared_text_encoder_tensors(registered, tmp_path)
                          return_tensors="pt")["input_ids"]  # fmt: skip
     with torch.no_grad():
         assert not torch.equal(pipe.text_encoder(ids)[0], original_encoder(ids)[0])
-        assert torch.equal(CONTEXTS[-1].frozen_text(pipe.text_encoder, ids)[0], original_encoder(ids)[0])
+        assert torch.equal(
+            CONTEXTS[-1].frozen_text["text_encoder"](pipe.text_encoder, ids)[0], original_encoder(ids)[0]
+        )
     result.delta.save(tmp_path / "delta")
     delta = Delta.load(tmp_path / "delta")
     # an erased text encoder plugs into a pipeline with the same text encoder and another UNet
