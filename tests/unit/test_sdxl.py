@@ -19,10 +19,7 @@ from erase.sampling import generate
 from erase.testing import tiny_sdxl_pipeline
 from erase.text import PromptEncoder
 from tests.unit.helpers import fresh_pipe
-from tests.unit.test_registry import example, run_changes_only_declared
-
-# Methods written against one CLIP text encoder: on SDXL they refuse with a clear error (see their docstrings).
-ONE_ENCODER_ONLY = {"seot": "one CLIP text encoder"}
+from tests.unit.test_registry import run_changes_only_declared
 
 
 def sdxl_pipe(seed: int = 0):
@@ -110,10 +107,6 @@ def test_frozen_prediction_equals_an_untouched_copy_with_added_conditions():
 
 @pytest.mark.parametrize("name", erase.available_methods())
 def test_every_method_runs_on_sdxl_and_changes_only_declared_tensors(name, tmp_path):
-    if name in ONE_ENCODER_ONLY:
-        with pytest.raises(ValueError, match=ONE_ENCODER_ONLY[name]):
-            erase.run(sdxl_pipe(), example(name, tmp_path), progress=False)
-        return
     pipe, result = run_changes_only_declared(sdxl_pipe, name, tmp_path)
     assert result.delta.metadata["architecture"] == "sdxl"
     result.delta.save(tmp_path / "delta")

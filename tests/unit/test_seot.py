@@ -12,6 +12,7 @@ from PIL import Image
 
 import erase
 from canvas import answers, catalog
+from erase import conditioning
 from erase.cli import main
 from erase.delta import Delta
 from erase.methods import seot
@@ -160,9 +161,6 @@ def test_paths_the_hook_cannot_reach_are_errors():
     with pytest.raises(ValueError, match="clip_skip"):  # what pipe(..., clip_skip=n) asks of the encoder
         pipe.text_encoder(ids_of(pipe, "a cat"), output_hidden_states=True)
     pipe.text_encoder(ids_of(pipe, "a dog"), output_hidden_states=True)  # no concept: nothing to patch
-    sdxl = types.SimpleNamespace(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, text_encoder_2=object())
-    with pytest.raises(ValueError, match="SDXL"):
-        seot.attach_to(sdxl, "cat")
 
 
 def test_config_errors_name_the_bad_value():
@@ -251,3 +249,68 @@ def test_answer_sets_under_the_bench_apply_are_patched_where_the_concept_is(tmp_
     bricks, pop_art = items
     assert np.array_equal(pixels("plain", bricks), pixels("seot", bricks))
     assert np.abs(pixels("plain", pop_art) - pixels("seot", pop_art)).max() > 8
+
+
+def sdxl_conditioning(pipe, prompt: str) -> dict[str, torch.Tensor]:
+    """Each SDXL encoder's outputs for `prompt`, each from its own tokenizer's ids (they pad differently)."""
+    out = {}
+    with torch.no_grad():
+        for name, encoder, tokenizer in (("one", pipe.text_encoder, pipe.tokenizer),
+                                         ("two", pipe.text_encoder_2, pipe.tokenizer_2)):  # fmt: skip
+            ids = PromptEncoder(tokenizer, encoder).ids(prompt)[None]
+            result = encoder(ids, output_hidden_states=True)
+            out[name], out[f"{name}_ids"] = result.hidden_states[-2][0], ids[0].tolist()
+        out["last"], out["pooled"] = result.last_hidden_state[0], result.text_embeds[0]
+    return out
+
+
+def test_on_sdxl_each_encoders_concept_and_eot_rows_and_the_pooled_embedding_are_regularised():
+    from tests.unit.test_sdxl import sdxl_pipe
+
+    pipe = sdxl_pipe()
+    prompt, width = "a photo of a cat", pipe.text_encoder.config.hidden_size
+    before = sdxl_conditioning(pipe, prompt)
+    plain = PromptEncoder.of(pipe)(["a photo of a dog", prompt])
+    handle = seot.attach_to(pipe, "cat", alpha=0.5)
+    packed = PromptEncoder.of(pipe)(["a photo of a dog", prompt])
+    tokens, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+    handle.remove()
+    assert torch.equal(packed[0], plain[0])  # no concept: unchanged
+    assert torch.allclose(tokens[0], packed[1, :-1], atol=1e-6)  # diffusers' own encoding is patched alike
+    cat = pipe.tokenizer("cat", add_special_tokens=False).input_ids[0]
+    for name, columns in (("one", slice(0, width)), ("two", slice(width, None))):
+        ids = before[f"{name}_ids"]
+        eos = ids.index(pipe.tokenizer.eos_token_id)
+        rows = [ids.index(cat), *range(eos, len(ids))]  # the concept, the EOS and every padding position after it
+        others = [i for i in range(len(ids)) if i not in rows]
+        after = packed[1, :-1, columns]
+        assert torch.equal(after[others], before[name][others])
+        assert torch.allclose(after[rows], seot.soft_weight(before[name][rows], 0.5), atol=1e-5)
+        assert not torch.allclose(after[rows], before[name][rows], atol=1e-3)
+    last = seot.soft_weight(before["last"][rows], 0.5)[rows.index(eos)]  # the second encoder's EOS row, regularised
+    expected = pipe.text_encoder_2.text_projection(last)
+    assert torch.allclose(packed[1, -1, : expected.shape[0]], expected, atol=1e-5)
+    assert torch.allclose(pooled[0], expected, atol=1e-5) and not torch.allclose(expected, before["pooled"], atol=1e-3)
+
+
+def test_on_sdxl_the_early_steps_get_the_original_rows_and_pooled_embedding_back():
+    from tests.unit.test_sdxl import sdxl_pipe
+
+    pipe = sdxl_pipe()
+    prompt, x = "a photo of a cat", torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = PromptEncoder.of(pipe)(prompt)
+    seot.attach_to(pipe, "cat")  # paper: the first fifth (t >= 800) on the original embeddings
+    patched = PromptEncoder.of(pipe)(prompt)
+    assert not torch.equal(patched, plain)
+    with torch.no_grad():
+        for t, kept in ((900, True), (100, False)):
+            out = pipe.unet(x, torch.tensor([t]), encoder_hidden_states=patched).sample
+            original = pipe.unet(x, torch.tensor([t]), encoder_hidden_states=plain).sample
+            assert torch.equal(out, original) == kept
+        # the pipeline's own call brings the pooled embedding in added_cond_kwargs: it is restored there
+        outs = []
+        for embedding in (patched, plain):
+            tokens, pooled = conditioning.unpack(embedding, conditioning.pooled_dim(pipe.unet))
+            added = {"text_embeds": pooled, "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])}
+            outs.append(pipe.unet(x, torch.tensor([900]), tokens, added_cond_kwargs=added).sample)
+        assert torch.equal(*outs)
