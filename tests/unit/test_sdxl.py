@@ -105,6 +105,24 @@ def test_frozen_prediction_equals_an_untouched_copy_with_added_conditions():
     assert not torch.allclose(changed, expected)
 
 
+def test_attention_capture_on_sdxl_sees_the_token_rows_and_leaves_the_output_as_it_was():
+    from erase.attention import capture_cross_attention, cross_attention_layers
+
+    pipe = sdxl_pipe()
+    emb = PromptEncoder.of(pipe)("a van gogh painting of a cat")
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([400])
+    with torch.no_grad():
+        plain = pipe.unet(x, t, emb).sample
+        with capture_cross_attention(pipe.unet) as store:
+            captured = pipe.unet(x, t, emb).sample
+    maps = store.take()
+    assert set(maps) == set(cross_attention_layers(pipe.unet)) and len(maps) == 2 + 2 * 3  # down 2 layers, up 3 x 2
+    for probabilities in maps.values():
+        assert probabilities.shape[-1] == emb.shape[1] - 1  # the token rows, not the pooled row
+        torch.testing.assert_close(probabilities.sum(-1), torch.ones(probabilities.shape[:-1]))
+    torch.testing.assert_close(captured, plain, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", erase.available_methods())
 def test_every_method_runs_on_sdxl_and_changes_only_declared_tensors(name, tmp_path):
     pipe, result = run_changes_only_declared(sdxl_pipe, name, tmp_path)
