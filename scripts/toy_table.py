@@ -23,8 +23,9 @@ import torch
 
 from canvas import catalog as catalogs
 from canvas import report, splits
-from canvas.bench import Bench, BenchConfig, resolve_targets
+from canvas.bench import Bench, BenchConfig
 from canvas.splits import HELD_OUT, TUNING
+from canvas.targets import resolve_targets
 from erase import available_methods, get_method
 from erase.atomic import write_text
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from canvas import bench, splits
+from canvas import bench, splits, targets
 from canvas.catalog import TOY_OBJECTS, TOY_STYLES, get
 from canvas.cli import main
 
@@ -27,16 +27,16 @@ TUNING = ("Pop_Art", "Watercolor", "Cats", "Towers")  # written in the shipped m
     ],
 )
 def test_resolve_targets(specs, expected):
-    got = bench.resolve_targets(TOY, specs)
+    got = targets.resolve_targets(TOY, specs)
     assert got == expected
     assert len(got) == len(set(got))
 
 
 def test_held_out_keyword_is_every_target_but_the_tuning_ones():
-    targets = set(bench.resolve_targets(TOY, ["held-out"]))
-    assert targets == set(TOY_STYLES + TOY_OBJECTS) - set(TUNING)
-    assert targets | set(bench.resolve_targets(TOY, ["tuning"])) == set(bench.resolve_targets(TOY, ["all"]))
-    assert all(splits.target_split(TOY, t) == "held-out" for t in targets)
+    held_out = set(targets.resolve_targets(TOY, ["held-out"]))
+    assert held_out == set(TOY_STYLES + TOY_OBJECTS) - set(TUNING)
+    assert held_out | set(targets.resolve_targets(TOY, ["tuning"])) == set(targets.resolve_targets(TOY, ["all"]))
+    assert all(splits.target_split(TOY, t) == "held-out" for t in held_out)
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def test_held_out_keyword_is_every_target_but_the_tuning_ones():
 )  # fmt: skip
 def test_unknown_target_words_are_one_line(specs, fragment):
     with pytest.raises(ValueError) as err:
-        bench.resolve_targets(TOY, specs)
+        targets.resolve_targets(TOY, specs)
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
@@ -76,7 +76,7 @@ def test_keywords_from_the_command_line_and_yaml(tmp_path, monkeypatch):
         yaml_file = tmp_path / "bench.yaml"
         yaml_file.write_text(json.dumps({"methods": ["esd"], "targets": value, "out": out}))  # JSON is YAML
         assert main(["bench", "--config", str(yaml_file)]) == 0
-        expected = bench.resolve_targets(TOY, [value] if isinstance(value, str) else value)
+        expected = targets.resolve_targets(TOY, [value] if isinstance(value, str) else value)
         assert _FakeBench.configs[-1].targets == expected
     assert _FakeBench.configs[-1].targets == [*TOY_OBJECTS, "Pop_Art"]
 
