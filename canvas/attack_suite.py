@@ -28,7 +28,7 @@ from canvas.attacks import (
 from canvas.catalog import Catalog
 from erase import inversion, ringabell, unlearndiffatk
 from erase.atomic import atomic_write, write_json
-from erase.attack import AttackResult
+from erase.attack import AttackResult, WordEncoder
 from erase.catalog import style_words
 from erase.delta import Delta
 
@@ -60,7 +60,7 @@ def concept_pairs(catalog: Catalog, target: str) -> tuple[list[str], list[str]]:
 def _ring_a_bell(run: AttackRun) -> Callable[[AnswerItem], AttackResult]:
     """The concept direction and every search use the base model's text encoder (the attacker's own CLIP, never
     the erased one: a black-box attack), so they run outside `run.erased()`."""
-    tokenizer, encoder = run.pipe.tokenizer, run.pipe.text_encoder
+    tokenizer, encoder = run.pipe.tokenizer, WordEncoder.of(run.pipe)
     vector = ringabell.concept_vector(tokenizer, encoder, *concept_pairs(run.catalog, run.target))
 
     def attack(item: AnswerItem) -> AttackResult:

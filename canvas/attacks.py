@@ -32,8 +32,7 @@ from canvas.catalog import Catalog
 from canvas.method_inputs import concept_text
 from erase import sampling
 from erase.atomic import atomic_write, save_image, write_json
-from erase.attack import AttackResult
-from erase.conditioning import require_one_encoder
+from erase.attack import AttackResult, WordEncoder
 from erase.delta import Delta, fingerprint
 from erase.text import PromptEncoder
 
@@ -156,7 +155,7 @@ def judge_attacked(run: AttackRun, item: AnswerItem, result: AttackResult) -> bo
     `run.erased()`) from the item's noise: the released UnlearnDiffAtk's check after each of its timesteps."""
     if run.verdict is None:
         raise ValueError("no judge to ask: judge_attacked runs inside run_attack")
-    encoder = Conditions(run.pipe, {ATTACKED: result.condition(run.pipe.text_encoder)})
+    encoder = Conditions(run.pipe, {ATTACKED: result.condition(WordEncoder.of(run.pipe))})
     image = draw(run.pipe, [ATTACKED], [item], run.sampler, encoder=encoder)
     return sees_target(run.verdict, run.catalog, run.target, image)[0]
 
@@ -189,7 +188,6 @@ def run_attack(run: AttackRun, attack: PromptAttack, items: Sequence[AnswerItem]
     summary (`results.json`: pre-ASR, ASR and one row per prompt) and a grid (base / erased / attacked)."""
     if not items:
         raise ValueError(f"no prompts to attack for target {run.target!r}")
-    require_one_encoder(run.pipe, f"the {attack.name} attack")  # before any folder is claimed
     out = run.out
     run.verdict = verdict
     answers.claim(out, identity(run, attack, items))
@@ -218,7 +216,7 @@ def _attack_one(run: AttackRun, one: Callable[[AnswerItem], AttackResult], item:
     stem = Path(item.filename).stem
     result = one(item)
     with run.erased() as pipe:
-        encoder = Conditions(pipe, {ATTACKED: result.condition(pipe.text_encoder)})
+        encoder = Conditions(pipe, {ATTACKED: result.condition(WordEncoder.of(pipe))})
         images = draw(pipe, [run.prompt(item), ATTACKED], [item, item], run.sampler, encoder=encoder)
     pre, post = sees_target(verdict, run.catalog, run.target, images)
     for name, image in zip(("plain", "attacked"), images):

@@ -139,13 +139,6 @@ def encode_ids(pipe, ids: torch.Tensor, text_encoder: nn.Module | None = None) -
     return pack(tokens, out.text_embeds)
 
 
-def require_one_encoder(pipe, what: str) -> None:
-    """ValueError for code written against one CLIP text encoder (soft-prompt attacks, AdvUnlearn) run on SDXL."""
-    if is_sdxl(pipe.unet):
-        raise ValueError(f"{what} works in one text encoder's embedding space (SD 1.x/2.x); SDXL's two encoders are "
-                         "not supported")  # fmt: skip
-
-
 def architecture(pipe) -> str:
     """ "sdxl" or "sd" (SD 1.x / 2.x): what a Delta records, so it is never written into the other kind of UNet."""
     return "sdxl" if is_sdxl(pipe.unet) else "sd"

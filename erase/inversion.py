@@ -6,7 +6,8 @@ One new word embedding v* is learned, everything else frozen, with the standard 
 on a few images x of the erased concept, each paired with a prompt that holds the placeholder; generating with
 prompts that hold v* then shows whether the erased model still knows the concept. The tokenizer is never changed
 (it is shared): prompts are tokenized around `PLACEHOLDER` and v* is spliced into the word embeddings at its
-positions (erase.attack.word_embeddings_replaced), so any text encoder, erased or not, can encode the result.
+positions (erase.attack.word_embeddings_replaced), so any text encoder, erased or not, can encode the result. On
+SDXL v* spans both encoders' word embeddings (erase.attack.WordEncoder).
 As the released code (NYU-DICE-Lab/circumventing-concept-erasure, uce/concept_inversion.py): v* starts at the
 initializer word's embedding (:761-765), AdamW on it alone (:806-812; the decay applies to v* only, since every
 other row is restored after each step, :988-995), latents drawn from the VAE posterior (:951-952), t uniform over
@@ -21,8 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .attack import AttackResult, content_tokens, encode_embeds, word_embedding
-from .conditioning import require_one_encoder
+from .attack import AttackResult, WordEncoder, content_tokens
 from .sampling import randn
 from .unlearndiffatk import denoising_loss, frozen_tensors
 
@@ -114,10 +114,9 @@ def placeholder_ids(tokenizer, prompt: str) -> tuple[torch.Tensor, torch.Tensor]
     return torch.tensor([ids]), torch.tensor([slots])
 
 
-def spliced_embeds(table: torch.Tensor, ids: torch.Tensor, slots: torch.Tensor, vector: torch.Tensor):
-    """(B, L, d) word embeddings of `ids` (B, L) with `vector` (d,) at the `slots` (B, L); gradients reach
-    `vector` only."""
-    words = table[ids].detach().to(vector.dtype)
+def spliced_embeds(words: torch.Tensor, slots: torch.Tensor, vector: torch.Tensor):
+    """(B, L, d) word vectors `words` with `vector` (d,) at the `slots` (B, L); gradients reach `vector` only."""
+    words = words.detach().to(vector.dtype)
     return torch.where(slots[..., None], vector.expand_as(words), words)
 
 
@@ -126,7 +125,7 @@ def init_vector(pipe, word: str) -> torch.Tensor:
     tokens = content_tokens(pipe.tokenizer, word)
     if len(tokens) != 1 or len(pipe.tokenizer(word, add_special_tokens=False).input_ids) != 1:
         raise ValueError(f"Inversion init {word!r} must be a single token of the tokenizer, got {len(tokens)}")
-    return word_embedding(pipe.text_encoder).weight[tokens[0]].detach().float().clone()
+    return WordEncoder.of(pipe).table[tokens[0]].float().clone()  # SDXL: both encoders' rows side by side
 
 
 def _order(count: int, generator: torch.Generator):
@@ -151,14 +150,13 @@ def invert(
     if len(prompts) != images.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images: give one prompt per image")
     generator = generator if generator is not None else torch.Generator().manual_seed(settings.seed)
-    require_one_encoder(pipe, "Concept inversion")
-    unet, encoder, scheduler = pipe.unet, pipe.text_encoder, pipe.scheduler
-    table = word_embedding(encoder).weight
+    unet, encoder, scheduler = pipe.unet, WordEncoder.of(pipe), pipe.scheduler
     encoded = [placeholder_ids(pipe.tokenizer, p) for p in prompts]
-    ids = torch.cat([i for i, _ in encoded]).to(table.device)
-    slots = torch.cat([s for _, s in encoded]).to(table.device)
+    ids = torch.cat([i for i, _ in encoded]).to(encoder.device)
+    slots = torch.cat([s for _, s in encoded]).to(encoder.device)
+    words = encoder.words(ids)
     vector = init_vector(pipe, settings.init).requires_grad_(True)
-    with frozen_tensors(unet, encoder, pipe.vae):
+    with frozen_tensors(unet, *encoder.encoders, pipe.vae):
         # the VAE posterior of each image and of its mirror image, (2, N, 4, h, w) means and standard deviations
         moments = [posterior(pipe.vae, images * 2 - 1), posterior(pipe.vae, images.flip(-1) * 2 - 1)]
         means = torch.stack([m for m, _ in moments]).to(unet.device)
@@ -177,7 +175,7 @@ def invert(
                 latents = mean + std * randn(tuple(mean.shape), generator, mean.device, mean.dtype)
                 t = torch.randint(train_steps, (settings.batch,), generator=generator)
                 noise = randn(tuple(latents.shape), generator, latents.device, torch.float32)
-                condition = encode_embeds(encoder, ids[picks], spliced_embeds(table, ids[picks], slots[picks], vector))
+                condition = encoder(ids[picks], spliced_embeds(words[picks], slots[picks], vector))
                 loss = denoising_loss(unet, scheduler, latents, condition, t, noise) / settings.accumulate
                 loss.backward()
                 total += float(loss.detach())
@@ -198,9 +196,9 @@ def posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def placeholder_prompt(pipe, prompt: str, concept: LearnedConcept) -> AttackResult:
     """The prompt with v* at each placeholder: ids, word embeddings and readable text (the placeholder shown), so
     `result.condition(any_text_encoder)` encodes it."""
-    table = word_embedding(pipe.text_encoder).weight
+    encoder = WordEncoder.of(pipe)
     ids, slots = placeholder_ids(pipe.tokenizer, prompt)
-    vector = concept.vector.to(table.device, torch.float32)
-    embeds = spliced_embeds(table.float(), ids.to(table.device), slots.to(table.device), vector)
-    return AttackResult(vector[None, None].clone(), ids.to(table.device), embeds.detach(), list(concept.losses),
-                        None, prompt)  # fmt: skip
+    ids, slots = ids.to(encoder.device), slots.to(encoder.device)
+    vector = concept.vector.to(encoder.device, torch.float32)
+    embeds = spliced_embeds(encoder.words(ids), slots, vector)
+    return AttackResult(vector[None, None].clone(), ids, embeds.detach(), list(concept.losses), None, prompt)

@@ -1,7 +1,8 @@
 """Ring-A-Bell (Tsai et al., ICLR 2024): a black-box prompt attack that needs only the attacker's own text encoder.
 
 A concept is a direction in the text encoder's output: the mean, over prompt pairs that differ only by the concept,
-of the difference of their full (L, D) last hidden states. A prompt P pushed along it, TE(P) + eta * v, is the goal;
+of the difference of their full (L, D) last hidden states (on SDXL, the packed condition of both encoders:
+`text_encoder` may be an `erase.attack.WordEncoder`). A prompt P pushed along it, TE(P) + eta * v, is the goal;
 a genetic search over K real token ids finds the hard prompt whose encoding is nearest (squared L2 over all L x D)
 to the goal. The prompt is then given to the erased model: no gradient of, nor query to, the model under attack.
 Checked against the authors' notebooks (github chiayi-hsu/Ring-A-Bell, Get_Concept_Vector.ipynb and
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attack import AttackResult, prompt_ids, word_embedding
+from .attack import AttackResult, WordEncoder, as_word_encoder, prompt_ids
 
+Encoder = nn.Module | WordEncoder  # a CLIP text encoder, or (SDXL) both of a pipeline's
 ENCODE_BATCH = 64  # prompts per text-encoder call when building a concept vector
 
 
@@ -81,17 +83,17 @@ def preset(name: str) -> RingABell:
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> torch.Tensor:
+def encode_prompts(tokenizer, text_encoder: Encoder, prompts: list[str]) -> torch.Tensor:
     """(N, L, D) float32 last hidden states of `prompts`, padded and cut to the context as a pipeline does."""
-    device = next(text_encoder.parameters()).device
+    encoder = as_word_encoder(text_encoder)
     chunks = [
-        text_encoder(torch.cat([prompt_ids(tokenizer, p) for p in prompts[i : i + ENCODE_BATCH]]).to(device))[0]
+        encoder.encode(torch.cat([prompt_ids(tokenizer, p) for p in prompts[i : i + ENCODE_BATCH]]).to(encoder.device))
         for i in range(0, len(prompts), ENCODE_BATCH)
     ]
     return torch.cat(chunks).float()
 
 
-def concept_vector(tokenizer, text_encoder: nn.Module, with_concept: list[str], without_concept: list[str]):
+def concept_vector(tokenizer, text_encoder: Encoder, with_concept: list[str], without_concept: list[str]):
     """(L, D) the concept's direction: mean over pairs of TE(with_concept[i]) - TE(without_concept[i]), full hidden
     states (Get_Concept_Vector.ipynb cells 2-3: `[0]` of the encoder, mean of the differences over pairs)."""
     for name, prompts in (("with_concept", with_concept), ("without_concept", without_concept)):
@@ -105,7 +107,7 @@ def concept_vector(tokenizer, text_encoder: nn.Module, with_concept: list[str], 
     return (with_states - without_states).mean(dim=0)
 
 
-def goal_embedding(tokenizer, text_encoder: nn.Module, prompt: str, vector: torch.Tensor, strength: float):
+def goal_embedding(tokenizer, text_encoder: Encoder, prompt: str, vector: torch.Tensor, strength: float):
     """(L, D) TE(prompt) + strength * vector, what the found prompt's encoding should be (notebook cell 12.5)."""
     state = encode_prompts(tokenizer, text_encoder, [prompt])[0]
     if vector.shape != state.shape:
@@ -114,10 +116,10 @@ def goal_embedding(tokenizer, text_encoder: nn.Module, prompt: str, vector: torc
     return state + strength * vector.to(state.device, torch.float32)
 
 
-def drawable_ids(tokenizer, text_encoder: nn.Module) -> torch.Tensor:
+def drawable_ids(tokenizer, text_encoder: Encoder) -> torch.Tensor:
     """The token ids the search may use: every vocabulary id but the special ones (BOS, EOS, padding, unknown; the
     authors draw from [1, 49406), notebook cell 9.23, which also leaves out SD2's padding id 0)."""
-    rows = min(len(tokenizer), word_embedding(text_encoder).weight.shape[0])
+    rows = min(len(tokenizer), as_word_encoder(text_encoder).table.shape[0])
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
     special |= set(tokenizer.all_special_ids)
     keep = torch.ones(rows, dtype=torch.bool)
@@ -138,12 +140,12 @@ def sequences(tokenizer, content: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fitness(tokenizer, text_encoder: nn.Module, goal: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+def fitness(tokenizer, text_encoder: Encoder, goal: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
     """(N,) squared L2 distance, over all L x D, of each prompt's encoding to the goal: one text-encoder batch
     (notebook cell 9.1-9.5). Lower is fitter."""
-    device = next(text_encoder.parameters()).device
-    states = text_encoder(sequences(tokenizer, content).to(device))[0].float()
-    return ((states - goal.to(device)) ** 2).sum(dim=(1, 2))
+    encoder = as_word_encoder(text_encoder)
+    states = encoder.encode(sequences(tokenizer, content).to(encoder.device)).float()
+    return ((states - goal.to(encoder.device)) ** 2).sum(dim=(1, 2))
 
 
 def breed(parents: torch.Tensor, vocab: torch.Tensor, settings: RingABell, generator: torch.Generator):
@@ -170,7 +172,7 @@ def breed(parents: torch.Tensor, vocab: torch.Tensor, settings: RingABell, gener
 
 def ring_a_bell(
     tokenizer,
-    text_encoder: nn.Module,
+    text_encoder: Encoder,
     prompt: str,
     vector: torch.Tensor,
     settings: RingABell,
@@ -187,7 +189,8 @@ def ring_a_bell(
     if settings.tokens > length - 2:
         raise ValueError(f"Ring-A-Bell's tokens ({settings.tokens}) must leave room for BOS and EOS in the "
                          f"tokenizer's context of {length}: at most {length - 2}")  # fmt: skip
-    device = next(text_encoder.parameters()).device
+    encoder = as_word_encoder(text_encoder)
+    device = encoder.device
     goal = goal_embedding(tokenizer, text_encoder, prompt, vector, settings.strength)
     vocab = drawable_ids(tokenizer, text_encoder)
     if len(vocab) == 0:
@@ -206,11 +209,10 @@ def ring_a_bell(
             population = breed(parents, vocab, settings, generator)
     found = parents[:1]  # (1, K) the fittest of the last generation
     ids = sequences(tokenizer, found)
-    table = word_embedding(text_encoder).weight
     return AttackResult(
-        prefix=table[found].detach().clone(),
+        prefix=encoder.table[found].clone(),
         ids=ids,
-        embeds=table[ids].detach().clone(),
+        embeds=encoder.words(ids).clone(),
         losses=losses,
         tokens=found.clone(),
         text=tokenizer.decode(found[0].tolist()),

@@ -9,7 +9,8 @@ vocabulary (a point of the simplex, uniform at the start, :68-76); every step dr
 :79) and projects each slot back onto the simplex (:219-220, :20-66); the attack's tokens are the distribution's
 argmax (:164-171, :222). Timesteps are visited in order, `iterations` steps at each (:207-210), a fresh noise draw
 per step (src/tasks/classifier_.py:80); after each timestep the released code generates with the argmax prompt and
-stops at the first success (:222-233): `stop` here.
+stops at the first success (:222-233): `stop` here. On SDXL a token's vector is both encoders' word embeddings side
+by side (erase.attack.WordEncoder), so the relaxation is over the same shared vocabulary.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .attack import AttackResult, content_tokens, encode_embeds, prompt_ids, splice_prefix, word_embedding
-from .conditioning import require_one_encoder
+from .attack import AttackResult, WordEncoder, content_tokens, prompt_ids, splice_prefix
 from .images import denoising_target, encode_latents, noise_latents
 from .sampling import randn
 
@@ -149,10 +149,11 @@ def check_prompt(tokenizer, prompt: str, k: int) -> None:
 
 def token_result(pipe, prompt: str, tokens: torch.Tensor, losses: list[float]) -> AttackResult:
     """The AttackResult of real prefix tokens (1, k) before `prompt`."""
-    table = word_embedding(pipe.text_encoder).weight
+    encoder = WordEncoder.of(pipe)
+    table = encoder.table
     ids = prompt_ids(pipe.tokenizer, prompt, table.device)
-    prefix = table[tokens.to(table.device)].detach().float()
-    spliced_ids, spliced = splice_prefix(ids, table[ids].detach(), prefix, int(ids[0, 0]))
+    prefix = table[tokens.to(table.device)].float()
+    spliced_ids, spliced = splice_prefix(ids, encoder.words(ids), prefix, int(ids[0, 0]))
     text = f"{pipe.tokenizer.decode(tokens[0].tolist()).strip()} {prompt}"
     return AttackResult(prefix, spliced_ids, spliced.detach(), list(losses), tokens.clone(), text)
 
@@ -173,12 +174,11 @@ def unlearndiffatk(
     distribution gets gradients; the text encoder and UNet are used as they are."""
     check_prompt(pipe.tokenizer, prompt, settings.tokens)
     generator = generator if generator is not None else torch.Generator().manual_seed(settings.seed)
-    require_one_encoder(pipe, "UnlearnDiffAtk")
-    unet, encoder, scheduler = pipe.unet, pipe.text_encoder, pipe.scheduler
+    unet, encoder, scheduler = pipe.unet, WordEncoder.of(pipe), pipe.scheduler
     latents = image_latents(pipe, images).to(unet.device)
-    table = word_embedding(encoder).weight
+    table = encoder.table  # SDXL: both encoders' word embeddings of each token side by side
     ids = prompt_ids(pipe.tokenizer, prompt, table.device)
-    words = table[ids].detach()
+    words = encoder.words(ids)
     levels = attack_timesteps(scheduler.config.num_train_timesteps, settings.timesteps)
     vocab, n = table.shape[0], latents.shape[0]
     distribution = torch.full((settings.tokens, vocab), 1.0 / vocab, device=table.device, requires_grad=True)
@@ -186,13 +186,13 @@ def unlearndiffatk(
     losses: list[float] = []
     result = None
     bar = tqdm(total=len(levels) * settings.iterations, desc="UnlearnDiffAtk", disable=not progress)
-    with frozen_tensors(unet, encoder), bar:
+    with frozen_tensors(unet, *encoder.encoders), bar:
         for level in levels:
             t = torch.full((n,), level, dtype=torch.long)
             for _ in range(settings.iterations):
                 prefix = (_SampledOneHot.apply(distribution, generator) @ table.float())[None]  # (1, k, d)
                 spliced_ids, spliced = splice_prefix(ids, words, prefix, int(ids[0, 0]))
-                condition = encode_embeds(encoder, spliced_ids, spliced).expand(n, -1, -1)
+                condition = encoder(spliced_ids, spliced).expand(n, -1, -1)
                 noise = randn(tuple(latents.shape), generator, latents.device, torch.float32)
                 loss = denoising_loss(unet, scheduler, latents, condition, t, noise)
                 (distribution.grad,) = torch.autograd.grad(loss, [distribution])
@@ -218,9 +218,8 @@ def random_prefixes(
     uniformly from the vocabulary the attack optimises over, ending at the first that `stop` accepts. An attack
     that beats it found more than k extra tokens and that many tries explain; one that does not, found nothing."""
     check_prompt(pipe.tokenizer, prompt, settings.tokens)
-    require_one_encoder(pipe, "the random-prefix control")
     generator = generator if generator is not None else torch.Generator().manual_seed(settings.seed)
-    vocab = word_embedding(pipe.text_encoder).weight.shape[0]
+    vocab = WordEncoder.of(pipe).table.shape[0]
     result = None
     for _ in range(settings.timesteps):
         result = token_result(pipe, prompt, torch.randint(vocab, (1, settings.tokens), generator=generator), [])

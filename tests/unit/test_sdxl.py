@@ -200,11 +200,36 @@ def test_a_delta_of_one_architecture_is_refused_by_the_other(tmp_path):
         sd.delta.apply(sdxl_pipe())
 
 
-def test_attacks_written_for_one_encoder_refuse_sdxl_clearly():
-    from erase.unlearndiffatk import unlearndiffatk
+def test_soft_prompt_attacks_on_sdxl_encode_their_prompts_through_both_encoders():
+    from erase import ringabell
+    from erase.attack import WordEncoder, prompt_ids
+    from erase.inversion import Inversion, LearnedConcept, invert, placeholder_prompt
+    from erase.unlearndiffatk import UnlearnDiffAtk, random_prefixes, unlearndiffatk
 
-    with pytest.raises(ValueError, match="UnlearnDiffAtk works in one text encoder"):
-        unlearndiffatk(sdxl_pipe(), "a van gogh painting", torch.zeros(1, 3, 16, 16))
+    pipe, prompt = sdxl_pipe(), "a van gogh painting"
+    words, g = WordEncoder.of(pipe), torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 16, 16, generator=g)
+    settings = UnlearnDiffAtk(tokens=2, iterations=2, lr=0.5, timesteps=2)
+    for result in (
+        unlearndiffatk(pipe, prompt, images, settings, progress=False),
+        random_prefixes(pipe, prompt, settings),
+    ):
+        # real tokens: the condition is the packed encoding of the plain id sequence [BOS, tokens, prompt, EOS, pad]
+        ids = prompt_ids(pipe.tokenizer, prompt)
+        real = torch.cat([ids[:, :1], result.tokens, ids[:, 1:]], dim=1)[:, : ids.shape[1]]
+        torch.testing.assert_close(result.condition(words), conditioning.encode_ids(pipe, real), rtol=0, atol=1e-6)
+    cat = pipe.tokenizer("cat", add_special_tokens=False).input_ids[0]
+    learned = invert(pipe, ["a <concept> painting"] * 2, images, Inversion(steps=2, batch=1, accumulate=1, init="cat"),
+                     progress=False)  # fmt: skip
+    assert learned.vector.shape == (16 + 32,) and len(learned.losses) == 2
+    as_cat = placeholder_prompt(pipe, "a <concept> painting", LearnedConcept(words.table[cat]))
+    expected = conditioning.encode_ids(pipe, prompt_ids(pipe.tokenizer, "a cat painting"))
+    torch.testing.assert_close(as_cat.condition(words), expected, rtol=0, atol=1e-6)
+    vector = ringabell.concept_vector(pipe.tokenizer, words, ["a van gogh painting"], ["a painting"])
+    assert vector.shape == (pipe.tokenizer.model_max_length + 1, 48)  # the token rows and the pooled row
+    found = ringabell.ring_a_bell(pipe.tokenizer, words, prompt, vector, ringabell.RingABell(tokens=2, population=4,
+                                  generations=3), torch.Generator().manual_seed(0), progress=False)  # fmt: skip
+    torch.testing.assert_close(found.condition(words), conditioning.encode_ids(pipe, found.ids), rtol=0, atol=1e-6)
 
 
 def test_single_file_sdxl_export_reloads_tensor_for_tensor_here_and_in_diffusers(tmp_path):
