@@ -41,16 +41,21 @@ class PromptEncoder:
         ).input_ids[0]  # fmt: skip
 
     @torch.no_grad()
-    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        """(len(prompts), tokens, dim) embeddings; a single prompt gives a batch of one."""
+    def __call__(self, prompts: str | list[str], cache: bool = True) -> torch.Tensor:
+        """(len(prompts), tokens, dim) embeddings; a single prompt gives a batch of one. `cache=False`: prompts
+        drawn afresh every step (encoded, neither looked up nor kept)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not cache:
+            return self._encode(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
-            device = self.device or next(self.text_encoder.parameters()).device
-            ids = torch.stack([self.ids(p) for p in missing]).to(device)
-            hidden = self.text_encoder(ids)[0] if self._pipe is None else encode_ids(self._pipe, ids, self.text_encoder)
-            self._cache.update(zip(missing, hidden))
+            self._cache.update(zip(missing, self._encode(missing)))
         return torch.stack([self._cache[p] for p in prompts])
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        device = self.device or next(self.text_encoder.parameters()).device
+        ids = torch.stack([self.ids(p) for p in prompts]).to(device)
+        return self.text_encoder(ids)[0] if self._pipe is None else encode_ids(self._pipe, ids, self.text_encoder)
 
 
 def check_fits(tokenizer, prompt: str) -> None:

@@ -248,7 +248,7 @@ def make_loss(ctx: RunContext) -> LossFn:
         teacher_emb = ctx.encode(chosen)
         student_emb = ctx.encode([triggered_prompt(cfg.trigger, c) for c in chosen])
         # Random-word prompts are not cached: every step draws new ones.
-        random_emb = encode_uncached(ctx.encode, random_prompts) if pool is not None else None
+        random_emb = ctx.encode(random_prompts, cache=False) if pool is not None else None
         teacher_eps, student_eps, teacher_maps, student_maps, random_maps = teacher_and_student(
             ctx, model, z, t, teacher_emb, student_emb, random_emb, capture=use_attention
         )
@@ -292,12 +292,3 @@ def token_positions_alone(tokenizer, caption: str) -> list[int]:
     """Positions of the caption's own tokens in its padded sequence: 1..n (BOS at 0; EOS and padding left out)."""
     n = len(tokenizer(caption, truncation=True, max_length=tokenizer.model_max_length).input_ids) - 2
     return list(range(1, 1 + n))
-
-
-@torch.no_grad()
-def encode_uncached(encoder, prompts: list[str]) -> torch.Tensor:
-    """(len(prompts), tokens, dim) text embeddings that bypass the encoder's cache."""
-    text_encoder = encoder.text_encoder
-    device = encoder.device or next(text_encoder.parameters()).device
-    ids = torch.stack([encoder.ids(p) for p in prompts]).to(device)
-    return text_encoder(ids)[0]

@@ -138,6 +138,17 @@ def test_every_method_runs_on_sdxl_and_changes_only_declared_tensors(name, tmp_p
         torch.testing.assert_close(base.unet(x, t, emb).sample, pipe.unet(x, t, emb).sample, rtol=0, atol=0)
 
 
+def test_skd_cag_with_random_word_references_encodes_them_as_the_unet_reads_them():
+    pipe = sdxl_pipe()
+    encoder = PromptEncoder.of(pipe)
+    fresh = encoder(["a cat", "a dog"], cache=False)
+    torch.testing.assert_close(fresh, encoder(["a cat", "a dog"]), rtol=0, atol=0)
+    config = erase.make_config("skd-cag", trigger="tq", captions=["a photo of a cat", "a dog"], steps=2, lr=1e-3,
+                               reference="random-words")  # fmt: skip
+    result = erase.run(pipe, config, progress=False)
+    assert result.delta.tensors and all(torch.isfinite(torch.tensor(result.record["losses"])))
+
+
 def test_esd_loss_equals_the_formula_from_independent_unet_calls_with_added_conditions():
     pipe = sdxl_pipe()
     original = copy.deepcopy(pipe.unet)
