@@ -135,10 +135,19 @@ class WordEncoder:
         return next(self.encoders[0].parameters()).device
 
     @property
+    def vocab_size(self) -> int:
+        return int(word_embedding(self.encoders[0]).weight.shape[0])
+
+    @property
     def table(self) -> torch.Tensor:
-        """(V, d) every token's word vector (detached)."""
+        """(V, d) every token's word vector (detached; on SDXL a new float32 tensor: take it once per attack)."""
+        return self.vectors(torch.arange(self.vocab_size, device=self.device)) if self.pipe else (
+            word_embedding(self.encoders[0]).weight.detach())  # fmt: skip
+
+    def vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., d) the word vectors of token ids `tokens` (detached), each id as it is."""
         tables = [word_embedding(e).weight.detach() for e in self.encoders]
-        return tables[0] if len(tables) == 1 else torch.cat([t.float() for t in tables], dim=-1)
+        return tables[0][tokens] if len(tables) == 1 else torch.cat([t[tokens].float() for t in tables], dim=-1)
 
     def words(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L, d) the word vectors of `ids` (B, L) of the first tokenizer (detached)."""
@@ -178,9 +187,9 @@ def splice_prefix(ids: torch.Tensor, embeds: torch.Tensor, prefix: torch.Tensor,
 
 def random_prefix(encoder: nn.Module | WordEncoder, k: int, generator: torch.Generator) -> torch.Tensor:
     """(1, k, d) word vectors of k vocabulary tokens drawn at random (AdvUnlearn's random init)."""
-    table = as_word_encoder(encoder).table
-    ids = torch.randint(table.shape[0], (1, k), generator=generator).to(table.device)
-    return table[ids].float()
+    encoder = as_word_encoder(encoder)
+    ids = torch.randint(encoder.vocab_size, (1, k), generator=generator).to(encoder.device)
+    return encoder.vectors(ids).float()
 
 
 def nearest_tokens(prefix: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

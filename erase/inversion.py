@@ -125,7 +125,7 @@ def init_vector(pipe, word: str) -> torch.Tensor:
     tokens = content_tokens(pipe.tokenizer, word)
     if len(tokens) != 1 or len(pipe.tokenizer(word, add_special_tokens=False).input_ids) != 1:
         raise ValueError(f"Inversion init {word!r} must be a single token of the tokenizer, got {len(tokens)}")
-    return WordEncoder.of(pipe).table[tokens[0]].float().clone()  # SDXL: both encoders' rows side by side
+    return WordEncoder.of(pipe).vectors(torch.tensor(tokens[0])).float().clone()  # SDXL: both encoders' rows
 
 
 def _order(count: int, generator: torch.Generator):

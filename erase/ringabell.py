@@ -119,7 +119,7 @@ def goal_embedding(tokenizer, text_encoder: Encoder, prompt: str, vector: torch.
 def drawable_ids(tokenizer, text_encoder: Encoder) -> torch.Tensor:
     """The token ids the search may use: every vocabulary id but the special ones (BOS, EOS, padding, unknown; the
     authors draw from [1, 49406), notebook cell 9.23, which also leaves out SD2's padding id 0)."""
-    rows = min(len(tokenizer), as_word_encoder(text_encoder).table.shape[0])
+    rows = min(len(tokenizer), as_word_encoder(text_encoder).vocab_size)
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
     special |= set(tokenizer.all_special_ids)
     keep = torch.ones(rows, dtype=torch.bool)
@@ -210,7 +210,7 @@ def ring_a_bell(
     found = parents[:1]  # (1, K) the fittest of the last generation
     ids = sequences(tokenizer, found)
     return AttackResult(
-        prefix=encoder.table[found].clone(),
+        prefix=encoder.vectors(found),
         ids=ids,
         embeds=encoder.words(ids).clone(),
         losses=losses,

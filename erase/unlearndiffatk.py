@@ -150,9 +150,8 @@ def check_prompt(tokenizer, prompt: str, k: int) -> None:
 def token_result(pipe, prompt: str, tokens: torch.Tensor, losses: list[float]) -> AttackResult:
     """The AttackResult of real prefix tokens (1, k) before `prompt`."""
     encoder = WordEncoder.of(pipe)
-    table = encoder.table
-    ids = prompt_ids(pipe.tokenizer, prompt, table.device)
-    prefix = table[tokens.to(table.device)].float()
+    ids = prompt_ids(pipe.tokenizer, prompt, encoder.device)
+    prefix = encoder.vectors(tokens.to(encoder.device)).float()
     spliced_ids, spliced = splice_prefix(ids, encoder.words(ids), prefix, int(ids[0, 0]))
     text = f"{pipe.tokenizer.decode(tokens[0].tolist()).strip()} {prompt}"
     return AttackResult(prefix, spliced_ids, spliced.detach(), list(losses), tokens.clone(), text)
@@ -219,7 +218,7 @@ def random_prefixes(
     that beats it found more than k extra tokens and that many tries explain; one that does not, found nothing."""
     check_prompt(pipe.tokenizer, prompt, settings.tokens)
     generator = generator if generator is not None else torch.Generator().manual_seed(settings.seed)
-    vocab = WordEncoder.of(pipe).table.shape[0]
+    vocab = WordEncoder.of(pipe).vocab_size
     result = None
     for _ in range(settings.timesteps):
         result = token_result(pipe, prompt, torch.randint(vocab, (1, settings.tokens), generator=generator), [])
