@@ -2,7 +2,7 @@
 
 EraseDiff's step follows ∇L_retain + α·∇f (f̄ is a constant; erase/methods/erasediff.py). Before any training, this
 measures per target the relabelling gap f = ‖e(x_t, c_f) − e(x_t, c')‖² on its forget images (c' its pseudo prompt),
-the retain loss, the gradient norms |∇f| and |∇L_retain| over the preset's trained tensors, their cosine, and so the
+the retain loss, the gradient norms ‖∇f‖ and ‖∇L_retain‖ over the preset's trained tensors, their cosine, and so the
 forget term's share of the step at α 0.1 and 1. It trains and chooses nothing, so it looks at tuning and held-out
 targets alike: whether the targets the preset leaves half-erased are those the forget term pulls least on.
 
@@ -25,7 +25,7 @@ from erase.images import denoising_target, encoded_image_set, noised
 from erase.params import select_in
 from erase.text import PromptEncoder
 
-COLUMNS = ("f", "L_retain", "|∇f|", "|∇L_retain|", "0.1·|∇f| / |∇L_retain|", "|∇f| / |∇L_retain|", "cos(∇f, ∇L_retain)")
+COLUMNS = ("f", "L_retain", "‖∇f‖", "‖∇L_retain‖", "0.1·‖∇f‖ / ‖∇L_retain‖", "‖∇f‖ / ‖∇L_retain‖", "cos(∇f, ∇L_retain)")
 
 
 def flat(grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
