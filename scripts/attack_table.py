@@ -9,6 +9,7 @@ Three parts, each resumed from its own folder (a finished stage is not redone):
   relearning's UA after each k;
 - sequential requests (`canvas sequential`) of `--sequence` for `--sequential-methods`: SU / SR and rebound;
 - finer-scale targets (`canvas finer`) of `--combination` for `--finer-methods`: FU / FR.
+Both default to every erasure method. A method that fails in either is a row with its error, and the others go on.
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ def main() -> None:
         help="another prompt count for one attack (default: unlearndiffatk=2, the costliest, and its control's)",
     )
     parser.add_argument("--sequence", default="Mosaic,Sketch,Winter", help="held-out targets requested in turn")
-    parser.add_argument("--sequential-methods", default="uce,speed,mace")
+    parser.add_argument("--sequential-methods", help="comma-separated (default: every erasure method)")
     parser.add_argument("--combination", default="Bricks:Fishes")
-    parser.add_argument("--finer-methods", default="uce,speed,mace")
+    parser.add_argument("--finer-methods", help="comma-separated (default: every erasure method)")
     parser.add_argument("--seeds", default="188", help="answer-set seeds of the sequential and finer runs")
     parser.add_argument("--out", default="docs/results/attacks.md")
     parser.add_argument("--threads", type=int, default=1)
@@ -125,20 +126,18 @@ def main() -> None:
     for target in [*targets, *args.sequence.split(",")]:
         if splits.target_split(cat, target) != splits.HELD_OUT:
             raise SystemExit(f"{target} is a tuning target; the table reports held-out targets only")
-    methods = args.methods.split(",") if args.methods else _erasure_methods()
+    methods = _methods(args.methods)
     seeds = [int(s) for s in args.seeds.split(",")]
     work = Path(args.bench).parent / (Path(args.bench).name + "-robustness")
     timings = {}
 
     rows = attack_rows(args, methods, targets)
     timings["attacks"] = time.perf_counter() - started
-    sequences = {}
-    for method in filter(None, args.sequential_methods.split(",")):
-        out = str(work / "sequential" / method)
-        config = SequentialConfig(method=method, targets=args.sequence.split(","), out=out, seeds=seeds)
-        sequences[method] = run_sequence(config, progress=not args.no_progress)["summary"]
+    sequential_methods = _methods(args.sequential_methods)
+    sequences = sequence_summaries(sequential_methods, args.sequence.split(","), work / "sequential", seeds,
+                                   progress=not args.no_progress)  # fmt: skip
     timings["sequential"] = time.perf_counter() - started - timings["attacks"]
-    finer = Finer(FinerConfig(methods=args.finer_methods.split(","), targets=[args.combination],
+    finer = Finer(FinerConfig(methods=_methods(args.finer_methods), targets=[args.combination],
                               out=str(work / "finer"), seeds=seeds), progress=not args.no_progress).run()  # fmt: skip
     timings["finer"] = time.perf_counter() - started - timings["attacks"] - timings["sequential"]
     total = time.perf_counter() - started
@@ -173,11 +172,16 @@ def main() -> None:
               f"{args.sequence.replace(',', ' -> ')}, seeds {args.seeds}: SU = mean UA over the targets after the "
               "last request; SR = mean of IRA and CRA after it; rebound = a target's UA right after its request "
               "minus after the last (positive: it came back).", "",
-              "| method | SU | SR | SR IRA | SR CRA | mean rebound | max rebound |",
-              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "| method | SU | SR | SR IRA | SR CRA | IRA after request 1 | mean rebound | max rebound | UA after "
+              "the last request |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for method, s in sequences.items():
+        if "error" in s:
+            lines.append(f"| {method} | failed: {s['error']} |" + " - |" * 7)
+            continue
+        first_ira = s["SR_IRA"] + s["retain_drop"]["IRA"]
+        last_ua = ", ".join(f"{t} {v:.1f}" for t, v in s["UA_last"].items())
         lines.append(f"| {method} | {s['SU']:.1f} | {s['SR']:.1f} | {s['SR_IRA']:.1f} | {s['SR_CRA']:.1f} | "
-                     f"{s['mean_rebound']:.1f} | {s['max_rebound']:.1f} |")  # fmt: skip
+                     f"{first_ira:.1f} | {s['mean_rebound']:.1f} | {s['max_rebound']:.1f} | {last_ua} |")  # fmt: skip
     lines += ["", "## Finer-scale target", "",
               f"{args.combination}, seeds {args.seeds} (canvas.combination's FU / FR).",
               "", "| method | preset | FU | FR | FR style | FR object | FR other |",
@@ -185,11 +189,32 @@ def main() -> None:
     for row in finer["rows"]:
         lines.append(f"| {row['method']} | {row.get('preset') or '-'} | {row['FU']:.1f} | {row['FR']:.1f} | "
                      f"{row['FR_style']:.1f} | {row['FR_object']:.1f} | {row['FR_other']:.1f} |")  # fmt: skip
+    for failure in finer["failed"]:
+        lines.append(f"| {failure['method']} | failed: {failure['error']} |" + " - |" * 5)
     write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def _erasure_methods() -> list[str]:
+def sequence_summaries(methods: list[str], targets: list[str], out: Path, seeds: list[int],
+                       progress: bool) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Each method's sequence summary (with "UA_last", every target's UA after the last request), or {"error"}
+    when its sequence fails: one failing method is a finding, and the others still run."""
+    summaries: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        try:
+            config = SequentialConfig(method=method, targets=targets, out=str(out / method), seeds=seeds)
+            result = run_sequence(config, progress=progress)
+            summaries[method] = {**result["summary"], "UA_last": result["requests"][-1]["UA"]}
+        except Exception as err:  # recorded in the table; the batch goes on
+            summaries[method] = {"error": f"{type(err).__name__}: {err}".replace("|", "/").splitlines()[0]}
+            print(f"sequence {method} failed: {summaries[method]['error']}")
+    return summaries
+
+
+def _methods(spec: str | None) -> list[str]:
+    """Comma-separated method names, or every erasure method (those that take no trigger) when none are given."""
+    if spec:
+        return [m for m in spec.split(",") if m]
     return [m for m in available_methods() if "trigger" not in get_method(m).inputs]
 
 
