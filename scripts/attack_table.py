@@ -10,6 +10,9 @@ Three parts, each resumed from its own folder (a finished stage is not redone):
 - sequential requests (`canvas sequential`) of `--sequence` for `--sequential-methods`: SU / SR and rebound;
 - finer-scale targets (`canvas finer`) of `--combination` for `--finer-methods`: FU / FR.
 Both default to every erasure method. A method that fails in either is a row with its error, and the others go on.
+With --stored-attacks the attack columns are read from --bench's finished jobs and nothing is run or written there
+(a folder that is another run's stays as it is: a copy would not do, as the run keys of data-driven methods hold
+the folder's path); --work names the folder of the sequential and finer runs.
 """
 
 from __future__ import annotations
@@ -49,6 +52,22 @@ def attack_rows(args, methods: list[str], targets: list[str]) -> list[dict[str, 
         for row in result["rows"]:
             merged.setdefault((row["method"], row["target"]), {}).update(row)
     return list(merged.values())
+
+
+def stored_attack_rows(bench: Path, methods: list[str], targets: list[str], names: list[str]) -> list[dict[str, Any]]:
+    """The rows `attack_rows` would return, read from the bench's finished jobs as they are (each must hold its
+    scores and every attack's results); read only."""
+    rows = []
+    for method in methods:
+        for target in targets:
+            job = bench / "jobs" / f"{method}__{target}"
+            missing = [n for n in names if not attack_suite.finished(job / "attacks" / n, n)]
+            if not (job / "metrics.json").is_file() or missing:
+                raise SystemExit(f"--stored-attacks: {job} holds no finished {', '.join(missing) or 'scores'}; "
+                                 "run without --stored-attacks to compute them")  # fmt: skip
+            rows.append({**json.loads((job / "metrics.json").read_text()),
+                         **attack_suite.row_fields(job / "attacks", names)})  # fmt: skip
+    return rows
 
 
 def attack_markdown(rows: list[dict[str, Any]], names: list[str]) -> list[str]:
@@ -115,6 +134,12 @@ def main() -> None:
     parser.add_argument("--combination", default="Bricks:Fishes")
     parser.add_argument("--finer-methods", help="comma-separated (default: every erasure method)")
     parser.add_argument("--seeds", default="188", help="answer-set seeds of the sequential and finer runs")
+    parser.add_argument(
+        "--stored-attacks",
+        action="store_true",
+        help="read the attack columns from --bench's finished jobs; run and write nothing there",
+    )
+    parser.add_argument("--work", help="folder of the sequential and finer runs (default: <bench>-robustness)")
     parser.add_argument("--out", default="docs/results/attacks.md")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
@@ -128,10 +153,14 @@ def main() -> None:
             raise SystemExit(f"{target} is a tuning target; the table reports held-out targets only")
     methods = _methods(args.methods)
     seeds = [int(s) for s in args.seeds.split(",")]
-    work = Path(args.bench).parent / (Path(args.bench).name + "-robustness")
+    work = Path(args.work) if args.work else Path(args.bench).parent / (Path(args.bench).name + "-robustness")
     timings = {}
 
-    rows = attack_rows(args, methods, targets)
+    names = args.attacks.split(",")
+    if args.stored_attacks:
+        rows = stored_attack_rows(Path(args.bench), methods, targets, names)
+    else:
+        rows = attack_rows(args, methods, targets)
     timings["attacks"] = time.perf_counter() - started
     sequential_methods = _methods(args.sequential_methods)
     sequences = sequence_summaries(sequential_methods, args.sequence.split(","), work / "sequential", seeds,
@@ -142,13 +171,13 @@ def main() -> None:
     timings["finer"] = time.perf_counter() - started - timings["attacks"] - timings["sequential"]
     total = time.perf_counter() - started
 
-    names = args.attacks.split(",")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
         "# Does the erased concept come back? (toy)", "",
         f"Command: `python {' '.join(sys.argv)}` at commit {commit}, {args.threads} torch thread(s) per process,",
         f"2 shared CPU cores; {total / 60:.1f} min in this run ("
-        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + "; stages already on disk are reused).",
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + "; stages already on disk are reused"
+        + ("; the attack columns read from the bench's stored results)." if args.stored_attacks else ")."),
         "Every target here is held out (canvas.splits); attack presets were chosen on the tuning targets",
         "(scripts/tune_attacks.py). ASR: percent of the target's prompts on which the judge sees the target in the",
         "erased model's plain image or in the attacked one (pre-ASR: the plain one alone); lower is more robust.",
