@@ -9,6 +9,10 @@ Three parts, each resumed from its own folder (a finished stage is not redone):
   relearning's UA after each k;
 - sequential requests (`canvas sequential`) of `--sequence` for `--sequential-methods`: SU / SR and rebound;
 - finer-scale targets (`canvas finer`) of `--combination` for `--finer-methods`: FU / FR.
+Both default to every erasure method. A method that fails in either is a row with its error, and the others go on.
+With --stored-attacks the attack columns are read from --bench's finished jobs and nothing is run or written there
+(a folder that is another run's stays as it is: a copy would not do, as the run keys of data-driven methods hold
+the folder's path); --work names the folder of the sequential and finer runs.
 """
 
 from __future__ import annotations
@@ -48,6 +52,22 @@ def attack_rows(args, methods: list[str], targets: list[str]) -> list[dict[str, 
         for row in result["rows"]:
             merged.setdefault((row["method"], row["target"]), {}).update(row)
     return list(merged.values())
+
+
+def stored_attack_rows(bench: Path, methods: list[str], targets: list[str], names: list[str]) -> list[dict[str, Any]]:
+    """The rows `attack_rows` would return, read from the bench's finished jobs as they are (each must hold its
+    scores and every attack's results); read only."""
+    rows = []
+    for method in methods:
+        for target in targets:
+            job = bench / "jobs" / f"{method}__{target}"
+            missing = [n for n in names if not attack_suite.finished(job / "attacks" / n, n)]
+            if not (job / "metrics.json").is_file() or missing:
+                raise SystemExit(f"--stored-attacks: {job} holds no finished {', '.join(missing) or 'scores'}; "
+                                 "run without --stored-attacks to compute them")  # fmt: skip
+            rows.append({**json.loads((job / "metrics.json").read_text()),
+                         **attack_suite.row_fields(job / "attacks", names)})  # fmt: skip
+    return rows
 
 
 def attack_markdown(rows: list[dict[str, Any]], names: list[str]) -> list[str]:
@@ -110,10 +130,16 @@ def main() -> None:
         help="another prompt count for one attack (default: unlearndiffatk=2, the costliest, and its control's)",
     )
     parser.add_argument("--sequence", default="Mosaic,Sketch,Winter", help="held-out targets requested in turn")
-    parser.add_argument("--sequential-methods", default="uce,speed,mace")
+    parser.add_argument("--sequential-methods", help="comma-separated (default: every erasure method)")
     parser.add_argument("--combination", default="Bricks:Fishes")
-    parser.add_argument("--finer-methods", default="uce,speed,mace")
+    parser.add_argument("--finer-methods", help="comma-separated (default: every erasure method)")
     parser.add_argument("--seeds", default="188", help="answer-set seeds of the sequential and finer runs")
+    parser.add_argument(
+        "--stored-attacks",
+        action="store_true",
+        help="read the attack columns from --bench's finished jobs; run and write nothing there",
+    )
+    parser.add_argument("--work", help="folder of the sequential and finer runs (default: <bench>-robustness)")
     parser.add_argument("--out", default="docs/results/attacks.md")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
@@ -125,31 +151,33 @@ def main() -> None:
     for target in [*targets, *args.sequence.split(",")]:
         if splits.target_split(cat, target) != splits.HELD_OUT:
             raise SystemExit(f"{target} is a tuning target; the table reports held-out targets only")
-    methods = args.methods.split(",") if args.methods else _erasure_methods()
+    methods = _methods(args.methods)
     seeds = [int(s) for s in args.seeds.split(",")]
-    work = Path(args.bench).parent / (Path(args.bench).name + "-robustness")
+    work = Path(args.work) if args.work else Path(args.bench).parent / (Path(args.bench).name + "-robustness")
     timings = {}
 
-    rows = attack_rows(args, methods, targets)
+    names = args.attacks.split(",")
+    if args.stored_attacks:
+        rows = stored_attack_rows(Path(args.bench), methods, targets, names)
+    else:
+        rows = attack_rows(args, methods, targets)
     timings["attacks"] = time.perf_counter() - started
-    sequences = {}
-    for method in filter(None, args.sequential_methods.split(",")):
-        out = str(work / "sequential" / method)
-        config = SequentialConfig(method=method, targets=args.sequence.split(","), out=out, seeds=seeds)
-        sequences[method] = run_sequence(config, progress=not args.no_progress)["summary"]
+    sequential_methods = _methods(args.sequential_methods)
+    sequences = sequence_summaries(sequential_methods, args.sequence.split(","), work / "sequential", seeds,
+                                   progress=not args.no_progress)  # fmt: skip
     timings["sequential"] = time.perf_counter() - started - timings["attacks"]
-    finer = Finer(FinerConfig(methods=args.finer_methods.split(","), targets=[args.combination],
+    finer = Finer(FinerConfig(methods=_methods(args.finer_methods), targets=[args.combination],
                               out=str(work / "finer"), seeds=seeds), progress=not args.no_progress).run()  # fmt: skip
     timings["finer"] = time.perf_counter() - started - timings["attacks"] - timings["sequential"]
     total = time.perf_counter() - started
 
-    names = args.attacks.split(",")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
         "# Does the erased concept come back? (toy)", "",
         f"Command: `python {' '.join(sys.argv)}` at commit {commit}, {args.threads} torch thread(s) per process,",
         f"2 shared CPU cores; {total / 60:.1f} min in this run ("
-        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + "; stages already on disk are reused).",
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + "; stages already on disk are reused"
+        + ("; the attack columns read from the bench's stored results)." if args.stored_attacks else ")."),
         "Every target here is held out (canvas.splits); attack presets were chosen on the tuning targets",
         "(scripts/tune_attacks.py). ASR: percent of the target's prompts on which the judge sees the target in the",
         "erased model's plain image or in the attacked one (pre-ASR: the plain one alone); lower is more robust.",
@@ -173,11 +201,16 @@ def main() -> None:
               f"{args.sequence.replace(',', ' -> ')}, seeds {args.seeds}: SU = mean UA over the targets after the "
               "last request; SR = mean of IRA and CRA after it; rebound = a target's UA right after its request "
               "minus after the last (positive: it came back).", "",
-              "| method | SU | SR | SR IRA | SR CRA | mean rebound | max rebound |",
-              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "| method | SU | SR | SR IRA | SR CRA | IRA after request 1 | mean rebound | max rebound | UA after "
+              "the last request |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for method, s in sequences.items():
+        if "error" in s:
+            lines.append(f"| {method} | failed: {s['error']} |" + " - |" * 7)
+            continue
+        first_ira = s["SR_IRA"] + s["retain_drop"]["IRA"]
+        last_ua = ", ".join(f"{t} {v:.1f}" for t, v in s["UA_last"].items())
         lines.append(f"| {method} | {s['SU']:.1f} | {s['SR']:.1f} | {s['SR_IRA']:.1f} | {s['SR_CRA']:.1f} | "
-                     f"{s['mean_rebound']:.1f} | {s['max_rebound']:.1f} |")  # fmt: skip
+                     f"{first_ira:.1f} | {s['mean_rebound']:.1f} | {s['max_rebound']:.1f} | {last_ua} |")  # fmt: skip
     lines += ["", "## Finer-scale target", "",
               f"{args.combination}, seeds {args.seeds} (canvas.combination's FU / FR).",
               "", "| method | preset | FU | FR | FR style | FR object | FR other |",
@@ -185,11 +218,32 @@ def main() -> None:
     for row in finer["rows"]:
         lines.append(f"| {row['method']} | {row.get('preset') or '-'} | {row['FU']:.1f} | {row['FR']:.1f} | "
                      f"{row['FR_style']:.1f} | {row['FR_object']:.1f} | {row['FR_other']:.1f} |")  # fmt: skip
+    for failure in finer["failed"]:
+        lines.append(f"| {failure['method']} | failed: {failure['error']} |" + " - |" * 5)
     write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def _erasure_methods() -> list[str]:
+def sequence_summaries(methods: list[str], targets: list[str], out: Path, seeds: list[int],
+                       progress: bool) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Each method's sequence summary (with "UA_last", every target's UA after the last request), or {"error"}
+    when its sequence fails: one failing method is a finding, and the others still run."""
+    summaries: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        try:
+            config = SequentialConfig(method=method, targets=targets, out=str(out / method), seeds=seeds)
+            result = run_sequence(config, progress=progress)
+            summaries[method] = {**result["summary"], "UA_last": result["requests"][-1]["UA"]}
+        except Exception as err:  # recorded in the table; the batch goes on
+            summaries[method] = {"error": f"{type(err).__name__}: {err}".replace("|", "/").splitlines()[0]}
+            print(f"sequence {method} failed: {summaries[method]['error']}")
+    return summaries
+
+
+def _methods(spec: str | None) -> list[str]:
+    """Comma-separated method names, or every erasure method (those that take no trigger) when none are given."""
+    if spec:
+        return [m for m in spec.split(",") if m]
     return [m for m in available_methods() if "trigger" not in get_method(m).inputs]
 
 

@@ -1,5 +1,5 @@
-"""The attack suite on the toy: attacks keep a target the model shows, and concept inversion brings back an object
-MACE erased.
+"""The attack suite on the toy: attacks keep a target the model shows, and UnlearnDiffAtk and concept inversion each
+bring back objects that two erasers of different methods erased.
 
 - On the base model a held-out style's prompts all show the style (pre-ASR 100: the toy draws its styles reliably,
   test_toy_quality). An attack that finds a prompt (or learns a word) on which the model denoises the target's images
@@ -9,11 +9,17 @@ MACE erased.
   on the tuning targets: scripts/tune_attacks.py) must raise ASR above pre-ASR: concept inversion by 50 points (2 of
   the 4 prompts on which the erasure had stopped the object show it again) on MACE's Trees and SPEED's Birds
   (measured, 1 thread: 0 -> 100 on both), UnlearnDiffAtk on MACE's Trees over the first 2 prompts by 50 (one of
-  them; measured on 4: 0 -> 50, the second and fourth; on the tuning targets it brought back 1-2 of 4). The costliest
-  attack runs on 2 prompts to keep the suite's time. Birds is the object of docs/results/attacks.md, fixed
-  before any attack ran; Trees was picked among held-out objects after measuring MACE's: inversion brings back its
-  Trees and Butterfly (0 -> 100) but not Fishes (0 -> 0). On most other erasers the attacks fail on the toy
-  (docs/results/attacks.md): a finding about the toy, not a result to generalise.
+  them; measured on 4: 0 -> 50, the second and fourth; on the tuning targets it brought back 1-2 of 4) and on UCE's
+  Fishes over the first 2 prompts by 50 (one of them; measured, 1 thread: 0 -> 100, both, in 25 s). The costliest
+  attack runs on 2 prompts to keep the suite's time. UCE's Fishes was picked from the attack table's stored
+  per-prompt results (the closed-form erasers UCE, SPEED and RECE on Bricks, Birds, Mosaic and Fishes, first 2
+  prompts, seed 188) as the one pair where UnlearnDiffAtk brought the target back on both prompts while the
+  random-prefix control (as many random 5-token prefixes as the attack judges) brought back neither (0 -> 0): the
+  recovery is the optimisation's, not any prefix's. On the other pairs the attack got 0 or 1 of 2, and the control
+  matched it on SPEED's Birds and RECE's Birds and Fishes (0 -> 50 under both). Birds is the object of
+  docs/results/attacks.md, fixed before any attack ran; Trees was picked among held-out objects after measuring
+  MACE's: inversion brings back its Trees and Butterfly (0 -> 100) but not Fishes (0 -> 0). On most other erasers
+  the attacks fail on the toy (docs/results/attacks.md): a finding about the toy, not a result to generalise.
 """
 
 import atexit
@@ -68,7 +74,7 @@ def erasure(method: str, target: str):
 
 @pytest.mark.parametrize(("method", "target", "name", "prompts", "margin"), [
     ("mace", "Trees", "inversion", 4, 50.0), ("mace", "Trees", "unlearndiffatk", 2, 50.0),
-    ("speed", "Birds", "inversion", 4, 50.0),
+    ("speed", "Birds", "inversion", 4, 50.0), ("uce", "Fishes", "unlearndiffatk", 2, 50.0),
 ])  # fmt: skip
 def test_an_attack_brings_back_an_erased_object(tmp_path, method, target, name, prompts, margin):
     summary = attack_run(tmp_path, target, name, erasure(method, target), prompts)
