@@ -141,6 +141,9 @@ def main() -> None:
     )
     parser.add_argument("--work", help="folder of the sequential and finer runs (default: <bench>-robustness)")
     parser.add_argument("--out", default="docs/results/attacks.md")
+    parser.add_argument(
+        "--notes", help="a Markdown file of findings appended to --out (docs/results/attacks-findings.md)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
@@ -220,6 +223,8 @@ def main() -> None:
                      f"{row['FR_style']:.1f} | {row['FR_object']:.1f} | {row['FR_other']:.1f} |")  # fmt: skip
     for failure in finer["failed"]:
         lines.append(f"| {failure['method']} | failed: {failure['error']} |" + " - |" * 5)
+    if args.notes:
+        lines += ["", Path(args.notes).read_text().rstrip()]
     write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 

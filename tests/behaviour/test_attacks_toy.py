@@ -18,8 +18,9 @@ bring back objects that two erasers of different methods erased.
   recovery is the optimisation's, not any prefix's. On the other pairs the attack got 0 or 1 of 2, and the control
   matched it on SPEED's Birds and RECE's Birds and Fishes (0 -> 50 under both). Birds is the object of
   docs/results/attacks.md, fixed before any attack ran; Trees was picked among held-out objects after measuring
-  MACE's: inversion brings back its Trees and Butterfly (0 -> 100) but not Fishes (0 -> 0). On most other erasers
-  the attacks fail on the toy (docs/results/attacks.md): a finding about the toy, not a result to generalise.
+  MACE's: inversion brings back its Trees and Butterfly (0 -> 100) but not Fishes (0 -> 0). How often each attack
+  succeeds on every eraser, and how much of it random prefixes match, is in docs/results/attacks.md: findings about
+  the toy, not results to generalise.
 """
 
 import atexit
