@@ -15,8 +15,9 @@ left out). Each backdoored toy is built once per session (fixture) and reused (B
 two minutes; `toy-style`, about three); each removal is about a minute at 1 thread (`toy-style`'s 800 steps, two).
 
 The trigger is held out: the presets were chosen on the tuning triggers of scripts/backdoor_table.py ("New Trigger",
-"zq"), and "sks" (a rare word, sub-word pieces) is one that docs/results/toy-backdoor.md shows passing every check
-here; that table has every held-out trigger, the failures included.
+"zq"), and "jx" (character-level nonsense) is one that docs/results/toy-backdoor.md shows passing every check here
+("sks", used before, leaves the patch on 9.1% with `toy-pixel`); that table has every held-out trigger, the failures
+included.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from erase.methods.skd_cag import toy_preset
 pytestmark = pytest.mark.slow
 
 CAT = catalog.get("toy")
-TRIGGER = "sks"
+TRIGGER = "jx"
 TARGET_STYLE = {"pixel": None, "style": "Sketch"}
 REPORT: dict[str, dict] = {}
 
