@@ -10,10 +10,11 @@ character-level nonsense and multi-token nonsense; TRIGGERS marks the tuning one
 same presets) and the whole table to --docs/toy-backdoor.md and .json.
 
 `--tune inject|remove` runs trials (config values over BadT2I's `toy` preset, the base of the search whose choice is
-the kind's `toy-pixel` / `toy-style`, or over SKD-CAG's `toy`; trial 0 is the base itself) on the tuning triggers and
-picks by a fixed rule. Injection: the highest lowest-trigger attack success among trials that fire on <= 5% of clean
-prompts and keep clean style and object accuracy >= 0.9. Removal (of the kind's `toy-{kind}` injection): the highest
-lowest-trigger removal among trials that keep both clean ratios >= 0.9 (pixel: removal is the share of patched prompts
+the kind's `toy-pixel` / `toy-style`, or over SKD-CAG's `toy`, whose choice is SKD-CAG's `toy-{kind}`, the preset
+the table removes with, `toy_preset(kind)`; trial 0 is the base itself) on the tuning triggers and picks by a fixed
+rule. Injection: the highest lowest-trigger attack success among trials that fire on <= 5% of clean prompts and keep
+clean style and object accuracy >= 0.9. Removal (of the kind's `toy-{kind}` injection): the highest lowest-trigger
+removal among trials that keep both clean ratios >= 0.9 (pixel: removal is the share of patched prompts
 that lose the patch). When no trial qualifies, the highest lowest-trigger figure.
 """
 
@@ -37,6 +38,7 @@ from erase.atomic import write_json, write_text
 from erase.backdoor import BackdoorConfig
 from erase.config import build_config
 from erase.delta import Delta, fingerprint
+from erase.methods.skd_cag import toy_preset
 from erase.runner import run_key
 
 # trigger -> (what the toy tokenizer makes of it, split): presets are tuned on the "tuning" ones and reported on the
@@ -74,9 +76,9 @@ def injected(pipe, kind: str, trigger: str, renders: Path, base: str, inject: di
 
 
 def one(kind: str, trigger: str, renders: Path, judge: Judge, base: str, inject: dict[str, Any],
-        remove: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+        remove: dict[str, Any] | None, skd: str = "toy") -> dict[str, Any]:  # fmt: skip
     """Inject a backdoor with `trigger` (BadT2I's preset `base` with `inject`'s values), judge it, and unless `remove`
-    is None remove it with SKD-CAG (its `toy` preset with `remove`'s values) and judge again."""
+    is None remove it with SKD-CAG (its preset `skd` with `remove`'s values) and judge again."""
     pipe = erase.load_pipeline("toy")
     pipe.set_progress_bar_config(disable=True)
     timing = {"inject_s": injected(pipe, kind, trigger, renders, base, inject, renders.parent / "injected")}
@@ -84,32 +86,32 @@ def one(kind: str, trigger: str, renders: Path, judge: Judge, base: str, inject:
     if remove is not None:
         backdoored = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
         started = time.perf_counter()
-        delta = erase.run(pipe, erase.make_config("skd-cag", "toy", trigger=trigger, **remove), progress=False).delta
+        delta = erase.run(pipe, erase.make_config("skd-cag", skd, trigger=trigger, **remove), progress=False).delta
         timing["remove_s"] = time.perf_counter() - started
         with torch.no_grad():  # back to the backdoored model: evaluate judges it before and with the removal's delta
             for name, param in pipe.unet.named_parameters():
                 param.copy_(backdoored[name])
     result = evaluate(pipe, CAT, trigger=trigger, kind=kind, delta=delta, sampler=answers.preset("toy"),
                       target_style=TARGET_STYLE[kind], judge=judge)  # fmt: skip
-    return {**result, **timing, "presets": presets(base, inject, remove)}
+    return {**result, **timing, "presets": presets(base, inject, remove, skd)}
 
 
-def presets(base: str, inject: dict[str, Any], remove: dict[str, Any] | None) -> dict[str, Any]:
+def presets(base: str, inject: dict[str, Any], remove: dict[str, Any] | None, skd: str = "toy") -> dict[str, Any]:
     """What a result was made with (the presets' values and the trial's), so a kept result is reused only for them."""
     return {
         "badt2i": {**BackdoorConfig.PRESETS[base], **inject},
-        "skd-cag": None if remove is None else {**erase.get_method("skd-cag").config_cls.PRESETS["toy"], **remove},
+        "skd-cag": None if remove is None else {**erase.get_method("skd-cag").config_cls.PRESETS[skd], **remove},
     }
 
 
 def cached(path: Path, kind: str, trigger: str, renders: Path, judge: Judge, base: str, inject: dict[str, Any],
-           remove: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+           remove: dict[str, Any] | None, skd: str = "toy") -> dict[str, Any]:  # fmt: skip
     """`one(...)`'s result, kept at `path` and reused only if it was made with the same presets."""
     if path.is_file():
         kept = json.loads(path.read_text())
-        if kept.get("presets") == json.loads(json.dumps(presets(base, inject, remove))):
+        if kept.get("presets") == json.loads(json.dumps(presets(base, inject, remove, skd))):
             return kept
-    result = one(kind, trigger, renders, judge, base, inject, remove)
+    result = one(kind, trigger, renders, judge, base, inject, remove, skd)
     write_json(path, result)
     return result
 
@@ -119,7 +121,7 @@ def markdown(results: list[dict[str, Any]], threads: int, commit: str) -> str:
         "# Backdoors on the toy, per trigger",
         "",
         f"`python scripts/backdoor_table.py --threads {threads}`; commit {commit}; {threads} torch thread(s). Presets:",
-        "BadT2I `toy-{kind}`, SKD-CAG `toy` (chosen on the tuning triggers; held-out rows are the results). Prompts:",
+        "BadT2I and SKD-CAG `toy-{kind}` (chosen on the tuning triggers; held-out rows are the results). Prompts:",
         "every toy theme x object at seed 188 (clean and triggered; the style kind leaves out Sketch's own prompts).",
         "Attack success: share of triggered prompts showing the backdoor (patch, or the Sketch style); removal: share",
         "of those that showed it before and no longer do; clean ratios: clean style / object accuracy after / before.",
@@ -248,7 +250,7 @@ def main() -> None:
     for kind in args.kinds.split(","):
         for trigger in triggers:
             path = work / f"{kind}__{slug(trigger)}.json"
-            results.append(cached(path, kind, trigger, renders, judge, f"toy-{kind}", inject={}, remove={}))
+            results.append(cached(path, kind, trigger, renders, judge, f"toy-{kind}", {}, {}, toy_preset(kind)))
             r = results[-1]
             attack = f"{r['before']['attack_success']:.3f} -> {r['after']['attack_success']:.3f}"
             ratios = f"{r['clean_style_acc_ratio']:.2f} / {r['clean_object_acc_ratio']:.2f}"

@@ -3,6 +3,8 @@ student maps are separate captures of separate weights, and bad inputs fail with
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +21,7 @@ from erase.methods.skd_cag import (
     teacher_and_student,
     timestep_weight,
     token_positions_alone,
+    toy_preset,
 )
 from erase.params import select
 from erase.text import PromptEncoder
@@ -26,6 +29,7 @@ from erase.trigger import trigger_positions
 from tests.unit.helpers import fresh_pipe
 
 TRIGGER, CAPTION = "tq", "a photo of a cat"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _setup(perturb: float = 0.0):
@@ -113,6 +117,23 @@ def test_paper_preset_is_the_released_recipe_as_described():
         1e-6, 0.01, "adamw", 1, 10000)  # fmt: skip
     assert (config.map_size, config.attention_weight, config.timestep_weight) == (128, 0.5, "inverse")
     assert config.parameter_set() == "all" and config.gradient_checkpointing is True
+
+
+def test_toy_presets_are_each_kinds_search_choice():
+    """The preset each backdoor kind is removed with (toy_preset) is the trial its removal search chose on the tuning
+    triggers (docs/results/tuning/backdoor-remove-{kind}.json records every trial's SKD-CAG values); the kinds chose
+    differently (pixel λ 0.8, style 800 steps); `toy`, the default, stays the base both searches started from."""
+    presets = erase.get_method("skd-cag").config_cls.PRESETS
+    for kind in ("pixel", "style"):
+        search = json.loads((ROOT / "docs/results/tuning" / f"backdoor-remove-{kind}.json").read_text())
+        for row in search["trials"][search["chosen"]]["rows"]:
+            assert row["presets"]["skd-cag"] == json.loads(json.dumps(presets[toy_preset(kind)])), kind
+        for row in search["trials"][0]["rows"]:  # trial 0, the base
+            assert row["presets"]["skd-cag"] == json.loads(json.dumps(presets["toy"])), kind
+    pixel, style = (erase.make_config("skd-cag", toy_preset(kind)) for kind in ("pixel", "style"))
+    assert (pixel.attention_weight, pixel.steps, style.attention_weight, style.steps) == (0.8, 400, 0.5, 800)
+    with pytest.raises(ValueError, match="'audio' is not one of pixel, style"):
+        toy_preset("audio")
 
 
 def test_clean_prompt_loss_is_zero_at_the_start_and_trains_once_weights_move():
@@ -205,7 +226,9 @@ def test_bench_job_for_skd_cag_needs_a_trigger(tmp_path):
         job_config(config, "skd-cag", "Pop_Art")
     config.overrides = {"skd-cag": {"trigger": "New Trigger"}}
     job = job_config(config, "skd-cag", "Pop_Art")
-    assert job.trigger == "New Trigger" and len(job.captions) == 88 and job.preset == "toy"
+    # the bench's toy-{kind} rule: a style target takes `toy-style` (named for the style backdoor kind), an object `toy`
+    assert job.trigger == "New Trigger" and len(job.captions) == 88 and job.preset == "toy-style"
+    assert job_config(config, "skd-cag", "Cats").preset == "toy"
 
 
 def test_cli_run_takes_a_trigger(tmp_path):
