@@ -36,16 +36,21 @@ def small(**overrides):
     return erase.make_config("advunlearn", **{**SMALL, **overrides})
 
 
-def encode_with_new_tokens(encoder, tokenizer, prompt: str, prefix: torch.Tensor) -> torch.Tensor:
-    """The adversarial prompt encoded another way: the prefix vectors as k new vocabulary rows of a copy of the
-    encoder, whose ids are then spliced after BOS and run through its ordinary forward."""
+def with_new_tokens(encoder, tokenizer, prompt: str, prefix: torch.Tensor):
+    """The adversarial prompt another way: a copy of the encoder with the prefix vectors (1, k, d) as k new
+    vocabulary rows, and the prompt's ids with those k ids spliced after BOS."""
     k, vocab = prefix.shape[1], word_embedding(encoder).weight.shape[0]
     other = copy.deepcopy(encoder)
     other.resize_token_embeddings(vocab + k)
     with torch.no_grad():
         word_embedding(other).weight[vocab:] = prefix[0]
     ids = prompt_ids(tokenizer, prompt)
-    spliced = torch.cat([ids[:, :1], torch.arange(vocab, vocab + k)[None], ids[:, 1:]], dim=1)[:, : ids.shape[1]]
+    return other, torch.cat([ids[:, :1], torch.arange(vocab, vocab + k)[None], ids[:, 1:]], dim=1)[:, : ids.shape[1]]
+
+
+def encode_with_new_tokens(encoder, tokenizer, prompt: str, prefix: torch.Tensor) -> torch.Tensor:
+    """The adversarial prompt encoded through the new rows by the copy's ordinary forward."""
+    other, spliced = with_new_tokens(encoder, tokenizer, prompt, prefix)
     with torch.no_grad():
         return other(spliced)[0]
 
@@ -104,17 +109,11 @@ def test_the_attack_lowers_the_erased_models_denoising_loss_on_the_target():
 def sdxl_with_new_tokens(pipe, prompt: str, prefix: torch.Tensor) -> torch.Tensor:
     """SDXL's packed condition of the adversarial prompt, encoded another way: each encoder's part of the prefix as
     k new vocabulary rows of a copy of it, spliced after BOS into each tokenizer's own ids (their padding differs)."""
-    k, width = prefix.shape[1], pipe.text_encoder.config.hidden_size
+    width = pipe.text_encoder.config.hidden_size
     outputs = []
     for encoder, tokenizer, part in ((pipe.text_encoder, pipe.tokenizer, prefix[..., :width]),
                                      (pipe.text_encoder_2, pipe.tokenizer_2, prefix[..., width:])):  # fmt: skip
-        vocab = word_embedding(encoder).weight.shape[0]
-        other = copy.deepcopy(encoder)
-        other.resize_token_embeddings(vocab + k)
-        with torch.no_grad():
-            word_embedding(other).weight[vocab:] = part[0]
-        ids = prompt_ids(tokenizer, prompt)
-        spliced = torch.cat([ids[:, :1], torch.arange(vocab, vocab + k)[None], ids[:, 1:]], dim=1)[:, : ids.shape[1]]
+        other, spliced = with_new_tokens(encoder, tokenizer, prompt, part)
         with torch.no_grad():
             outputs.append(other(spliced, output_hidden_states=True))
     tokens = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
