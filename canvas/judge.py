@@ -164,3 +164,29 @@ def score(
         _update(accuracy, items, style, obj)
         frechet.update(feats, real=False, themes=[it.theme for it in items], objects=[it.object for it in items])
     return {"scores": accuracy.scores(), "FID": float(frechet.compute())}
+
+
+def target_probability(judge: Judge, answer_dir: str | os.PathLike[str], target: str) -> float:
+    """Mean probability the judge gives the target's own class on the answer images that show it (a style target's
+    images under the style classifier, an object's under the object classifier; "A+B": the mean over its targets).
+
+    UA counts those images' argmax only, so it saturates at 100 once the target is never the top class; this is the
+    continuous margin beneath it: lower means the erased model moved its images further from the target."""
+    catalog = judge.catalog
+    kind = metrics.target_kind(catalog, target)
+    names = metrics.targets_of(target)
+    totals = dict.fromkeys(names, 0.0)
+    counts = dict.fromkeys(names, 0)
+    for items, style, obj, _ in _judged(judge, Path(answer_dir)):
+        logits = style if kind == "style" else obj
+        probs = logits.softmax(dim=-1)
+        for row, item in zip(probs, items):
+            shown = item.theme if kind == "style" else item.object
+            if shown in totals:
+                label = catalog.style_label(shown) if kind == "style" else catalog.object_label(shown)
+                totals[shown] += float(row[label])
+                counts[shown] += 1
+    missing = [n for n in names if counts[n] == 0]
+    if missing:
+        raise ValueError(f"the answer set {answer_dir} has no image of {', '.join(missing)}")
+    return sum(totals[n] / counts[n] for n in names) / len(names)

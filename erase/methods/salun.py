@@ -85,12 +85,15 @@ class SalUnConfig(ForgetRetainConfig):
             "mask_prompts": "An image in {object} Style.",
         },
         # Ours, chosen by scripts/tune_toy.py on the tuning targets only (docs/results/tuning/salun-*.md), with the
-        # plain diffusion mask loss. Tuning means (not results): styles at 100 steps UA 100 / IRA 97 / CRA 100;
-        # objects at 150 steps UA 100 / IRA 100 / CRA 100 (100 steps left Cats at UA 55).
-        # Results, held-out toy targets (docs/results/toy.md, mean UA / IRA / CRA): styles 79.4 / 97.1 / 98.3
-        # (Crayon UA 2.5), objects 100 / 100 / 99.7.
+        # plain diffusion mask loss. Styles: 400 steps, every trial (100-400) at UA 100 on the tuning styles, picked
+        # by the target-probability tie-break (0.0047 at 100 steps, 0.0034 at 200-400; a thin margin). That
+        # tie-break came after the first table's 100 steps fell short on held-out styles (docs/results/retune.md).
+        # Objects at 150 steps UA 100 / IRA 100 / CRA 100 (100 steps left Cats at UA 55).
+        # Results, held-out toy targets (mean UA / IRA / CRA): styles 98.4 / 96.9 / 97.4
+        # (docs/results/retune/salun/toy.md; 100 steps gave 79.4, Crayon 2.5), objects 100 / 100 / 99.7
+        # (docs/results/toy.md).
         "toy": {
-            "steps": 100, "lr": 1e-4, "batch_size": 8, "retain_weight": 0.5, "mask_fraction": 0.5,
+            "steps": 400, "lr": 1e-4, "batch_size": 8, "retain_weight": 0.5, "mask_fraction": 0.5,
             "mask_loss": "diffusion",
             "forget_prompts": "A {object} image in {style} style.",
             "pseudo_prompts": "A {object} image in Photo style.",

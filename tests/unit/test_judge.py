@@ -1,4 +1,5 @@
-"""Scoring an answer set without FID (`accuracy_scores`): the toy's classifiers on renders laid out as an answer set."""
+"""Scoring an answer set without FID (`accuracy_scores`, `target_probability`): the toy's classifiers on renders
+laid out as an answer set."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from canvas import answers, catalog, metrics, toy
-from canvas.judge import Judge, accuracy_scores, load_images
+from canvas.judge import Judge, accuracy_scores, load_images, target_probability
 from erase.atomic import save_image, write_json
 
 CAT = catalog.get("toy")
@@ -56,3 +57,22 @@ def test_an_incomplete_answer_set_is_refused(tmp_path, judge):
     next(folder.glob("*.jpg")).unlink()
     with pytest.raises(FileNotFoundError, match="lacks 1 images"):
         accuracy_scores(judge, folder, TARGET)
+
+
+def test_the_target_probability_is_the_mean_softmax_of_its_class_on_its_own_images(tmp_path, judge):
+    folder = answer_folder(tmp_path / "set", erased=False)
+    items, paths, _ = answers.load_answer_set(folder)
+    style, _, _ = judge(load_images(paths))
+    own = [n for n, it in enumerate(items) if it.theme == TARGET]
+    expected = float(style.softmax(-1)[own, CAT.style_label(TARGET)].mean())
+    assert target_probability(judge, folder, TARGET) == pytest.approx(expected, rel=1e-6)
+    gone = target_probability(judge, answer_folder(tmp_path / "gone", erased=True), TARGET)
+    assert gone < 0.25 < 0.75 < expected, "erasing the style must lower its probability on its own images"
+
+
+def test_the_target_probability_of_targets_erased_together_is_their_mean(tmp_path, judge):
+    folder = answer_folder(tmp_path / "set", erased=False)
+    together = target_probability(judge, folder, f"{TARGET}{metrics.TOGETHER}Winter")
+    assert together == pytest.approx(
+        (target_probability(judge, folder, TARGET) + target_probability(judge, folder, "Winter")) / 2
+    )
